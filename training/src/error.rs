@@ -1,0 +1,20 @@
+//! The crate's one error type.
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid device {spec:?}: {reason}")]
+    Device { spec: String, reason: String },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    /// A model config field we cannot honour (named as a dotted path, e.g. `vision_cfg.layers`).
+    #[error("model config `{field}`: {reason}")]
+    ModelConfig { field: String, reason: String },
+    /// A model input with the wrong shape, dtype or values.
+    #[error("invalid model input {what}: {reason}")]
+    ModelInput { what: String, reason: String },
+    /// A checkpoint that cannot be read, written or does not match the model.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    #[error(transparent)]
+    Data(#[from] hq_data::DataError),
+}

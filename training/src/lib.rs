@@ -1,0 +1,12 @@
+//! HQ-CLIP training on libtorch (tch).
+//!
+//! - [`device`]: choosing where training runs, with a clear error instead of a silent CPU run when
+//!   a GPU was asked for and libtorch cannot see one.
+//! - [`model`]: CLIP with open_clip's architecture and state-dict names (configs, presets,
+//!   safetensors checkpoints that load both ways).
+
+pub mod device;
+pub mod error;
+pub mod model;
+
+pub use error::TrainError;
