@@ -282,8 +282,8 @@ fn mlp_width(width: i64, ratio: f64) -> i64 {
 
 /// A CLIP model config in open_clip's model-config JSON layout.
 ///
-/// Deserialising (from JSON or anything serde reads) checks every key, see the module docs;
-/// [`ClipConfig::validate`] checks the values (sizes divide, heads divide widths, ...).
+/// Deserialising (from JSON or anything serde reads) checks every key (see the module docs) and
+/// the values ([`ClipConfig::validate`]: positive sizes, heads dividing widths, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "Value")]
 pub struct ClipConfig {
@@ -330,7 +330,7 @@ impl TryFrom<Value> for ClipConfig {
                 field: "(json)".into(),
                 reason: e.to_string(),
             })?;
-        Ok(ClipConfig {
+        let cfg = ClipConfig {
             embed_dim: raw.embed_dim,
             vision_cfg: raw.vision_cfg,
             text_cfg: raw.text_cfg,
@@ -338,7 +338,9 @@ impl TryFrom<Value> for ClipConfig {
             init_logit_scale: raw.init_logit_scale,
             init_logit_bias: raw.init_logit_bias,
             nonscalar_logit_scale: raw.nonscalar_logit_scale,
-        })
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
@@ -349,9 +351,7 @@ impl ClipConfig {
             field: "(json)".into(),
             reason: format!("not valid JSON: {e}"),
         })?;
-        let cfg = ClipConfig::try_from(value)?;
-        cfg.validate()?;
-        Ok(cfg)
+        ClipConfig::try_from(value)
     }
 
     /// Reads an open_clip model-config JSON file.
@@ -462,8 +462,8 @@ impl ClipConfig {
         Self::standard(128, (64, 8, 128, 4, 32), (128, 4, 4, 77))
     }
 
-    /// A little bigger than `hq-tiny`, still trains on a CPU: 128 px images in 16 px patches, 6
-    /// layers of width 256 (4 heads) in both towers, 256-d embeddings.
+    /// A little bigger than `hq-tiny`, still CPU-sized: 128 px images in 16 px patches, 6 layers
+    /// of width 256 (4 heads) in both towers, 256-d embeddings.
     pub fn hq_small() -> Self {
         Self::standard(256, (128, 16, 256, 6, 64), (256, 4, 6, 77))
     }

@@ -30,7 +30,10 @@ pub mod text;
 pub mod vision;
 
 pub use clip::{excluded_from_weight_decay, Clip, ClipOutput};
-pub use config::{ClipConfig, TextConfig, VisionConfig, PRESET_NAMES};
+pub use config::{
+    ActKwargs, ClipConfig, NormKwargs, Size2, TextConfig, TextPool, TextProjType, VisionConfig,
+    VisionPool, PRESET_NAMES,
+};
 pub use layers::{l2_normalize, NamedTensors};
 
 #[cfg(test)]
@@ -226,6 +229,76 @@ mod tests {
             .load_safetensors(dir.path().join("nope.safetensors"))
             .expect_err("missing");
         assert!(err.to_string().contains("nope.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        tch::manual_seed(3);
+        let mut cfg = tiny_variant();
+        cfg.init_logit_bias = Some(-1.0);
+        let vs = VarStore::new(Device::Cpu);
+        let model = Clip::new(vs.root(), &cfg).expect("model");
+        let images = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let text = Tensor::randint(900, [4, 16], (Kind::Int64, Device::Cpu));
+        let _ = text.narrow(1, 9, 1).fill_(999);
+        let (per_image, per_text) = model.logits(&images, &text).expect("logits");
+        let labels = Tensor::arange(4, (Kind::Int64, Device::Cpu));
+        let loss = (per_image.cross_entropy_for_logits(&labels)
+            + per_text.cross_entropy_for_logits(&labels))
+            / 2.0;
+        loss.backward();
+        for (name, t) in model.state_dict() {
+            let g = t.grad();
+            assert!(g.defined(), "{name} has no gradient");
+            // A constant added to every logit does not change a softmax: logit_bias only gets a
+            // gradient from a sigmoid loss.
+            if name != "token_embedding.weight" && name != "logit_bias" {
+                assert!(
+                    g.abs().sum(Kind::Double).double_value(&[]) > 0.0,
+                    "{name}: zero gradient"
+                );
+            }
+        }
+    }
+
+    /// On a machine with a GPU: the same weights give the same features on CUDA as on the CPU
+    /// (TF32 convolutions allowed), and a backward pass runs there.
+    #[test]
+    fn cuda_matches_cpu_when_available() {
+        if !tch::Cuda::is_available() {
+            eprintln!("no CUDA device: skipped");
+            return;
+        }
+        let cfg = tiny_variant();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.safetensors");
+        tch::manual_seed(5);
+        let vs_cpu = VarStore::new(Device::Cpu);
+        let cpu = Clip::new(vs_cpu.root(), &cfg).expect("cpu model");
+        cpu.save_safetensors(&path).expect("save");
+        let vs_gpu = VarStore::new(Device::Cuda(0));
+        let gpu = Clip::new(vs_gpu.root(), &cfg).expect("gpu model");
+        gpu.load_safetensors(&path).expect("load on cuda");
+        let images = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let text = Tensor::randint(900, [2, 16], (Kind::Int64, Device::Cpu));
+        let _ = text.narrow(1, 7, 1).fill_(999);
+        let a = tch::no_grad(|| cpu.forward(&images, &text)).expect("cpu forward");
+        let gi = images.to_device(Device::Cuda(0));
+        let gt = text.to_device(Device::Cuda(0));
+        let b = tch::no_grad(|| gpu.forward(&gi, &gt)).expect("gpu forward");
+        for (x, y) in [
+            (&a.image_features, &b.image_features),
+            (&a.text_features, &b.text_features),
+        ] {
+            let d = (x - y.to_device(Device::Cpu)).abs().max().double_value(&[]);
+            assert!(d < 1e-2, "cpu/cuda differ by {d}");
+        }
+        let (per_image, _) = gpu.logits(&gi, &gt).expect("logits");
+        per_image.sum(Kind::Float).backward();
+        assert!(gpu.visual.conv1.grad().defined());
+        // A checkpoint saved from the GPU reads back on the CPU.
+        gpu.save_safetensors(&path).expect("save from cuda");
+        cpu.load_safetensors(&path).expect("load on cpu");
     }
 
     #[test]

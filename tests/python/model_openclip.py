@@ -1,0 +1,113 @@
+"""open_clip side of the CLIP parity test (tests/tests/model_openclip.rs).
+
+Builds open_clip's CLIP from a model-config JSON file (registered with
+`open_clip.add_model_config`, so the model name is the file's stem) and runs it on the CPU in fp32.
+
+  reference CONFIG OUT_DIR --seed S --batch N
+      random-init the model (torch.manual_seed(S)), save its state dict (persistent tensors only)
+      to OUT_DIR/openclip.safetensors, write deterministic inputs to OUT_DIR/inputs.safetensors
+      (`images` float [N, 3, H, W], `text` int64 [N, context] with the end token at varied
+      positions) and the model's outputs on them to OUT_DIR/reference.safetensors.
+  check CONFIG CHECKPOINT INPUTS OUT
+      load CHECKPOINT (safetensors) into the model with load_state_dict(strict=True) and write
+      its outputs on INPUTS to OUT.
+
+Outputs: `image_embeds`, `text_embeds` (unnormalised encode_image/encode_text), `image_features`,
+`text_features` (normalised, from forward), `logit_scale` (exp'd), `logits_per_image`, and
+`logit_bias` when the model has one.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import open_clip  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def build(config: Path) -> torch.nn.Module:
+    open_clip.add_model_config(config)
+    model = open_clip.create_model(config.stem, device="cpu", precision="fp32")
+    if type(model).__name__ != "CLIP":
+        sys.exit(f"{config}: open_clip built {type(model).__name__}, expected CLIP")
+    return model.eval()
+
+
+def make_inputs(model, batch: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.visual.image_size
+    images = torch.randn(batch, 3, h, w, generator=g)
+    ctx, vocab = model.context_length, model.vocab_size
+    sot, eot = vocab - 2, vocab - 1  # 49406 and 49407 for the CLIP vocab
+    # End-token positions: right after the start, the very last slot, and points in between.
+    positions = [1, ctx - 1, ctx // 2, 5, 2, ctx - 2, 10, ctx // 3]
+    text = torch.zeros(batch, ctx, dtype=torch.int64)
+    for i in range(batch):
+        p = min(max(1, positions[i % len(positions)]), ctx - 1)
+        text[i, 0] = sot
+        if p > 1:
+            text[i, 1:p] = torch.randint(1, sot, (p - 1,), generator=g)
+        text[i, p] = eot
+    return {"images": images.contiguous(), "text": text.contiguous()}
+
+
+@torch.no_grad()
+def run(model, inputs: dict) -> dict:
+    images, text = inputs["images"], inputs["text"]
+    out = {
+        "image_embeds": model.encode_image(images),
+        "text_embeds": model.encode_text(text),
+    }
+    res = model(images, text)
+    out["image_features"], out["text_features"], out["logit_scale"] = res[0], res[1], res[2]
+    if len(res) > 3:
+        out["logit_bias"] = res[3]
+    logits_per_image, _ = model.get_logits(images, text)
+    out["logits_per_image"] = logits_per_image
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reference")
+    r.add_argument("config", type=Path)
+    r.add_argument("out_dir", type=Path)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch", type=int, default=4)
+    c = sub.add_parser("check")
+    c.add_argument("config", type=Path)
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("inputs", type=Path)
+    c.add_argument("out", type=Path)
+    args = ap.parse_args()
+
+    if args.cmd == "reference":
+        torch.manual_seed(args.seed)
+        model = build(args.config)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        # state_dict() holds persistent tensors only (attn_mask is a non-persistent buffer).
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(args.out_dir / "openclip.safetensors"))
+        inputs = make_inputs(model, args.batch, args.seed + 1)
+        save_file(inputs, str(args.out_dir / "inputs.safetensors"))
+        save_file(run(model, inputs), str(args.out_dir / "reference.safetensors"))
+        print(f"open_clip {open_clip.__version__}: {args.config.stem} with {len(state)} tensors, "
+              f"{sum(v.numel() for v in state.values())} parameters")
+    else:
+        model = build(args.config)
+        state = load_file(str(args.checkpoint))
+        model.load_state_dict(state, strict=True)
+        inputs = load_file(str(args.inputs))
+        save_file(run(model, inputs), str(args.out))
+        print(f"open_clip loaded {args.checkpoint} strictly ({len(state)} tensors)")
+
+
+if __name__ == "__main__":
+    main()
