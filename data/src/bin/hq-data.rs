@@ -1,0 +1,242 @@
+//! `hq-data`: the data layer's command line.
+//!
+//! - `hq-data synth`: write the built-in synthetic corpus (training shards, held-out sets in
+//!   DataComp and ARO layouts, a manifest) and print its statistics and throughput;
+//! - `hq-data stats`: statistics of webdataset shards or of a corpus folder.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hq_data::synth::{self, ImageFormat, RawTextMix, SynthConfig, WriteOptions};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hq-data",
+    version,
+    about = "HQ-CLIP data tools: the built-in synthetic corpus and shard statistics",
+    long_about = "HQ-CLIP data tools.\n\n`synth` renders a deterministic synthetic image-text corpus \
+                  (no download needed): webdataset training shards with noisy alt-text and the \
+                  oracle's four refined texts, plus held-out sets in DataComp's and ARO's layouts. \
+                  `stats` summarises shards."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write the synthetic corpus: DIR/train/shard-*.tar, DIR/eval/..., DIR/corpus.json.
+    ///
+    /// Layout: DIR/train/{prefix}-00000.tar ... (key.jpg|png, key.txt raw alt-text, key.json with
+    /// the scene ground truth and the oracle texts under "hq_clip"); DIR/eval/wds_synth_shape_test,
+    /// wds_synth_color_test, wds_synth_count_test (zero-shot classification: classnames.txt,
+    /// zeroshot_classification_templates.txt, test/nshards.txt, test/N.tar with key.cls);
+    /// DIR/eval/wds_synth_retrieval_test (dataset_type.txt, test/N.tar with key.txt, one caption a
+    /// line); DIR/eval/aro/synth_aro_attribute and synth_aro_relation (ARO JSON + images/). The
+    /// same settings always give byte-identical output, whatever the thread count.
+    Synth(SynthArgs),
+    /// Print statistics of shards: counts, bytes, image sizes, raw-text lengths and kinds, tag
+    /// vocabulary, description lengths, eval-set sizes.
+    Stats(StatsArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FormatArg {
+    Jpg,
+    Png,
+}
+
+#[derive(Args, Debug)]
+struct SynthArgs {
+    /// Output folder (created; must not already hold a corpus unless --force).
+    #[arg(long, default_value = "out/synth", value_name = "DIR")]
+    out: PathBuf,
+    /// Number of training samples.
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    samples: u64,
+    /// Corpus seed; the same seed and settings give byte-identical shards.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    seed: u64,
+    /// Training samples per shard.
+    #[arg(long, default_value_t = 1_000, value_name = "M")]
+    shard_size: u64,
+    /// Image side in pixels (square images, 16..=1024).
+    #[arg(long, default_value_t = 64, value_name = "P")]
+    image_size: u32,
+    /// Image encoding.
+    #[arg(long, value_enum, default_value_t = FormatArg::Jpg)]
+    format: FormatArg,
+    /// JPEG quality, 1..=100 (ignored for PNG).
+    #[arg(long, default_value_t = 90, value_name = "Q")]
+    jpeg_quality: u8,
+    /// Samples in each held-out set (shape, colour, count, retrieval, ARO attribute, ARO
+    /// relation); 0 writes none.
+    #[arg(long, default_value_t = 1_000, value_name = "K")]
+    eval_samples: u64,
+    /// Samples per held-out shard (test/0.tar, test/1.tar, ...).
+    #[arg(long, default_value_t = 1_000, value_name = "M")]
+    eval_shard_size: u64,
+    /// Fewest captions per retrieval image.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    min_captions: usize,
+    /// Most captions per retrieval image (at most 5).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    max_captions: usize,
+    /// Weight of faithful raw alt-texts (a short true summary). Weights are normalised.
+    #[arg(long, default_value_t = RawTextMix::default().faithful, value_name = "W")]
+    p_faithful: f64,
+    /// Weight of partial raw alt-texts (true but incomplete: one object, or its shape only).
+    #[arg(long, default_value_t = RawTextMix::default().partial, value_name = "W")]
+    p_partial: f64,
+    /// Weight of boilerplate raw alt-texts ("IMG_2931.jpg", "stock photo", "click to enlarge").
+    #[arg(long, default_value_t = RawTextMix::default().boilerplate, value_name = "W")]
+    p_boilerplate: f64,
+    /// Weight of wrong raw alt-texts (an object with the wrong colour or shape).
+    #[arg(long, default_value_t = RawTextMix::default().wrong, value_name = "W")]
+    p_wrong: f64,
+    /// Weight of unrelated raw alt-texts (product / SEO text).
+    #[arg(long, default_value_t = RawTextMix::default().unrelated, value_name = "W")]
+    p_unrelated: f64,
+    /// Probability that a faithful, partial or wrong alt-text also gets boilerplate attached.
+    #[arg(long, default_value_t = RawTextMix::default().decorate, value_name = "P")]
+    p_decorate: f64,
+    /// Training shard name prefix: train/{prefix}-00000.tar.
+    #[arg(long, default_value = "shard", value_name = "NAME")]
+    prefix: String,
+    /// Worker threads (default: all cores). Output does not depend on it.
+    #[arg(long, value_name = "T")]
+    threads: Option<usize>,
+    /// Replace an existing corpus in --out (its train/, eval/ and corpus.json).
+    #[arg(long)]
+    force: bool,
+    /// Hide progress bars (also: environment variable HQ_NO_PROGRESS).
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the final statistics as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// How many of the most frequent tags to list.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    top: usize,
+}
+
+#[derive(Args, Debug)]
+struct StatsArgs {
+    /// Shards: a corpus folder (with corpus.json), a folder of .tar files, a shard file, a brace
+    /// range (`train/shard-{00000..00019}.tar`), a glob, or an @list file.
+    #[arg(required = true, value_name = "SHARDS")]
+    shards: Vec<String>,
+    /// How many of the most frequent tags to list.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    top: usize,
+    /// Reader threads (0: one per core).
+    #[arg(long, default_value_t = 0, value_name = "T")]
+    threads: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Hide the progress spinner.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn run_synth(a: SynthArgs) -> Result<()> {
+    let cfg = SynthConfig {
+        seed: a.seed,
+        samples: a.samples,
+        shard_size: a.shard_size,
+        image_size: a.image_size,
+        format: match a.format {
+            FormatArg::Jpg => ImageFormat::Jpg,
+            FormatArg::Png => ImageFormat::Png,
+        },
+        jpeg_quality: a.jpeg_quality,
+        eval_samples: a.eval_samples,
+        eval_shard_size: a.eval_shard_size,
+        retrieval_captions: (a.min_captions, a.max_captions),
+        raw_text: RawTextMix {
+            faithful: a.p_faithful,
+            partial: a.p_partial,
+            boilerplate: a.p_boilerplate,
+            wrong: a.p_wrong,
+            unrelated: a.p_unrelated,
+            decorate: a.p_decorate,
+        },
+        shard_prefix: a.prefix,
+    };
+    cfg.validate().context("invalid synth settings")?;
+    if a.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let opts = WriteOptions {
+        force: a.force,
+        threads: a.threads,
+        progress: !a.no_progress,
+    };
+    let report = synth::write_corpus(&cfg, &a.out, &opts)
+        .with_context(|| format!("writing the synthetic corpus to {}", a.out.display()))?;
+    if a.json {
+        let v = serde_json::json!({
+            "out": report.out,
+            "stats": report.stats.to_json(a.top),
+            "eval_sets": report.eval_sets,
+            "train_seconds": report.train_seconds,
+            "eval_seconds": report.eval_seconds,
+            "train_samples_per_second": report.train_samples_per_second(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", report.stats.report(a.top));
+        println!(
+            "wrote {} training samples in {} shard(s) to {} in {:.2} s ({:.0} samples/s); held-out sets in {:.2} s",
+            report.stats.samples,
+            report.train_shards.len(),
+            report.out.join("train").display(),
+            report.train_seconds,
+            report.train_samples_per_second(),
+            report.eval_seconds,
+        );
+        for e in &report.eval_sets {
+            println!(
+                "  {} ({}): {} samples at {}",
+                e.name,
+                e.kind,
+                e.count,
+                report.out.join(&e.path).display()
+            );
+        }
+        println!(
+            "manifest: {}",
+            report.out.join(synth::MANIFEST_NAME).display()
+        );
+    }
+    Ok(())
+}
+
+fn run_stats(a: StatsArgs) -> Result<()> {
+    let stats = synth::stats::stats_of(&a.shards, a.threads, !a.no_progress)
+        .with_context(|| format!("reading {}", a.shards.join(" ")))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&stats.to_json(a.top))?);
+    } else {
+        print!("{}", stats.report(a.top));
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Synth(a) => run_synth(a),
+        Command::Stats(a) => run_stats(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole context chain on one line, never a backtrace dump.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! HQ-CLIP's data layer, the bottom of the workspace: every other crate reads and writes samples
+//! through it.
+//!
+//! - [`sample`]: one image-text sample with its optional four refined texts.
+//! - [`recaption_format`]: the recaptioner's strict four-field answer format (render + parse).
+//! - [`text`]: the CLIP tokenizer (open_clip's ids), caption segmentation, tag vocabularies.
+//! - [`synth`]: the built-in synthetic corpus (`hq-data synth`): scenes, images, noisy alt-text,
+//!   oracle refined texts, held-out sets in DataComp and ARO layouts, corpus statistics.
+//! - [`atomic`], [`progress`]: atomic file output and the progress bar every long job shows.
+
+pub mod atomic;
+pub mod error;
+pub mod progress;
+pub mod recaption_format;
+pub mod sample;
+pub mod shards;
+pub mod synth;
+pub mod text;
+
+pub use error::{DataError, Result, SampleError};
+pub use sample::{ImageBytes, RefinedTexts, Sample};
