@@ -1,0 +1,440 @@
+//! The fused contrastive loss against tch's unfused version (matmul + log_softmax/cross-entropy
+//! both ways + autograd), forward and backward, D = 512.
+//!
+//! `cargo bench -p hq-benches --bench losses`
+//!
+//! CPU: N in {256, 1024, 4096, 16384} (`HQ_LOSSES_SIZES=256,1024` to change). Both sides are the
+//! same call the training loop makes: tensors in, `loss.backward()`, gradients in `.grad()`. The
+//! fused side is `hq_kernels::clip_loss` on CPU tensors; the unfused side is
+//! `0.5 CE(s X Y^T) + 0.5 CE(s Y X^T)` in tch. Time: criterion (few samples at large N). Peak memory:
+//! measured in a fresh child process per (implementation, N), so that neither allocator caches nor
+//! the other implementation's pages count:
+//! - `VmHWM` (peak resident set) after `/proc/self/clear_refs` was reset to the current RSS just
+//!   before the call, minus that RSS: every page the call touched that was not resident before
+//!   (libtorch's allocations and ours alike), maxed with a 1 ms VmRSS sampler as a cross-check;
+//! - the peak of a counting global allocator (Rust heap only: all of the fused path's own
+//!   buffers, none of libtorch's).
+//!
+//! glibc's mmap threshold is pinned at 128 KiB and free heap pages are returned (`malloc_trim`)
+//! before the call, so every block the call allocates is fresh pages. The inputs are allocated
+//! before the measurement starts; the gradients created during the call are counted.
+//!
+//! GPU (when libtorch sees a CUDA device): the same comparison at N in {4096, 16384, 32768, 65536}
+//! with D = 512 and D = 768 (`HQ_LOSSES_GPU_SIZES` to change), each iteration synchronised; then,
+//! with `HQ_LOSSES_FIND_MAX=1`, the largest N (doubling from 64k) each implementation completes.
+//! Paired timing: before criterion, the two sides are also run alternately (ABAB) on the same
+//! inputs and min/median reported, which stays meaningful on a shared machine whose load drifts
+//! during criterion's back-to-back sampling.
+//! Set `HQ_LOSSES_SKIP_MEMORY=1`, `HQ_LOSSES_SKIP_PAIRED=1` or `HQ_LOSSES_SKIP_CRITERION=1` to skip
+//! a part.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::BufRead;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, SamplingMode};
+use tch::{Device, Kind, Tensor};
+
+// ---------- counting allocator ----------
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only adds counters.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as System.alloc.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as System.alloc_zeroed.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as System.dealloc.
+        unsafe { System.dealloc(p, l) };
+        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: same contract as System.realloc.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            if new >= l.size() {
+                let now = CURRENT.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                CURRENT.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+// ---------- the two implementations ----------
+
+const D: i64 = 512;
+
+fn inputs(n: i64, d: i64, device: Device) -> (Tensor, Tensor, Tensor) {
+    tch::manual_seed(n);
+    let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+    let x = unit(Tensor::randn([n, d], (Kind::Float, device)));
+    let y = unit(&x * 0.3 + unit(Tensor::randn([n, d], (Kind::Float, device))));
+    let s = Tensor::from((1.0f32 / 0.07).ln()).to_device(device);
+    (
+        x.set_requires_grad(true),
+        y.set_requires_grad(true),
+        s.set_requires_grad(true),
+    )
+}
+
+fn zero_grads(ts: &[&Tensor]) {
+    for t in ts {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+/// One training-style step of the fused loss: forward, backward.
+fn fused(x: &Tensor, y: &Tensor, ls: &Tensor) -> f64 {
+    let out = hq_kernels::clip_loss(x, y, &ls.exp()).expect("fused loss");
+    out.loss.backward();
+    out.loss.double_value(&[])
+}
+
+/// The same step unfused, as CLIP trainers write it.
+fn unfused(x: &Tensor, y: &Tensor, ls: &Tensor) -> f64 {
+    let n = x.size()[0];
+    let logits = x.matmul(&y.tr()) * ls.exp();
+    let labels = Tensor::arange(n, (Kind::Int64, x.device()));
+    let loss = (logits.cross_entropy_for_logits(&labels)
+        + logits.tr().cross_entropy_for_logits(&labels))
+        / 2.0;
+    loss.backward();
+    loss.double_value(&[])
+}
+
+fn sizes(var: &str, default: &[i64]) -> Vec<i64> {
+    std::env::var(var)
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+// ---------- memory probe (child process) ----------
+
+fn status_kb(field: &str) -> usize {
+    let f = std::fs::File::open("/proc/self/status").expect("/proc/self/status");
+    for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix(field) {
+            return rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
+extern "C" {
+    // glibc: fixed mmap threshold (mallopt M_MMAP_THRESHOLD = -3) and returning free heap pages.
+    fn mallopt(param: i32, value: i32) -> i32;
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+/// Runs one step of `which` at size `n` and prints `MEM <which> <n> <rss_peak_bytes> <heap_peak_bytes>`.
+fn probe(spec: &str) {
+    // Every allocation above 128 KiB gets its own mapping (glibc's threshold would otherwise grow
+    // after the first big free and serve later blocks from already-resident heap pages, which an
+    // RSS delta cannot see).
+    // SAFETY: plain glibc calls, before any other thread exists.
+    unsafe { mallopt(-3, 128 * 1024) };
+    let mut it = spec.split(':');
+    let which = it.next().unwrap_or("fused").to_string();
+    let n: i64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(256);
+    // Warm both libraries' thread pools and allocators on a tiny problem.
+    let (wx, wy, ws) = inputs(64, D, Device::Cpu);
+    fused(&wx, &wy, &ws);
+    unfused(&wx, &wy, &ws);
+    let (x, y, ls) = inputs(n, D, Device::Cpu);
+    // Free pages go back to the system, so the call's memory shows up as new resident pages.
+    // SAFETY: plain glibc call.
+    unsafe { malloc_trim(0) };
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM (needs Linux >= 4.0)");
+    let base_rss = status_kb("VmRSS:") * 1024;
+    let heap_base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(heap_base, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampled = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, sampled) = (stop.clone(), sampled.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                sampled.fetch_max(status_kb("VmRSS:") * 1024, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let v = if which == "fused" {
+        fused(&x, &y, &ls)
+    } else {
+        unfused(&x, &y, &ls)
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let hwm = status_kb("VmHWM:") * 1024;
+    let peak_rss = hwm
+        .max(sampled.load(Ordering::Relaxed))
+        .saturating_sub(base_rss);
+    let heap = PEAK.load(Ordering::Relaxed).saturating_sub(heap_base);
+    assert!(v.is_finite());
+    println!("MEM {which} {n} {peak_rss} {heap}");
+}
+
+fn memory_table(ns: &[i64]) {
+    let exe = std::env::current_exe().expect("current exe");
+    println!("\n== Peak memory of one forward+backward, D = {D} (fresh process each) ==");
+    println!(
+        "{:>7} | {:>14} {:>14} | {:>14} | {:>9}",
+        "N", "fused RSS", "fused heap", "tch RSS", "tch/fused"
+    );
+    for &n in ns {
+        let mut row = Vec::new();
+        for which in ["fused", "tch"] {
+            let out = Command::new(&exe)
+                .env("HQ_LOSSES_MEM_PROBE", format!("{which}:{n}"))
+                .output()
+                .expect("spawn probe");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("MEM "))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "probe {which}:{n} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            let f: Vec<usize> = line
+                .split_whitespace()
+                .skip(3)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            row.push((f[0], f[1]));
+        }
+        let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "{:>7} | {:>10.1} MiB {:>10.1} MiB | {:>10.1} MiB | {:>8.1}x",
+            n,
+            mib(row[0].0),
+            mib(row[0].1),
+            mib(row[1].0),
+            row[1].0 as f64 / row[0].0.max(1) as f64
+        );
+    }
+    println!();
+}
+
+// ---------- paired timing ----------
+
+/// Alternates fused and unfused steps (ABAB...) on the same inputs and reports min and median of
+/// each: on a shared machine whose load drifts, interleaving keeps both sides under the same
+/// conditions, and the minimum estimates the unloaded speed.
+fn paired_table(ns: &[i64]) {
+    use std::time::Instant;
+    println!("\n== Paired timing (fused / tch alternated), forward+backward, D = {D} ==");
+    println!(
+        "{:>7} {:>5} | {:>10} {:>10} | {:>10} {:>10} | {:>11} {:>11}",
+        "N", "reps", "fused min", "fused med", "tch min", "tch med", "speedup min", "speedup med"
+    );
+    for &n in ns {
+        let reps = match n {
+            ..=512 => 41,
+            513..=2048 => 15,
+            2049..=8192 => 5,
+            _ => 3,
+        };
+        let (x, y, ls) = inputs(n, D, Device::Cpu);
+        let mut tf = Vec::new();
+        let mut tt = Vec::new();
+        // One untimed round of each first.
+        fused(&x, &y, &ls);
+        unfused(&x, &y, &ls);
+        for _ in 0..reps {
+            zero_grads(&[&x, &y, &ls]);
+            let t = Instant::now();
+            fused(&x, &y, &ls);
+            tf.push(t.elapsed().as_secs_f64());
+            zero_grads(&[&x, &y, &ls]);
+            let t = Instant::now();
+            unfused(&x, &y, &ls);
+            tt.push(t.elapsed().as_secs_f64());
+        }
+        let stats = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            (v[0], v[v.len() / 2])
+        };
+        let ((fmin, fmed), (tmin, tmed)) = (stats(&mut tf), stats(&mut tt));
+        let ms = |v: f64| format!("{:.2} ms", v * 1e3);
+        println!(
+            "{:>7} {:>5} | {:>10} {:>10} | {:>10} {:>10} | {:>10.2}x {:>10.2}x",
+            n,
+            reps,
+            ms(fmin),
+            ms(fmed),
+            ms(tmin),
+            ms(tmed),
+            tmin / fmin,
+            tmed / fmed
+        );
+    }
+    println!();
+}
+
+// ---------- criterion ----------
+
+fn bench_cpu(c: &mut Criterion, ns: &[i64]) {
+    let mut g = c.benchmark_group("clip_cpu_d512");
+    g.sampling_mode(SamplingMode::Flat);
+    for &n in ns {
+        let (samples, secs) = match n {
+            ..=512 => (30, 5),
+            513..=2048 => (15, 8),
+            _ => (10, 10),
+        };
+        g.sample_size(samples);
+        g.warm_up_time(Duration::from_millis(500));
+        g.measurement_time(Duration::from_secs(secs));
+        let (x, y, ls) = inputs(n, D, Device::Cpu);
+        g.bench_with_input(BenchmarkId::new("fused", n), &n, |b, _| {
+            b.iter(|| {
+                zero_grads(&[&x, &y, &ls]);
+                fused(&x, &y, &ls)
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("tch_unfused", n), &n, |b, _| {
+            b.iter(|| {
+                zero_grads(&[&x, &y, &ls]);
+                unfused(&x, &y, &ls)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_gpu(c: &mut Criterion) {
+    hq_kernels::cuda::load_libtorch_cuda();
+    if !hq_kernels::cuda::driver_present() || !tch::Cuda::is_available() {
+        println!("GPU benchmarks skipped: no CUDA device visible to libtorch");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    for d in [512i64, 768] {
+        let mut g = c.benchmark_group(format!("clip_cuda_d{d}"));
+        g.sampling_mode(SamplingMode::Flat);
+        g.sample_size(10);
+        g.warm_up_time(Duration::from_millis(500));
+        g.measurement_time(Duration::from_secs(5));
+        for n in sizes("HQ_LOSSES_GPU_SIZES", &[4096, 16384, 32768, 65536]) {
+            let (x, y, ls) = inputs(n, d, dev);
+            g.bench_with_input(BenchmarkId::new("fused", n), &n, |b, _| {
+                b.iter(|| {
+                    zero_grads(&[&x, &y, &ls]);
+                    let v = fused(&x, &y, &ls);
+                    tch::Cuda::synchronize(0);
+                    v
+                })
+            });
+            // libtorch needs 4+ N^2 floats: it may not fit where the fused loss does.
+            let fits =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unfused(&x, &y, &ls)))
+                    .is_ok();
+            if fits {
+                g.bench_with_input(BenchmarkId::new("libtorch_unfused", n), &n, |b, _| {
+                    b.iter(|| {
+                        zero_grads(&[&x, &y, &ls]);
+                        let v = unfused(&x, &y, &ls);
+                        tch::Cuda::synchronize(0);
+                        v
+                    })
+                });
+            } else {
+                println!("libtorch unfused: N = {n}, D = {d} does not fit on the device");
+            }
+        }
+        g.finish();
+    }
+    if std::env::var("HQ_LOSSES_FIND_MAX").is_ok() {
+        for (name, f) in [
+            ("fused", fused as fn(&Tensor, &Tensor, &Tensor) -> f64),
+            ("libtorch_unfused", unfused),
+        ] {
+            let mut n = 65_536i64;
+            let mut best = 0;
+            loop {
+                let ok = std::panic::catch_unwind(|| {
+                    let (x, y, ls) = inputs(n, D, dev);
+                    let v = f(&x, &y, &ls);
+                    tch::Cuda::synchronize(0);
+                    v.is_finite()
+                })
+                .unwrap_or(false);
+                if !ok {
+                    break;
+                }
+                best = n;
+                n *= 2;
+            }
+            println!("largest N completed by {name} (D = {D}, doubling from 64k): {best}");
+        }
+    }
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("HQ_LOSSES_MEM_PROBE") {
+        probe(&spec);
+        return;
+    }
+    let ns = sizes("HQ_LOSSES_SIZES", &[256, 1024, 4096, 16384]);
+    println!(
+        "threads: rayon {}, libtorch {}",
+        rayon_threads(),
+        tch::get_num_threads()
+    );
+    if std::env::var("HQ_LOSSES_SKIP_MEMORY").is_err() {
+        memory_table(&ns);
+    }
+    if std::env::var("HQ_LOSSES_SKIP_PAIRED").is_err() {
+        paired_table(&ns);
+    }
+    let mut c = Criterion::default().configure_from_args();
+    if std::env::var("HQ_LOSSES_SKIP_CRITERION").is_err() {
+        bench_cpu(&mut c, &ns);
+    }
+    bench_gpu(&mut c);
+    c.final_summary();
+}
+
+fn rayon_threads() -> usize {
+    rayon::current_num_threads()
+}
