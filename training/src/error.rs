@@ -17,4 +17,10 @@ pub enum TrainError {
     Checkpoint { path: String, reason: String },
     #[error(transparent)]
     Data(#[from] hq_data::DataError),
+    /// The training data pipeline cannot start or stopped (bad setting, no shards, dead thread).
+    #[error("data loader: {0}")]
+    DataLoader(String),
+    /// A saved data-loader position that is invalid or does not fit the loader.
+    #[error("data loader state: {0}")]
+    LoaderState(String),
 }

@@ -1,0 +1,285 @@
+//! Which texts a training sample contributes (method.md, Stage 2): the positive caption (refined or
+//! raw, mixed with probability r) and the N- generated hard negatives.
+//!
+//! # Rules
+//! Every choice draws from the sample's own generator (seeded by run seed, epoch and position in
+//! the epoch, see [`crate::data`]), always in the same order, so a run is reproducible and
+//! resumable.
+//!
+//! **Positive text.** With probability `refined_prob` (r, default 0.75) and when the sample has
+//! refined texts, the text is ONE segment of the long positive description d+, drawn uniformly
+//! with [`hq_data::text::segment::draw_segment`]; otherwise the raw alt-text. A d+ with no segment
+//! falls back to the raw alt-text. An empty raw alt-text falls back to a d+ segment when r > 0 and
+//! the sample has one; when nothing is left the sample is skipped ("missing text"). Baseline mode
+//! ([`TextPolicy::baseline`], r = 0) uses the raw alt-text only.
+//!
+//! **Hard negatives** (only for samples with refined texts, `negatives` = N- per sample, default
+//! 1). Each negative is, with probability `negative_segment_prob` (default 0.5, a seeded coin):
+//! - a *segment of d-*, drawn uniformly among the segments of d- that are **not** also segments of
+//!   d+ (compared lower-cased with whitespace collapsed). d- is d+ with a few perturbed clauses,
+//!   so most of its segments equal segments of d+; drawing among all of them would often give a
+//!   "negative" identical to a true caption;
+//! - otherwise the *negative tags* t- joined as one string, `"tag1, tag2, ..."` (in their stored
+//!   order, trimmed, empty ones dropped).
+//!
+//! When the chosen kind is unavailable (no changed segment, or no tags) the other kind is used;
+//! when both are unavailable the sample has no negatives and the batch's `has_negative` mask is
+//! false for it, so the HNI loss skips it.
+
+use hq_data::text::segment::{draw_segment, segments};
+use hq_data::{RefinedTexts, Sample};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// The text settings of mixed training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TextPolicy {
+    /// r: probability of training on a refined segment instead of the raw alt-text.
+    pub refined_prob: f64,
+    /// N-: hard negatives per sample (0 disables them).
+    pub negatives: usize,
+    /// Probability that a hard negative is a segment of d- rather than the joined t- tags.
+    pub negative_segment_prob: f64,
+}
+
+impl Default for TextPolicy {
+    /// HQ-CLIP's defaults: r = 0.75, N- = 1, negatives half segments, half tags.
+    fn default() -> Self {
+        TextPolicy {
+            refined_prob: 0.75,
+            negatives: 1,
+            negative_segment_prob: 0.5,
+        }
+    }
+}
+
+/// Where a sample's positive text came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextSource {
+    Raw,
+    Refined,
+}
+
+/// Where a hard negative came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NegativeSource {
+    Segment,
+    Tags,
+}
+
+/// The texts chosen for one sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChosenTexts {
+    pub text: String,
+    pub source: TextSource,
+    /// Exactly `policy.negatives` entries, or none when the sample has no negatives.
+    pub negatives: Vec<(String, NegativeSource)>,
+}
+
+/// Lower-case with whitespace collapsed, for comparing segments.
+fn norm_text(s: &str) -> String {
+    s.split_whitespace()
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The segments of d- that are not segments of d+ (the changed clauses), in order.
+pub fn changed_negative_segments(refined: &RefinedTexts) -> Vec<&str> {
+    let positive: std::collections::HashSet<String> = segments(&refined.long_positive)
+        .into_iter()
+        .map(norm_text)
+        .collect();
+    segments(&refined.long_negative)
+        .into_iter()
+        .filter(|s| !positive.contains(&norm_text(s)))
+        .collect()
+}
+
+/// The negative tags as one string, `"tag1, tag2, ..."`; `None` without any non-empty tag.
+pub fn joined_tags<S: AsRef<str>>(tags: &[S]) -> Option<String> {
+    let parts: Vec<&str> = tags
+        .iter()
+        .map(|t| t.as_ref().trim())
+        .filter(|t| !t.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+impl TextPolicy {
+    /// The raw-alt-text-only baseline: r = 0 and no hard negatives.
+    pub fn baseline() -> Self {
+        TextPolicy {
+            refined_prob: 0.0,
+            negatives: 0,
+            negative_segment_prob: 0.5,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.refined_prob) {
+            return Err(format!(
+                "refined-text probability {} is not in [0, 1]",
+                self.refined_prob
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.negative_segment_prob) {
+            return Err(format!(
+                "negative-segment probability {} is not in [0, 1]",
+                self.negative_segment_prob
+            ));
+        }
+        if self.negatives > 64 {
+            return Err(format!(
+                "{} hard negatives per sample is more than 64",
+                self.negatives
+            ));
+        }
+        Ok(())
+    }
+
+    /// Choose the sample's texts (see the module docs for the rules). The error is the reason the
+    /// sample has no usable text.
+    pub fn choose<R: Rng + ?Sized>(
+        &self,
+        sample: &Sample,
+        rng: &mut R,
+    ) -> Result<ChosenTexts, String> {
+        // Always consume the same draws in the same order, whatever the outcome.
+        let coin: f64 = rng.gen();
+        let refined = sample.refined.as_ref();
+        let segment = refined.and_then(|r| draw_segment(&r.long_positive, rng));
+        let raw = sample.raw_text.trim();
+        let use_refined = segment.is_some() && coin < self.refined_prob;
+        let (text, source) = match (use_refined, segment) {
+            (true, Some(seg)) => (seg.to_string(), TextSource::Refined),
+            _ if !raw.is_empty() => (raw.to_string(), TextSource::Raw),
+            (_, Some(seg)) if self.refined_prob > 0.0 => (seg.to_string(), TextSource::Refined),
+            _ => {
+                return Err(if refined.is_some() && self.refined_prob > 0.0 {
+                    "empty raw alt-text and no segment in the refined description".to_string()
+                } else {
+                    "empty raw alt-text".to_string()
+                })
+            }
+        };
+        let mut negatives = Vec::new();
+        if let (Some(r), true) = (refined, self.negatives > 0) {
+            let segs = changed_negative_segments(r);
+            let tags = joined_tags(&r.tags_negative);
+            if !segs.is_empty() || tags.is_some() {
+                for _ in 0..self.negatives {
+                    let want_segment = rng.gen::<f64>() < self.negative_segment_prob;
+                    let pick = rng.gen_range(0..segs.len().max(1));
+                    let use_segment = !segs.is_empty() && (want_segment || tags.is_none());
+                    match (&tags, use_segment) {
+                        (_, true) => {
+                            negatives.push((segs[pick].to_string(), NegativeSource::Segment))
+                        }
+                        (Some(t), false) => negatives.push((t.clone(), NegativeSource::Tags)),
+                        (None, false) => {} // excluded by the check above
+                    }
+                }
+            }
+        }
+        Ok(ChosenTexts {
+            text,
+            source,
+            negatives,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hq_data::ImageBytes;
+    use rand::SeedableRng;
+
+    fn sample(raw: &str, refined: Option<RefinedTexts>) -> Sample {
+        let mut s = Sample::new(
+            "k",
+            ImageBytes {
+                ext: "jpg".into(),
+                bytes: vec![],
+            },
+            raw,
+        );
+        s.refined = refined;
+        s
+    }
+
+    fn refined() -> RefinedTexts {
+        RefinedTexts {
+            long_positive: "A red circle, it is above a blue square. The background is plain."
+                .into(),
+            long_negative: "A green circle, it is above a blue square. The background is plain."
+                .into(),
+            tags_positive: vec!["red circle".into(), "blue square".into()],
+            tags_negative: vec![" green circle ".into(), "".into(), "yellow square".into()],
+            source: None,
+        }
+    }
+
+    #[test]
+    fn changed_segments_and_joined_tags() {
+        let r = refined();
+        assert_eq!(changed_negative_segments(&r), vec!["A green circle"]);
+        assert_eq!(
+            joined_tags(&r.tags_negative).as_deref(),
+            Some("green circle, yellow square")
+        );
+        assert_eq!(joined_tags::<&str>(&[]), None);
+    }
+
+    #[test]
+    fn baseline_uses_raw_only_and_no_negatives() {
+        let p = TextPolicy::baseline();
+        let s = sample("raw caption", Some(refined()));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..100 {
+            let c = p.choose(&s, &mut rng).expect("text");
+            assert_eq!(c.text, "raw caption");
+            assert_eq!(c.source, TextSource::Raw);
+            assert!(c.negatives.is_empty());
+        }
+        assert!(p.choose(&sample("  ", Some(refined())), &mut rng).is_err());
+    }
+
+    #[test]
+    fn mixing_ratio_and_negative_kinds() {
+        let p = TextPolicy::default();
+        let s = sample("raw caption", Some(refined()));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (mut refined_n, mut seg_n, n) = (0, 0, 4000);
+        for _ in 0..n {
+            let c = p.choose(&s, &mut rng).expect("text");
+            if c.source == TextSource::Refined {
+                refined_n += 1;
+                assert!(refined().long_positive.contains(&c.text));
+            }
+            assert_eq!(c.negatives.len(), 1);
+            match c.negatives[0].1 {
+                NegativeSource::Segment => {
+                    seg_n += 1;
+                    assert_eq!(c.negatives[0].0, "A green circle");
+                }
+                NegativeSource::Tags => assert_eq!(c.negatives[0].0, "green circle, yellow square"),
+            }
+        }
+        let r = refined_n as f64 / n as f64;
+        assert!((r - 0.75).abs() < 0.03, "refined fraction {r}");
+        let q = seg_n as f64 / n as f64;
+        assert!((q - 0.5).abs() < 0.03, "segment fraction {q}");
+        // No refined texts: raw text, no negatives.
+        let c = p.choose(&sample("only raw", None), &mut rng).expect("text");
+        assert_eq!((c.text.as_str(), c.negatives.len()), ("only raw", 0));
+        // Empty raw text falls back to a refined segment when r > 0.
+        let c = p
+            .choose(&sample("", Some(refined())), &mut rng)
+            .expect("text");
+        assert_eq!(c.source, TextSource::Refined);
+    }
+}
