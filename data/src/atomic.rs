@@ -114,6 +114,11 @@ mod tests {
         write_atomic(&target, b"one").expect("first");
         write_atomic(&target, b"two").expect("second");
         assert_eq!(fs::read(&target).expect("read"), b"two");
-        assert_eq!(fs::read_dir(target.parent().expect("dir")).expect("ls").count(), 1);
+        assert_eq!(
+            fs::read_dir(target.parent().expect("dir"))
+                .expect("ls")
+                .count(),
+            1
+        );
     }
 }

@@ -52,8 +52,11 @@ impl Field {
         let l = label.to_ascii_lowercase();
         let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
         match l.as_str() {
-            "long description" | "long positive description" | "positive description"
-            | "detailed description" | "description" => Some(Field::LongPositive),
+            "long description"
+            | "long positive description"
+            | "positive description"
+            | "detailed description"
+            | "description" => Some(Field::LongPositive),
             "negative description" | "long negative description" | "hard negative description" => {
                 Some(Field::LongNegative)
             }
@@ -248,7 +251,10 @@ mod tests {
             Err(FormatError::OutOfOrder(_))
         ));
         let repeated = format!("{good}{}", lines[0]);
-        assert!(parse(&repeated, None).is_ok(), "text after the last field is ignored");
+        assert!(
+            parse(&repeated, None).is_ok(),
+            "text after the last field is ignored"
+        );
         let twice = format!("{}\n{}", lines[0], good);
         assert_eq!(
             parse(&twice, None),

@@ -59,7 +59,8 @@ mod tests {
 
     #[test]
     fn splits_on_the_lvlm_punctuation() {
-        let d = "The image shows a red circle, it is above a blue square. The background is striped; \
+        let d =
+            "The image shows a red circle, it is above a blue square. The background is striped; \
                  there are two objects!";
         assert_eq!(
             segments(d),

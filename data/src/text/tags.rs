@@ -29,7 +29,9 @@ pub fn normalize_tag(tag: &str) -> Option<String> {
             pending_space = true;
         }
     }
-    let out = out.trim_matches(|c| matches!(c, '\'' | '-' | '&')).to_string();
+    let out = out
+        .trim_matches(|c| matches!(c, '\'' | '-' | '&'))
+        .to_string();
     (!out.is_empty()).then_some(out)
 }
 
@@ -186,8 +188,14 @@ mod tests {
 
     #[test]
     fn normalisation_merges_spelling_variants() {
-        assert_eq!(normalize_tag("  Red-Circle. ").as_deref(), Some("red-circle"));
-        assert_eq!(normalize_tag("Paver   PATIO").as_deref(), Some("paver patio"));
+        assert_eq!(
+            normalize_tag("  Red-Circle. ").as_deref(),
+            Some("red-circle")
+        );
+        assert_eq!(
+            normalize_tag("Paver   PATIO").as_deref(),
+            Some("paver patio")
+        );
         assert_eq!(normalize_tag("fire_pit!").as_deref(), Some("fire pit"));
         assert_eq!(normalize_tag("Rock & Roll").as_deref(), Some("rock & roll"));
         assert_eq!(normalize_tag(" ... "), None);
