@@ -6,6 +6,8 @@
 //! - [`text`]: the CLIP tokenizer (open_clip's ids), caption segmentation, tag vocabularies.
 //! - [`synth`]: the built-in synthetic corpus (`hq-data synth`): scenes, images, noisy alt-text,
 //!   oracle refined texts, held-out sets in DataComp and ARO layouts, corpus statistics.
+//! - [`transform`]: open_clip's train and eval image transforms, PIL-exact bicubic, CLIP
+//!   normalisation (shared by training, evaluation and the ONNX runtime).
 //! - [`atomic`], [`progress`]: atomic file output and the progress bar every long job shows.
 
 pub mod atomic;
@@ -16,6 +18,7 @@ pub mod sample;
 pub mod shards;
 pub mod synth;
 pub mod text;
+pub mod transform;
 
 pub use error::{DataError, Result, SampleError};
 pub use sample::{ImageBytes, RefinedTexts, Sample};

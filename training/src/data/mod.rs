@@ -29,7 +29,8 @@ pub mod loader;
 pub mod stream;
 pub mod tags;
 pub mod text_policy;
-pub mod transform;
+/// Re-exported from `hq-data`, where evaluation and the ONNX runtime share it.
+pub use hq_data::transform;
 
 pub use loader::{Batch, DataLoader, LoaderConfig, LoaderState};
 pub use tags::{build_tag_vocab, count_tags, tag_csr, DEFAULT_TAG_VOCAB_SIZE};

@@ -5,7 +5,7 @@
 //!   ratio=(3/4, 4/3), interpolation=BICUBIC)`, conversion to RGB, `ToTensor`, `Normalize` with
 //!   CLIP's mean and std. The crop parameters follow `RandomResizedCrop.get_params` step for step
 //!   (10 attempts, then the centre crop with the aspect ratio clamped); only the random generator
-//!   differs (ours is seeded per sample, see [`crate::data`]).
+//!   differs (ours is seeded per sample, see `hq_train::data`).
 //! - **Eval** (`image_transform(size, is_train=False)`, default `resize_mode="shortest"`):
 //!   `Resize(size, BICUBIC)` of the shortest side, `CenterCrop(size)`, RGB, `ToTensor`,
 //!   `Normalize`.
@@ -692,14 +692,14 @@ impl ImageTransform {
     }
 
     /// Decode encoded image bytes (JPEG, PNG or WebP, at most `max_pixels`; see
-    /// [`hq_data::shards::decode_image`]) and transform them. The error is a reason string.
+    /// [`crate::shards::decode_image`]) and transform them. The error is a reason string.
     pub fn decode_apply<R: Rng + ?Sized>(
         &self,
         bytes: &[u8],
         max_pixels: u64,
         rng: &mut R,
     ) -> Result<Vec<f32>, String> {
-        let img = hq_data::shards::decode_image(bytes, max_pixels)?;
+        let img = crate::shards::decode_image(bytes, max_pixels)?;
         let rgb = match img {
             DynamicImage::ImageRgb8(rgb) => rgb,
             other => other.to_rgb8(),
