@@ -45,6 +45,8 @@ pub mod error;
 pub mod ops;
 pub mod reference;
 pub mod targets;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod validate;
 
 pub use cpu::Isa;

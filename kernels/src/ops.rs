@@ -217,7 +217,8 @@ fn attach(value: Tensor, terms: Vec<(&Tensor, Tensor)>) -> Result<Tensor> {
         if !t.requires_grad() {
             continue;
         }
-        let term = (t * g.detach()).f_sum(Kind::Float)?;
+        // A dot product: no N x D temporary in the forward pass (its backward is one multiply).
+        let term = t.f_flatten(0, -1)?.f_dot(&g.detach().f_flatten(0, -1)?)?;
         sur = Some(match sur {
             None => term,
             Some(s) => s + term,
@@ -268,6 +269,59 @@ fn cuda_epilogue(c: &cuda::driver::TorchCuda, opts: &Options) -> Result<()> {
         c.synchronize_stream()?;
     }
     Ok(())
+}
+
+/// The scale on the device as a one-element f32 tensor; with `opts.check_finite`, the named
+/// inputs and the scale are checked there first.
+fn cuda_scale(
+    s: &Tensor,
+    device: TchDevice,
+    opts: &Options,
+    inputs: &[(&'static str, &Tensor)],
+) -> Result<Tensor> {
+    let sd = s
+        .detach()
+        .f_to_device(device)?
+        .f_reshape([1])?
+        .f_contiguous()?;
+    if opts.check_finite {
+        for &(what, t) in inputs {
+            check_finite_device(what, t)?;
+        }
+        check_scale(sd.double_value(&[0]))?;
+    }
+    Ok(sd)
+}
+
+/// After a CUDA loss launch: the loss value (`loss_t`, one float) with the gradients that
+/// `terms` gives attached, when `grads`.
+fn cuda_loss<'a>(
+    c: &cuda::driver::TorchCuda,
+    opts: &Options,
+    loss_t: &Tensor,
+    grads: bool,
+    terms: impl FnOnce() -> Result<Vec<(&'a Tensor, Tensor)>>,
+) -> Result<Tensor> {
+    cuda_epilogue(c, opts)?;
+    let value = loss_t.f_reshape([])?;
+    if grads {
+        attach(value, terms()?)
+    } else {
+        Ok(value)
+    }
+}
+
+/// dL/ds from a one-float device buffer, on the scale tensor's device.
+fn scale_grad(s: &Tensor, ds: &Tensor) -> Result<Tensor> {
+    Ok(ds.f_reshape([])?.f_to_device(s.device())?)
+}
+
+/// The label offset as an index: not negative, and `offset + n <= m`.
+fn label_offset(offset: i64, n: usize, m: usize) -> Result<usize> {
+    let off = usize::try_from(offset)
+        .map_err(|_| KernelError::Invalid(format!("label offset {offset} is negative")))?;
+    check_offset(off, n, m)?;
+    Ok(off)
 }
 
 fn isa(opts: &Options) -> Isa {
@@ -333,16 +387,15 @@ pub fn clip_loss_with(x: &Tensor, y: &Tensor, scale: &Tensor, opts: &Options) ->
             Ok(ClipLoss { loss, gate })
         }
         Exec::Cuda(c) => {
-            let sd = s
-                .detach()
-                .f_to_device(device)?
-                .f_reshape([1])?
-                .f_contiguous()?;
-            if opts.check_finite {
-                check_finite_device("x (image embeddings)", &xi.data)?;
-                check_finite_device("y (text embeddings)", &yi.data)?;
-                check_scale(sd.double_value(&[0]))?;
-            }
+            let sd = cuda_scale(
+                &s,
+                device,
+                opts,
+                &[
+                    ("x (image embeddings)", &xi.data),
+                    ("y (text embeddings)", &yi.data),
+                ],
+            )?;
             let f = (Kind::Float, device);
             let loss_t = Tensor::f_zeros([1], f)?;
             let gate = Tensor::f_zeros([n as i64], f)?;
@@ -375,20 +428,13 @@ pub fn clip_loss_with(x: &Tensor, y: &Tensor, scale: &Tensor, opts: &Options) ->
                     dscale: ptr(&ds),
                 },
             )?;
-            cuda_epilogue(&c, opts)?;
-            let value = loss_t.f_reshape([])?;
-            let loss = if grads {
-                attach(
-                    value,
-                    vec![
-                        (&xi.tracked, dx),
-                        (&yi.tracked, dyt),
-                        (&s, ds.f_reshape([])?.f_to_device(s.device())?),
-                    ],
-                )?
-            } else {
-                value
-            };
+            let loss = cuda_loss(&c, opts, &loss_t, grads, || {
+                Ok(vec![
+                    (&xi.tracked, dx),
+                    (&yi.tracked, dyt),
+                    (&s, scale_grad(&s, &ds)?),
+                ])
+            })?;
             Ok(ClipLoss { loss, gate })
         }
     }
@@ -463,13 +509,7 @@ pub fn clip_loss_local_with(
             "local batch {n}, gathered batch {m}, width {d} (N = 0 or D = 0)"
         )));
     }
-    if offset < 0 {
-        return Err(KernelError::Invalid(format!(
-            "label offset {offset} is negative"
-        )));
-    }
-    let off = offset as usize;
-    check_offset(off, n, m)?;
+    let off = label_offset(offset, n, m)?;
     let grads = wants_grad(&[&xl.tracked, &yl.tracked, &xa.tracked, &ya.tracked, &s]);
     let (ni, mi, di) = (n as i64, m as i64, d as i64);
     match choose(device, opts)? {
@@ -509,18 +549,17 @@ pub fn clip_loss_local_with(
             Ok(ClipLoss { loss, gate })
         }
         Exec::Cuda(c) => {
-            let sd = s
-                .detach()
-                .f_to_device(device)?
-                .f_reshape([1])?
-                .f_contiguous()?;
-            if opts.check_finite {
-                check_finite_device("x_local", &xl.data)?;
-                check_finite_device("y_local", &yl.data)?;
-                check_finite_device("x_all", &xa.data)?;
-                check_finite_device("y_all", &ya.data)?;
-                check_scale(sd.double_value(&[0]))?;
-            }
+            let sd = cuda_scale(
+                &s,
+                device,
+                opts,
+                &[
+                    ("x_local", &xl.data),
+                    ("y_local", &yl.data),
+                    ("x_all", &xa.data),
+                    ("y_all", &ya.data),
+                ],
+            )?;
             let f = (Kind::Float, device);
             let loss_t = Tensor::f_zeros([1], f)?;
             let gate = Tensor::f_zeros([ni], f)?;
@@ -554,22 +593,15 @@ pub fn clip_loss_local_with(
                     dscale: ptr(&ds),
                 },
             )?;
-            cuda_epilogue(&c, opts)?;
-            let value = loss_t.f_reshape([])?;
-            let loss = if grads {
-                attach(
-                    value,
-                    vec![
-                        (&xl.tracked, gxl),
-                        (&yl.tracked, gyl),
-                        (&xa.tracked, gxa),
-                        (&ya.tracked, gya),
-                        (&s, ds.f_reshape([])?.f_to_device(s.device())?),
-                    ],
-                )?
-            } else {
-                value
-            };
+            let loss = cuda_loss(&c, opts, &loss_t, grads, || {
+                Ok(vec![
+                    (&xl.tracked, gxl),
+                    (&yl.tracked, gyl),
+                    (&xa.tracked, gxa),
+                    (&ya.tracked, gya),
+                    (&s, scale_grad(&s, &ds)?),
+                ])
+            })?;
             Ok(ClipLoss { loss, gate })
         }
     }
@@ -606,13 +638,7 @@ pub fn row_gate_with(
             "x is {n} x {d}, y_all {m} rows (N = 0 or D = 0)"
         )));
     }
-    if offset < 0 {
-        return Err(KernelError::Invalid(format!(
-            "label offset {offset} is negative"
-        )));
-    }
-    let off = offset as usize;
-    check_offset(off, n, m)?;
+    let off = label_offset(offset, n, m)?;
     match choose(device, opts)? {
         Exec::Cpu => {
             let (xc, yc) = (to_cpu(&xi.data)?, to_cpu(&yi.data)?);
@@ -627,16 +653,7 @@ pub fn row_gate_with(
             from_vec(&g, &[n as i64], device)
         }
         Exec::Cuda(c) => {
-            let sd = s
-                .detach()
-                .f_to_device(device)?
-                .f_reshape([1])?
-                .f_contiguous()?;
-            if opts.check_finite {
-                check_finite_device("x", &xi.data)?;
-                check_finite_device("y_all", &yi.data)?;
-                check_scale(sd.double_value(&[0]))?;
-            }
+            let sd = cuda_scale(&s, device, opts, &[("x", &xi.data), ("y_all", &yi.data)])?;
             let gate = Tensor::f_zeros([n as i64], (Kind::Float, device))?;
             cuda_prelude(&c, opts);
             cuda::row_gate(
@@ -737,13 +754,7 @@ pub fn hni_loss_with(
             "negatives: N- must be at least 1".into(),
         ));
     }
-    if offset < 0 {
-        return Err(KernelError::Invalid(format!(
-            "label offset {offset} is negative"
-        )));
-    }
-    let off = offset as usize;
-    check_offset(off, n, m)?;
+    let off = label_offset(offset, n, m)?;
     let gate = match gate {
         Some(g) => {
             if g.numel() != n {
@@ -800,16 +811,17 @@ pub fn hni_loss_with(
             }
         }
         Exec::Cuda(c) => {
-            let sd = s
-                .detach()
-                .f_to_device(device)?
-                .f_reshape([1])?
-                .f_contiguous()?;
+            let sd = cuda_scale(
+                &s,
+                device,
+                opts,
+                &[
+                    ("x", &xi.data),
+                    ("y_all", &yi.data),
+                    ("negatives", &ni_in.data),
+                ],
+            )?;
             if opts.check_finite {
-                check_finite_device("x", &xi.data)?;
-                check_finite_device("y_all", &yi.data)?;
-                check_finite_device("negatives", &ni_in.data)?;
-                check_scale(sd.double_value(&[0]))?;
                 let gh = to_cpu(&gate)?;
                 check_gate(host_slice(&gh), n)?;
             }
@@ -844,13 +856,7 @@ pub fn hni_loss_with(
             if !grads {
                 return Ok(value);
             }
-            (
-                value,
-                gx,
-                gy,
-                gn,
-                gs.f_reshape([])?.f_to_device(s.device())?,
-            )
+            (value, gx, gy, gn, scale_grad(&s, &gs)?)
         }
     };
     attach(
@@ -925,13 +931,7 @@ pub fn short_tag_bce_with(logits: &Tensor, targets: &TagTargets, opts: &Options)
                     dz: if grads { ptr(&dz) } else { 0 },
                 },
             )?;
-            cuda_epilogue(&c, opts)?;
-            let value = loss_t.f_reshape([])?;
-            if grads {
-                attach(value, vec![(&zi.tracked, dz)])
-            } else {
-                Ok(value)
-            }
+            cuda_loss(&c, opts, &loss_t, grads, || Ok(vec![(&zi.tracked, dz)]))
         }
     }
 }

@@ -1,7 +1,5 @@
 //! Input checks shared by the CPU, CUDA and tch entry points: every error names the argument.
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, Result};
 
 /// A row-major f32 matrix view.
@@ -32,13 +30,27 @@ impl<'a> Mat<'a> {
 /// Fails on a NaN or infinity, naming the argument and the first bad (row, column).
 pub fn check_finite(what: &'static str, data: &[f32], cols: usize) -> Result<()> {
     const CH: usize = 1 << 15;
-    // Branch-free per chunk (vectorises), then locate the first bad chunk.
-    let bad_chunk = data.par_chunks(CH).position_first(|c| {
+    let bad = |c: &[f32]| {
+        // Branch-free per chunk (vectorises).
         c.iter()
             .map(|v| u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000))
             .sum::<u32>()
             > 0
+    };
+    // One contiguous range per worker (whole chunks), each reporting its first bad chunk.
+    let per = data
+        .len()
+        .div_ceil(CH)
+        .div_ceil(crate::cpu::par::workers_for(data.len()))
+        .max(1)
+        * CH;
+    let firsts = crate::cpu::par::run(data.chunks(per).collect(), |r: &[f32]| {
+        r.chunks(CH).position(bad)
     });
+    let bad_chunk = firsts
+        .iter()
+        .enumerate()
+        .find_map(|(g, f)| f.map(|ci| g * (per / CH) + ci));
     if let Some(ci) = bad_chunk {
         let start = ci * CH;
         let off = data[start..]

@@ -7,6 +7,9 @@
 //! `tests/`) because this crate's build script links libtorch's CUDA half into its test binaries
 //! (tch-rs issue 980).
 
+use hq_kernels::testing::{
+    close_all as close, close_sum_f32 as close_scalar, correlated, embeddings, seed,
+};
 use hq_kernels::{
     clip_loss_local_with, clip_loss_with, cuda, hni_loss_with, reference, row_gate_with,
     short_tag_bce_with, Backend, KernelError, Options, TagTargets,
@@ -14,8 +17,6 @@ use hq_kernels::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
-
-const REL: f64 = 1e-5;
 
 fn gpu() -> Option<Device> {
     if !cuda::driver_present() {
@@ -43,39 +44,6 @@ fn cpu_opts() -> Options {
     }
 }
 
-fn seed() -> u64 {
-    let s = std::env::var("HQ_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    eprintln!("HQ_TEST_SEED={s}");
-    s
-}
-
-fn embeddings(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-    for r in v.chunks_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
-}
-
-fn correlated(rng: &mut ChaCha8Rng, x: &[f32], n: usize, d: usize, pull: f32) -> Vec<f32> {
-    let noise = embeddings(rng, n, d);
-    let mut y: Vec<f32> = x.iter().zip(&noise).map(|(a, b)| pull * a + b).collect();
-    for r in y.chunks_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= norm);
-    }
-    y
-}
-
 fn on(dev: Device, v: &[f32], shape: &[i64]) -> Tensor {
     Tensor::from_slice(v)
         .reshape(shape)
@@ -90,28 +58,6 @@ fn host(t: &Tensor) -> Vec<f64> {
             .flatten(0, -1),
     )
     .expect("host copy")
-}
-
-fn close(what: &str, got: &[f64], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0, f64::max);
-    assert!(
-        worst <= REL * scale + 1e-15,
-        "{what}: max error {worst:.3e} vs scale {scale:.3e}"
-    );
-}
-
-fn close_scalar(what: &str, got: f64, want: f64, magnitude: f64) {
-    let err = (got - want).abs();
-    assert!(
-        err <= REL * magnitude.max(want.abs()) + 1e-7 * want.abs() + 1e-15,
-        "{what}: {got} vs {want}"
-    );
 }
 
 #[test]

@@ -15,83 +15,13 @@
 //! Inputs are drawn from a fresh seed each run (printed; set HQ_TEST_SEED to replay one).
 
 use hq_kernels::cpu::{self, Isa};
-use hq_kernels::{reference, KernelError, Mat, TagTargets};
+use hq_kernels::testing::{
+    close_all as close_f32, close_scalar, close_sum, correlated, embeddings, err_text, seed,
+};
+use hq_kernels::{reference, Mat, TagTargets};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
-
-const REL: f64 = 1e-5;
-
-fn seed() -> u64 {
-    let s = std::env::var("HQ_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    eprintln!("HQ_TEST_SEED={s}");
-    s
-}
-
-/// `n` rows of width `d`, each L2-normalised (what the model feeds the loss).
-fn embeddings(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-    for r in v.chunks_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
-}
-
-/// Rows of `y` pulled towards the matching rows of `x`, so that some gates open.
-fn correlated(rng: &mut ChaCha8Rng, x: &[f32], n: usize, d: usize, pull: f32) -> Vec<f32> {
-    let noise = embeddings(rng, n, d);
-    let mut y: Vec<f32> = x.iter().zip(&noise).map(|(a, b)| pull * a + b).collect();
-    for r in y.chunks_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= norm);
-    }
-    y
-}
-
-fn close_f32(what: &str, got: &[f32], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    let (mut worst, mut at) = (0.0f64, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = (*g as f64 - w).abs();
-        if e > worst {
-            worst = e;
-            at = i;
-        }
-    }
-    assert!(
-        worst <= REL * scale + 1e-15,
-        "{what}: max error {worst:.3e} at {at} (got {}, want {}) exceeds {REL} x {scale:.3e}",
-        got[at],
-        want[at]
-    );
-}
-
-fn close_scalar(what: &str, got: f64, want: f64) {
-    let err = (got - want).abs();
-    assert!(
-        err <= REL * want.abs() + 1e-15,
-        "{what}: {got} vs {want} (error {err:.3e})"
-    );
-}
-
-/// `|got - want| <= 1e-5 * magnitude of the summands` (see the module docs).
-fn close_sum(what: &str, got: f64, want: f64, magnitude: f64) {
-    let err = (got - want).abs();
-    assert!(
-        err <= REL * magnitude.max(want.abs()) + 1e-15,
-        "{what}: {got} vs {want} (error {err:.3e}, summands {magnitude:.3e})"
-    );
-}
 
 fn mat(data: &[f32], rows: usize, cols: usize) -> Mat<'_> {
     Mat::new(data, rows, cols).expect("shape")
@@ -578,13 +508,6 @@ fn bce_matches_tch_autograd() {
 
 // ---------- bad input ----------
 
-fn err_text(r: Result<impl std::fmt::Debug, KernelError>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
 #[test]
 fn bad_inputs_are_named_errors() {
     let isa = Isa::detect();
@@ -592,82 +515,59 @@ fn bad_inputs_are_named_errors() {
     let y = vec![0.5f32; 12];
     // Shapes.
     assert!(Mat::new(&x, 5, 3).is_err());
-    let e = err_text(cpu::clip_loss(
-        mat(&x, 4, 3),
-        mat(&y, 3, 4),
-        10.0,
-        true,
-        isa,
-    ));
-    assert!(e.contains("widths differ"), "{e}");
-    let e = err_text(cpu::clip_loss(
-        mat(&x, 4, 3),
-        mat(&y[..9], 3, 3),
-        10.0,
-        true,
-        isa,
-    ));
-    assert!(e.contains("rows"), "{e}");
-    // N = 0 and D = 0.
-    let e = err_text(cpu::clip_loss(
-        mat(&[], 0, 3),
-        mat(&[], 0, 3),
-        10.0,
-        true,
-        isa,
-    ));
-    assert!(e.contains("N = 0"), "{e}");
-    let e = err_text(cpu::clip_loss(
-        mat(&[], 3, 0),
-        mat(&[], 3, 0),
-        10.0,
-        true,
-        isa,
-    ));
-    assert!(e.contains("D = 0"), "{e}");
-    // Non-finite values, located.
-    let mut bad = x.clone();
-    bad[7] = f32::NAN;
-    let e = err_text(cpu::clip_loss(
-        mat(&bad, 4, 3),
-        mat(&y, 4, 3),
-        10.0,
-        true,
-        isa,
-    ));
-    assert!(
-        e.contains("x (image embeddings)") && e.contains("row 2, column 1"),
-        "{e}"
+    let mut nan_x = x.clone();
+    nan_x[7] = f32::NAN;
+    let mut inf_y = y.clone();
+    inf_y[7] = f32::INFINITY;
+    // (x, x shape, y, y shape, scale, what the message must name)
+    type Case<'a> = (
+        &'a [f32],
+        (usize, usize),
+        &'a [f32],
+        (usize, usize),
+        f32,
+        &'a [&'a str],
     );
-    bad[7] = f32::INFINITY;
-    let e = err_text(cpu::clip_loss(
-        mat(&x, 4, 3),
-        mat(&bad, 4, 3),
-        10.0,
-        true,
-        isa,
-    ));
-    assert!(
-        e.contains("y (text embeddings)") && e.contains("inf"),
-        "{e}"
-    );
-    // Scale.
-    let e = err_text(cpu::clip_loss(
-        mat(&x, 4, 3),
-        mat(&y, 4, 3),
-        f32::NAN,
-        true,
-        isa,
-    ));
-    assert!(e.contains("scale"), "{e}");
-    let e = err_text(cpu::clip_loss(
-        mat(&x, 4, 3),
-        mat(&y, 4, 3),
-        -1.0,
-        true,
-        isa,
-    ));
-    assert!(e.contains("positive multiplier"), "{e}");
+    let cases: &[Case] = &[
+        (&x, (4, 3), &y, (3, 4), 10.0, &["widths differ"]),
+        (&x, (4, 3), &y[..9], (3, 3), 10.0, &["rows"]),
+        // N = 0 and D = 0.
+        (&[], (0, 3), &[], (0, 3), 10.0, &["N = 0"]),
+        (&[], (3, 0), &[], (3, 0), 10.0, &["D = 0"]),
+        // Non-finite values, located.
+        (
+            &nan_x,
+            (4, 3),
+            &y,
+            (4, 3),
+            10.0,
+            &["x (image embeddings)", "row 2, column 1"],
+        ),
+        (
+            &x,
+            (4, 3),
+            &inf_y,
+            (4, 3),
+            10.0,
+            &["y (text embeddings)", "inf"],
+        ),
+        // Scale.
+        (&x, (4, 3), &y, (4, 3), f32::NAN, &["scale"]),
+        (&x, (4, 3), &y, (4, 3), -1.0, &["positive multiplier"]),
+    ];
+    for &(xs, (xr, xc), ys, (yr, yc), scale, wants) in cases {
+        let e = err_text(cpu::clip_loss(
+            mat(xs, xr, xc),
+            mat(ys, yr, yc),
+            scale,
+            true,
+            isa,
+        ));
+        assert!(
+            wants.iter().all(|w| e.contains(w)),
+            "{e} (wanted {wants:?})"
+        );
+    }
     // Offsets past the gathered batch.
     let e = err_text(cpu::clip_loss_local(
         mat(&x, 4, 3),

@@ -12,11 +12,10 @@
 use std::sync::OnceLock;
 
 use hq_kernels::cuda::{self, emu::Emulator};
+use hq_kernels::testing::{close_all as close_f32, close_sum_f32, correlated, embeddings, seed};
 use hq_kernels::{reference, TagTargets};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-const REL: f64 = 1e-5;
 
 fn emulator() -> Option<&'static Emulator> {
     static EMU: OnceLock<Option<(tempfile::TempDir, Emulator)>> = OnceLock::new();
@@ -37,75 +36,6 @@ fn emulator() -> Option<&'static Emulator> {
     })
     .as_ref()
     .map(|(_, e)| e)
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("HQ_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
-    eprintln!("HQ_TEST_SEED={s}");
-    s
-}
-
-fn embeddings(rng: &mut ChaCha8Rng, n: usize, d: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-    for r in v.chunks_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
-}
-
-fn correlated(rng: &mut ChaCha8Rng, x: &[f32], n: usize, d: usize, pull: f32) -> Vec<f32> {
-    let noise = embeddings(rng, n, d);
-    let mut y: Vec<f32> = x.iter().zip(&noise).map(|(a, b)| pull * a + b).collect();
-    for r in y.chunks_mut(d) {
-        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= norm);
-    }
-    y
-}
-
-fn close_f32(what: &str, got: &[f32], want: &[f64]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let (mut worst, mut at) = (0.0f64, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = (*g as f64 - w).abs();
-        if e > worst || e.is_nan() {
-            worst = e;
-            at = i;
-        }
-    }
-    assert!(
-        worst <= REL * scale + 1e-15,
-        "{what}: max error {worst:.3e} at {at} (got {}, want {}) exceeds {REL} x {scale:.3e}",
-        got[at],
-        want[at]
-    );
-}
-
-/// The loss is an f32 output here (the device writes one float): f32 rounding allowed on top.
-fn close_loss(what: &str, got: f32, want: f64) {
-    let err = (got as f64 - want).abs();
-    assert!(
-        err <= REL * want.abs() + 1e-7 * want.abs() + 1e-15,
-        "{what}: {got} vs {want}"
-    );
-}
-
-fn close_sum(what: &str, got: f32, want: f64, magnitude: f64) {
-    let err = (got as f64 - want).abs();
-    assert!(
-        err <= REL * magnitude.max(want.abs()) + 1e-7 * want.abs() + 1e-15,
-        "{what}: {got} vs {want} (summands {magnitude:.3e})"
-    );
 }
 
 fn p<T>(v: &[T]) -> u64 {
@@ -157,12 +87,12 @@ fn symmetric_clip_matches_reference() {
         .expect("emulated launch");
         let want = reference::clip_symmetric(&x, &y, n, d, scale as f64);
         let tag = format!("n={n} d={d} s={scale}");
-        close_loss(&format!("{tag} loss"), loss[0], want.loss);
+        close_sum_f32(&format!("{tag} loss"), loss[0] as f64, want.loss, 0.0);
         close_f32(&format!("{tag} dx"), &dx, &want.dx);
         close_f32(&format!("{tag} dy"), &dy, &want.dy);
-        close_sum(
+        close_sum_f32(
             &format!("{tag} dscale"),
-            ds[0],
+            ds[0] as f64,
             want.dscale,
             want.dscale_mag,
         );
@@ -249,14 +179,14 @@ fn local_clip_matches_reference() {
         .expect("emulated launch");
         let want = reference::clip_local(xl, yl, &x_all, &y_all, n, m, d, off, scale as f64);
         let tag = format!("n={n} m={m} d={d} off={off}");
-        close_loss(&format!("{tag} loss"), loss[0], want.loss);
+        close_sum_f32(&format!("{tag} loss"), loss[0] as f64, want.loss, 0.0);
         close_f32(&format!("{tag} dx_local"), &gxl, &want.dx_local);
         close_f32(&format!("{tag} dy_local"), &gyl, &want.dy_local);
         close_f32(&format!("{tag} dx_all"), &gxa, &want.dx_all);
         close_f32(&format!("{tag} dy_all"), &gya, &want.dy_all);
-        close_sum(
+        close_sum_f32(
             &format!("{tag} dscale"),
-            ds[0],
+            ds[0] as f64,
             want.dscale,
             want.dscale_mag,
         );
@@ -296,10 +226,11 @@ fn forward_only_and_gate_kernels() {
     )
     .expect("forward only");
     assert_eq!(gate2, gate);
-    close_loss(
+    close_sum_f32(
         "forward-only loss",
-        loss[0],
+        loss[0] as f64,
         reference::clip_symmetric(&x, &y, 3, d, 5.0).loss,
+        0.0,
     );
 }
 
@@ -347,11 +278,11 @@ fn hni_matches_reference() {
         let g64: Vec<f64> = gate.iter().map(|&g| g as f64).collect();
         let want = reference::hni(&x, &y, &neg, n, k, d, off, scale as f64, &g64);
         let tag = format!("n={n} k={k} d={d}");
-        close_loss(&format!("{tag} loss"), loss[0], want.loss);
+        close_sum_f32(&format!("{tag} loss"), loss[0] as f64, want.loss, 0.0);
         close_f32(&format!("{tag} dx"), &dx, &want.dx);
         close_f32(&format!("{tag} dy_pos"), &dyp, &want.dy_pos);
         close_f32(&format!("{tag} dneg"), &dn, &want.dneg);
-        close_loss(&format!("{tag} dscale"), ds[0], want.dscale);
+        close_sum_f32(&format!("{tag} dscale"), ds[0] as f64, want.dscale, 0.0);
     }
 }
 
@@ -388,7 +319,7 @@ fn bce_matches_reference() {
         )
         .expect("emulated launch");
         let want = reference::bce(&z, n, k, t.indptr(), t.indices());
-        close_loss(&format!("n={n} k={k} loss"), loss[0], want.loss);
+        close_sum_f32(&format!("n={n} k={k} loss"), loss[0] as f64, want.loss, 0.0);
         close_f32(&format!("n={n} k={k} dz"), &dz, &want.dz);
         // Loss only.
         let mut loss2 = [0f32];

@@ -2,13 +2,12 @@
 //! (through `exp(logit_scale)`, weighted sums of losses, dtype casts, non-contiguous views), held
 //! against tch autograd of the unfused formulas; no-grad mode; the error cases; the backend choice.
 
+use hq_kernels::testing::{err_text as err, REL};
 use hq_kernels::{
     clip_loss, clip_loss_local, clip_loss_with, hni_loss, row_gate, short_tag_bce, Backend,
-    KernelError, Options, TagTargets,
+    Options, TagTargets,
 };
 use tch::{Device, Kind, Tensor};
-
-const REL: f64 = 1e-5;
 
 fn randn(shape: &[i64], seed: i64) -> Tensor {
     tch::manual_seed(seed);
@@ -218,13 +217,6 @@ fn gate_helper_agrees_with_the_clip_gate() {
         .expect("without gate")
         .double_value(&[]);
     assert_eq!(a, b);
-}
-
-fn err(r: Result<impl std::fmt::Debug, KernelError>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]

@@ -8,9 +8,8 @@
 //! difference. Stable for any |z|: `softplus(z) = max(z,0) + log1p(exp(-|z|))` and the sigmoid
 //! from the same `exp(-|z|)`, which never overflows. Row sums in f64.
 
-use rayon::prelude::*;
-
 use super::clip::multiversion;
+use super::par;
 #[cfg(target_arch = "x86_64")]
 use super::simd::Avx512Kernel;
 use super::simd::{exp_f32, log1p_unit, Isa, Kernel, Portable};
@@ -115,30 +114,29 @@ pub(crate) fn bce(
     let inv_n = 1.0 / n as f32;
     let mut dz = vec![0.0f32; if grads { n * k } else { 0 }];
     let parts: Vec<f64> = if grads {
-        z.par_chunks(rows_per * k)
-            .zip(dz.par_chunks_mut(rows_per * k))
+        let jobs: Vec<_> = z
+            .chunks(rows_per * k)
+            .zip(dz.chunks_mut(rows_per * k))
             .enumerate()
-            .map(|(c, (zc, dc))| {
-                rows_worker(isa, zc, k, c * rows_per, indptr, indices, inv_n, dc, true)
-            })
-            .collect()
+            .collect();
+        par::run(jobs, |(c, (zc, dc))| {
+            rows_worker(isa, zc, k, c * rows_per, indptr, indices, inv_n, dc, true)
+        })
     } else {
-        z.par_chunks(rows_per * k)
-            .enumerate()
-            .map(|(c, zc)| {
-                rows_worker(
-                    isa,
-                    zc,
-                    k,
-                    c * rows_per,
-                    indptr,
-                    indices,
-                    inv_n,
-                    &mut [],
-                    false,
-                )
-            })
-            .collect()
+        let jobs: Vec<_> = z.chunks(rows_per * k).enumerate().collect();
+        par::run(jobs, |(c, zc)| {
+            rows_worker(
+                isa,
+                zc,
+                k,
+                c * rows_per,
+                indptr,
+                indices,
+                inv_n,
+                &mut [],
+                false,
+            )
+        })
     };
     (parts.iter().sum::<f64>() / n as f64, dz)
 }

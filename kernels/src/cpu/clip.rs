@@ -11,7 +11,11 @@
 //!   all tiles once and accumulates row AND column (max, sum-exp) online; pass 2 recomputes every
 //!   tile, forms `G = w (P_row + P_col) - w_d I` and runs the two gradient GEMMs `dX += G Y`,
 //!   `dY += G^T X`. Four GEMM-equivalents of N*M*D (the unfused version needs three plus the
-//!   memory-bound softmax passes over N*M).
+//!   memory-bound softmax passes over N*M). When all tiles together are no larger than the
+//!   operands (`N M <= (N + M) D`: N <= 1024 at D = 512, see [`keep_tiles`]), pass 1 keeps its
+//!   tiles and pass 2 reads them instead: three GEMM-equivalents, memory still O((N + M) D). That
+//!   is what makes small batches, where there is no N^2 memory traffic to save, as cheap as the
+//!   unfused version's three GEMMs.
 //! - Local rows against gathered columns (open_clip's local loss), where only rows are normalised:
 //!   a BR-row strip of the logits is kept (BR x M floats), its row log-sum-exp is exact after one
 //!   sweep, and the gradient GEMMs run straight from the strip: three GEMM-equivalents.
@@ -28,25 +32,32 @@
 //! - dL/ds is summed as `sum w P (l - l_label)` (same value as `sum G l`, no cancellation);
 //! - gradients are accumulated across tiles in f64 (each tile's f32 partial sums at most 64 terms).
 //!
-//! Parallelism: row blocks are split into one contiguous range per rayon thread; each worker owns
-//! its rows of dA and a private f64 accumulator for dB (O(M*D) per worker), summed at the end in a
-//! fixed order, so results are deterministic for a given thread count.
+//! Parallelism (see `par.rs`): row blocks are split into one contiguous range per worker (fewer
+//! workers for small problems, down to one); each worker owns its rows of dA and a private f64
+//! accumulator for dB (O(M*D) per worker), summed at the end in a fixed order, so results are
+//! deterministic for a given thread count.
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 #[cfg(target_arch = "x86_64")]
 use super::simd::Avx512Kernel;
-use super::simd::{split_f64, ColRow, Isa, Kernel, Portable, MR, NR};
+use super::simd::{split_f64, ColRow, Isa, Kernel, Portable, KCHUNK, MR, NR};
+use super::{par, pool};
 
 /// Rows of a tile (a multiple of MR).
 pub(crate) const BR: usize = 64;
 /// Columns of a tile (a multiple of NR and of MR).
 pub(crate) const BC: usize = 64;
+/// K slice of the logit GEMM (a multiple of KCHUNK): 256 x NR floats = 32 KiB, within L1.
+const KB: usize = 256;
 
-const _: () =
-    assert!(BR.is_multiple_of(MR) && BC.is_multiple_of(NR) && BC.is_multiple_of(MR) && BC == 64);
+const _: () = assert!(
+    BR.is_multiple_of(MR)
+        && BC.is_multiple_of(NR)
+        && BC.is_multiple_of(MR)
+        && BC == 64
+        && KB.is_multiple_of(KCHUNK)
+);
 
 /// Generates `$name(isa, args..)` that runs the `#[inline(always)]` generic `$imp::<K>(args..)`
 /// compiled for the chosen instruction set.
@@ -104,83 +115,193 @@ pub(crate) struct ColOp {
     chunks: Vec<f32>,
 }
 
+impl Drop for RowOp {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.ap));
+        pool::give(std::mem::take(&mut self.chunks));
+    }
+}
+
+impl Drop for ColOp {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.bp));
+        pool::give(std::mem::take(&mut self.chunks));
+    }
+}
+
 fn dchunks(d: usize) -> usize {
     ceil_div(d, NR)
 }
 
-/// Packs `width`-row panels k-major: `out[p][k][w] = data[p*width + w][k]`.
-fn pack_panels(data: &[f32], n: usize, d: usize, width: usize) -> Vec<f32> {
-    let panels = ceil_div(n, width);
-    let mut out = vec![0.0f32; panels * d * width];
-    out.par_chunks_mut(d * width)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for w in 0..width {
-                let r = p * width + w;
-                if r >= n {
-                    break;
-                }
-                let src = &data[r * d..(r + 1) * d];
-                for (k, &v) in src.iter().enumerate() {
-                    panel[k * width + w] = v;
-                }
-            }
-        });
-    out
+/// One packing: `Panels(w)`: `w`-row panels k-major, `out[p][k][i] = data[p*w + i][k]`;
+/// `Chunks(r)`: `r`-row blocks cut into NR-column chunks, `out[b][c][i][0..NR] =
+/// data[b*r + i][c*NR..]`. Zero-padded.
+#[derive(Clone, Copy)]
+enum Layout {
+    Panels(usize),
+    Chunks(usize),
 }
 
-/// Packs `rows`-row blocks into NR-column chunks: `out[b][c][r][0..NR] = data[b*rows + r][c*NR..]`.
-fn pack_chunks(data: &[f32], n: usize, d: usize, rows: usize) -> Vec<f32> {
-    let dch = dchunks(d);
-    let blocks = ceil_div(n, rows);
-    let mut out = vec![0.0f32; blocks * dch * rows * NR];
-    out.par_chunks_mut(dch * rows * NR)
-        .enumerate()
-        .for_each(|(b, blk)| {
-            for r in 0..rows {
-                let g = b * rows + r;
-                if g >= n {
-                    break;
+impl Layout {
+    /// Rows per unit and floats per unit.
+    fn unit(self, d: usize) -> (usize, usize) {
+        match self {
+            Layout::Panels(w) => (w, d * w),
+            Layout::Chunks(r) => (r, dchunks(d) * r * NR),
+        }
+    }
+}
+
+/// Packs one unit (`rows` source rows starting at `r0`) into `dst`, zero padding included (`dst`
+/// may hold stale values); returns whether every value read was finite.
+fn pack_unit(data: &[f32], n: usize, d: usize, layout: Layout, r0: usize, dst: &mut [f32]) -> bool {
+    let nonfinite = |v: &f32| u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+    let mut bad = 0u32;
+    match layout {
+        Layout::Panels(w) => {
+            let rows = w.min(n.saturating_sub(r0));
+            if rows < w {
+                dst.fill(0.0);
+            }
+            let src = &data[r0 * d..(r0 + rows) * d];
+            bad |= src.iter().fold(0u32, |b, v| b | nonfinite(v));
+            // A transpose, in 64-wide k blocks so that both the w source row pieces and the
+            // 64 x w destination block stay in L1 (rows are d floats apart, which for d = 512
+            // maps them onto a handful of cache sets).
+            match w {
+                MR => transpose::<MR>(src, d, dst),
+                NR => transpose::<NR>(src, d, dst),
+                _ => {
+                    for (i, row) in src.chunks_exact(d).enumerate() {
+                        for (k, &v) in row.iter().enumerate() {
+                            dst[k * w + i] = v;
+                        }
+                    }
                 }
-                let src = &data[g * d..(g + 1) * d];
-                for c in 0..dch {
+            }
+        }
+        Layout::Chunks(r) => {
+            let rows = r.min(n.saturating_sub(r0));
+            if rows < r || !d.is_multiple_of(NR) {
+                dst.fill(0.0);
+            }
+            for i in 0..rows {
+                let src = &data[(r0 + i) * d..(r0 + i + 1) * d];
+                for c in 0..dchunks(d) {
                     let lo = c * NR;
                     let hi = (lo + NR).min(d);
-                    let dst = &mut blk[c * rows * NR + r * NR..c * rows * NR + r * NR + (hi - lo)];
-                    dst.copy_from_slice(&src[lo..hi]);
+                    let at = c * r * NR + i * NR;
+                    dst[at..at + (hi - lo)].copy_from_slice(&src[lo..hi]);
                 }
             }
-        });
-    out
+        }
+    }
+    bad == 0
 }
 
-impl RowOp {
-    pub fn new(data: &[f32], n: usize, d: usize, grads: bool) -> Self {
-        RowOp {
+/// `dst[k * W + i] = src[i * d + k]` for the (at most W) rows of `src`.
+fn transpose<const W: usize>(src: &[f32], d: usize, dst: &mut [f32]) {
+    for k0 in (0..d).step_by(64) {
+        let k1 = (k0 + 64).min(d);
+        let block = &mut dst[k0 * W..k1 * W];
+        for (i, row) in src.chunks_exact(d).take(W).enumerate() {
+            for (out, &v) in block.chunks_exact_mut(W).zip(&row[k0..k1]) {
+                out[i] = v;
+            }
+        }
+    }
+}
+
+/// Packs several operands in one parallel region. Each request is `(data, n, d, layout)`;
+/// returns the packed buffers and whether all values of requests with a `Panels` layout (which
+/// read every value) were finite.
+fn pack_many(reqs: &[(&[f32], usize, usize, Layout)]) -> (Vec<Vec<f32>>, bool) {
+    let mut outs: Vec<Vec<f32>> = reqs
+        .iter()
+        .map(|&(_, n, d, l)| {
+            let (rows, per) = l.unit(d);
+            // Every unit is written in full by `pack_unit`: no zeroing here.
+            pool::dirty(ceil_div(n, rows) * per)
+        })
+        .collect();
+    let total_units: usize = reqs
+        .iter()
+        .map(|&(_, n, d, l)| ceil_div(n, l.unit(d).0))
+        .sum();
+    let total_floats: usize = outs.iter().map(Vec::len).sum();
+    // A float moved costs about as much as a few dozen multiply-adds.
+    let group = total_units
+        .div_ceil(par::workers_for(total_floats.saturating_mul(16)))
+        .max(1);
+    // Jobs: (request, first unit, units) with the matching output slice.
+    let mut jobs: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (ri, out) in outs.iter_mut().enumerate() {
+        let (_, _, d, l) = reqs[ri];
+        let per = l.unit(d).1;
+        for (gi, chunk) in out.chunks_mut(group * per).enumerate() {
+            jobs.push((ri, gi * group, chunk));
+        }
+    }
+    let finite = par::run(jobs, |(ri, u0, chunk)| {
+        let (data, n, d, l) = reqs[ri];
+        let (rows, per) = l.unit(d);
+        let mut ok = true;
+        for (ui, dst) in chunk.chunks_mut(per).enumerate() {
+            ok &= pack_unit(data, n, d, l, (u0 + ui) * rows, dst);
+        }
+        ok
+    });
+    (outs, finite.into_iter().all(|b| b))
+}
+
+/// Packs `rows` operands (A roles) and `cols` operands (B roles); returns them and whether every
+/// value was finite. Chunk layouts (for the gradient GEMMs) only when `grads`.
+pub(crate) fn pack(
+    rows: &[(&[f32], usize)],
+    cols: &[(&[f32], usize)],
+    d: usize,
+    grads: bool,
+) -> (Vec<RowOp>, Vec<ColOp>, bool) {
+    let mut reqs = Vec::new();
+    for &(data, n) in rows {
+        reqs.push((data, n, d, Layout::Panels(MR)));
+        if grads {
+            reqs.push((data, n, d, Layout::Chunks(BR)));
+        }
+    }
+    for &(data, n) in cols {
+        reqs.push((data, n, d, Layout::Panels(NR)));
+        if grads {
+            reqs.push((data, n, d, Layout::Chunks(BC)));
+        }
+    }
+    let (bufs, finite) = pack_many(&reqs);
+    let mut it = bufs.into_iter();
+    let mut next = |want: bool| {
+        if want {
+            it.next().unwrap_or_default()
+        } else {
+            Vec::new()
+        }
+    };
+    let ra: Vec<RowOp> = rows
+        .iter()
+        .map(|&(_, n)| RowOp {
             n,
             d,
-            ap: pack_panels(data, n, d, MR),
-            chunks: if grads {
-                pack_chunks(data, n, d, BR)
-            } else {
-                Vec::new()
-            },
-        }
-    }
-}
-
-impl ColOp {
-    pub fn new(data: &[f32], n: usize, d: usize, grads: bool) -> Self {
-        ColOp {
+            ap: next(true),
+            chunks: next(grads),
+        })
+        .collect();
+    let ca: Vec<ColOp> = cols
+        .iter()
+        .map(|&(_, n)| ColOp {
             n,
-            bp: pack_panels(data, n, d, NR),
-            chunks: if grads {
-                pack_chunks(data, n, d, BC)
-            } else {
-                Vec::new()
-            },
-        }
-    }
+            bp: next(true),
+            chunks: next(grads),
+        })
+        .collect();
+    (ra, ca, finite)
 }
 
 /// One logit matrix `scale * A B^T`; row i's label is column `i + diag_off`.
@@ -197,15 +318,35 @@ pub(crate) struct Problem<'a> {
 fn s_tile<K: Kernel>(p: &Problem, i0: usize, br: usize, j0: usize, bc: usize, tile: &mut [f32]) {
     let d = p.a.d;
     debug_assert!(tile.len() >= BR * BC);
-    for q in 0..ceil_div(bc, NR) {
-        let bpanel = &p.b.bp[(j0 / NR + q) * d * NR..(j0 / NR + q + 1) * d * NR];
-        for pn in 0..ceil_div(br, MR) {
-            let apanel = &p.a.ap[(i0 / MR + pn) * d * MR..(i0 / MR + pn + 1) * d * MR];
-            let c = &mut tile[pn * MR * BC + q * NR..];
-            debug_assert!(c.len() >= (MR - 1) * BC + NR);
-            // SAFETY: the panels hold d*MR and d*NR floats, and `c` has MR rows of NR floats at
-            // stride BC (checked above); the ISA was checked by the caller (multiversion!).
-            unsafe { K::ukernel(d, apanel.as_ptr(), bpanel.as_ptr(), c.as_mut_ptr(), BC) };
+    // K is cut into KB-long slices so that a B micro-panel slice (KB x NR) and an A one stay in
+    // L1 across the MR-row panels; the 64-term summation chunks, and so the result, are the same.
+    for k0 in (0..d).step_by(KB) {
+        let kc = KB.min(d - k0);
+        for q in 0..ceil_div(bc, NR) {
+            let bpanel = &p.b.bp[(j0 / NR + q) * d * NR + k0 * NR..(j0 / NR + q + 1) * d * NR];
+            for pn in 0..ceil_div(br, MR) {
+                let apanel =
+                    &p.a.ap[(i0 / MR + pn) * d * MR + k0 * MR..(i0 / MR + pn + 1) * d * MR];
+                let c = &mut tile[pn * MR * BC + q * NR..];
+                debug_assert!(
+                    c.len() >= (MR - 1) * BC + NR
+                        && apanel.len() >= kc * MR
+                        && bpanel.len() >= kc * NR
+                );
+                // SAFETY: the panel slices hold kc*MR and kc*NR floats, and `c` has MR rows of NR
+                // floats at stride BC (checked above); the ISA was checked by the caller
+                // (multiversion!).
+                unsafe {
+                    K::ukernel(
+                        kc,
+                        apanel.as_ptr(),
+                        bpanel.as_ptr(),
+                        c.as_mut_ptr(),
+                        BC,
+                        k0 > 0,
+                    )
+                };
+            }
         }
     }
 }
@@ -376,31 +517,45 @@ fn stats_impl<K: Kernel>(
     blocks: Range<usize>,
     mut rows: RowSlices,
     want_cols: bool,
+    mut keep: Option<&mut [f32]>,
 ) -> Option<ColStats> {
     let (n, m) = (p.a.n, p.b.n);
-    let mut tile = vec![0.0f32; BR * BC];
+    let ntiles = ceil_div(m, BC);
+    let mut scratch: Vec<f32> = if keep.is_some() {
+        Vec::new()
+    } else {
+        pool::zeroed(BR * BC)
+    };
     let mut cols = want_cols.then(|| ColStats::new(m));
     let row0 = blocks.start * BR;
-    for blk in blocks {
+    for blk in blocks.clone() {
         let i0 = blk * BR;
         let br = BR.min(n - i0);
         let mut rs = RowStats::new();
-        for jt in 0..ceil_div(m, BC) {
+        for jt in 0..ntiles {
             let j0 = jt * BC;
             let bc = BC.min(m - j0);
-            s_tile::<K>(p, i0, br, j0, bc, &mut tile);
-            scale_tile(&mut tile, br, bc, p.scale);
-            rs.update::<K>(&tile, i0, br, j0, bc, p.diag_off);
+            let tile: &mut [f32] = match keep.as_deref_mut() {
+                Some(k) => {
+                    let at = ((blk - blocks.start) * ntiles + jt) * BR * BC;
+                    &mut k[at..at + BR * BC]
+                }
+                None => &mut scratch,
+            };
+            s_tile::<K>(p, i0, br, j0, bc, tile);
+            scale_tile(tile, br, bc, p.scale);
+            rs.update::<K>(tile, i0, br, j0, bc, p.diag_off);
             if let Some(c) = cols.as_mut() {
-                c.update::<K>(&tile, br, j0, bc);
+                c.update::<K>(tile, br, j0, bc);
             }
         }
         rs.finish(br, &mut rows.at(i0 - row0));
     }
+    pool::give(scratch);
     cols
 }
 
-multiversion!(fn stats_worker => stats_impl(p: &Problem, blocks: Range<usize>, rows: RowSlices, want_cols: bool) -> Option<ColStats>);
+multiversion!(fn stats_worker => stats_impl(p: &Problem, blocks: Range<usize>, rows: RowSlices, want_cols: bool, keep: Option<&mut [f32]>) -> Option<ColStats>);
 
 /// Column normalisation of pass 2 (symmetric loss).
 pub(crate) struct ColNorm<'a> {
@@ -421,8 +576,22 @@ pub(crate) struct GradSpec<'a> {
     /// Subtracted at each row's label column.
     pub w_diag: f64,
     /// Keep a BR x M strip and compute the row lse in the same sweep (rows-only losses); when
-    /// false, the row results of pass 1 are given and tiles are recomputed.
+    /// false, the row results of pass 1 are given and tiles are recomputed, or read from `kept`.
     pub strip: bool,
+    /// Pass 1's scaled tiles (see [`keep_tiles`]), so that pass 2 need not recompute them.
+    pub kept: Option<&'a [f32]>,
+}
+
+/// Whether pass 1 keeps its logit tiles for pass 2 (saving the recomputation, a quarter of the
+/// symmetric loss's arithmetic): only when all tiles together are no larger than the operands
+/// (`N M <= (N + M) D`, padded), so memory stays O((N + M) D). At D = 512 that is N <= 1024.
+pub(crate) fn keep_tiles(n: usize, m: usize, d: usize) -> bool {
+    ceil_div(n, BR) * BR * ceil_div(m, BC) * BC <= (n + m) * d
+}
+
+/// Floats of the kept tiles of an n x m logit matrix.
+pub(crate) fn kept_len(n: usize, m: usize) -> usize {
+    ceil_div(n, BR) * ceil_div(m, BC) * BR * BC
 }
 
 /// What one worker returns from pass 2.
@@ -447,21 +616,20 @@ fn grad_impl<K: Kernel>(
     let dch = dchunks(d);
     let dpad = dch * NR;
     let ntiles = ceil_div(m, BC);
-    let mut tile = vec![
-        0.0f32;
-        if spec.strip {
-            BR * BC * ntiles
-        } else {
-            BR * BC
-        }
-    ];
-    let mut gmat = vec![0.0f32; BR * BC];
-    let mut gp = vec![0.0f32; BR * BC];
-    let mut gtp = vec![0.0f32; BC * BR];
-    let mut tmp_a = vec![0.0f32; BR * dpad];
-    let mut tmp_b = vec![0.0f32; BC * dpad];
-    let mut acc_a = vec![0.0f64; BR * d];
-    let mut acc_b = vec![0.0f64; m * d];
+    let mut tile: Vec<f32> = pool::zeroed(if spec.strip {
+        BR * BC * ntiles
+    } else if spec.kept.is_some() {
+        0
+    } else {
+        BR * BC
+    });
+    let mut gmat: Vec<f32> = pool::zeroed(BR * BC);
+    let mut gp: Vec<f32> = pool::zeroed(BR * BC);
+    let mut gtp: Vec<f32> = pool::zeroed(BC * BR);
+    let mut tmp_a: Vec<f32> = pool::zeroed(BR * dpad);
+    let mut tmp_b: Vec<f32> = pool::zeroed(BC * dpad);
+    let mut acc_a: Vec<f64> = pool::zeroed(BR * d);
+    let mut acc_b: Vec<f64> = pool::zeroed(m * d);
     // Column lse as f32 (m, t_hi, t_lo) triples.
     let col_split: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = spec.cols.as_ref().map(|c| {
         let (hi, lo): (Vec<f32>, Vec<f32>) = c.lse.t.iter().map(|&v| split_f64(v)).unzip();
@@ -496,6 +664,9 @@ fn grad_impl<K: Kernel>(
             let bc = BC.min(m - j0);
             let t: &[f32] = if spec.strip {
                 &tile[jt * BR * BC..(jt + 1) * BR * BC]
+            } else if let Some(k) = spec.kept {
+                let at = (blk * ntiles + jt) * BR * BC;
+                &k[at..at + BR * BC]
             } else {
                 s_tile::<K>(p, i0, br, j0, bc, &mut tile);
                 scale_tile(&mut tile, br, bc, p.scale);
@@ -573,7 +744,9 @@ fn grad_impl<K: Kernel>(
                     debug_assert!(ap.len() >= bc * MR && out.len() >= (MR - 1) * dpad + NR);
                     // SAFETY: bc <= BC rows of the panels are read; MR rows of NR floats at stride
                     // dpad are written inside tmp_a (checked above).
-                    unsafe { K::ukernel(bc, ap.as_ptr(), bp.as_ptr(), out.as_mut_ptr(), dpad) };
+                    unsafe {
+                        K::ukernel(bc, ap.as_ptr(), bp.as_ptr(), out.as_mut_ptr(), dpad, false)
+                    };
                 }
             }
             for i in 0..br {
@@ -593,7 +766,9 @@ fn grad_impl<K: Kernel>(
                     let out = &mut tmp_b[q * MR * dpad + c * NR..];
                     debug_assert!(ap.len() >= br * MR && out.len() >= (MR - 1) * dpad + NR);
                     // SAFETY: as above, with br <= BR rows read and tmp_b written.
-                    unsafe { K::ukernel(br, ap.as_ptr(), bp.as_ptr(), out.as_mut_ptr(), dpad) };
+                    unsafe {
+                        K::ukernel(br, ap.as_ptr(), bp.as_ptr(), out.as_mut_ptr(), dpad, false)
+                    };
                 }
             }
             for j in 0..bc {
@@ -611,6 +786,10 @@ fn grad_impl<K: Kernel>(
             }
         }
     }
+    for b in [tile, gmat, gp, gtp, tmp_a, tmp_b] {
+        pool::give(b);
+    }
+    pool::give(acc_a);
     GradPart {
         db: acc_b,
         ds: ds_v / p.scale as f64,
@@ -619,9 +798,10 @@ fn grad_impl<K: Kernel>(
 
 multiversion!(fn grad_worker => grad_impl(p: &Problem, spec: &GradSpec, blocks: Range<usize>, rows: RowSlices, da: &mut [f32]) -> GradPart);
 
-/// Splits `nblk` row blocks into one contiguous range per worker.
-fn ranges(nblk: usize) -> Vec<Range<usize>> {
-    let workers = rayon::current_num_threads().clamp(1, nblk.max(1));
+/// Splits `nblk` row blocks into one contiguous range per worker; `work` (multiply-adds of the
+/// pass) decides how many workers are worth it.
+fn ranges(nblk: usize, work: usize) -> Vec<Range<usize>> {
+    let workers = par::workers_for(work).clamp(1, nblk.max(1));
     let base = nblk / workers;
     let extra = nblk % workers;
     let mut out = Vec::with_capacity(workers);
@@ -684,16 +864,40 @@ impl RowOut {
     }
 }
 
-/// Row statistics (and optionally the column log-sum-exp) of `p`.
-pub(crate) fn stats(isa: Isa, p: &Problem, want_cols: bool) -> (RowOut, Option<Lse>) {
-    let n = p.a.n;
-    let rs = ranges(ceil_div(n, BR));
+/// Row statistics (and optionally the column log-sum-exp) of `p`. With `keep` (of
+/// [`kept_len`] floats), the scaled logit tiles are left there for pass 2 ([`GradSpec::kept`]).
+pub(crate) fn stats(
+    isa: Isa,
+    p: &Problem,
+    want_cols: bool,
+    keep: Option<&mut [f32]>,
+) -> (RowOut, Option<Lse>) {
+    let (n, m) = (p.a.n, p.b.n);
+    let rs = ranges(ceil_div(n, BR), n * m * p.a.d);
     let mut out = RowOut::new(n);
-    let jobs: Vec<_> = rs.iter().cloned().zip(out.split(&rs, n)).collect();
-    let cols: Vec<Option<ColStats>> = jobs
-        .into_par_iter()
-        .map(|(r, rows)| stats_worker(isa, p, r, rows, want_cols))
+    let keeps: Vec<Option<&mut [f32]>> = match keep {
+        Some(mut k) => {
+            // Each worker's blocks' tiles, block-major.
+            let per_block = ceil_div(m, BC) * BR * BC;
+            let mut parts = Vec::with_capacity(rs.len());
+            for r in &rs {
+                let (head, tail) = k.split_at_mut(r.len() * per_block);
+                parts.push(Some(head));
+                k = tail;
+            }
+            parts
+        }
+        None => rs.iter().map(|_| None).collect(),
+    };
+    let jobs: Vec<_> = rs
+        .iter()
+        .cloned()
+        .zip(out.split(&rs, n))
+        .zip(keeps)
         .collect();
+    let cols: Vec<Option<ColStats>> = par::run(jobs, |((r, rows), keep)| {
+        stats_worker(isa, p, r, rows, want_cols, keep)
+    });
     let col_lse = if want_cols {
         let mut it = cols.into_iter().flatten();
         let mut acc = it.next().unwrap_or_else(|| ColStats::new(p.b.n));
@@ -720,7 +924,7 @@ pub(crate) struct GradOut {
 /// computes them).
 pub(crate) fn grads(isa: Isa, p: &Problem, spec: &GradSpec, rows: Option<RowOut>) -> GradOut {
     let (n, m, d) = (p.a.n, p.b.n, p.a.d);
-    let rs = ranges(ceil_div(n, BR));
+    let rs = ranges(ceil_div(n, BR), 3 * n * m * d);
     let mut rows = rows.unwrap_or_else(|| RowOut::new(n));
     let mut da = vec![0.0f32; n * d];
     let jobs: Vec<_> = rs
@@ -729,27 +933,91 @@ pub(crate) fn grads(isa: Isa, p: &Problem, spec: &GradSpec, rows: Option<RowOut>
         .zip(rows.split(&rs, n))
         .zip(split_rows(&mut da, &rs, n, d))
         .collect();
-    let parts: Vec<GradPart> = jobs
-        .into_par_iter()
-        .map(|((r, rws), a)| grad_worker(isa, p, spec, r, rws, a))
-        .collect();
+    let parts: Vec<GradPart> = par::run(jobs, |((r, rws), a)| grad_worker(isa, p, spec, r, rws, a));
     let mut ds = 0.0;
     let mut db = vec![0.0f32; m * d];
     let s = p.scale as f64;
-    db.par_chunks_mut(d.max(1) * 64)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let off = c * d.max(1) * 64;
-            for (e, o) in out.iter_mut().enumerate() {
-                let mut acc = 0.0f64;
-                for part in &parts {
-                    acc += part.db[off + e];
+    // The workers' dB partials summed in worker order (deterministic), 256 elements at a time.
+    let chunk = (m * d)
+        .div_ceil(par::workers_for(m * d * parts.len() * 8))
+        .max(1);
+    par::for_chunks_mut(&mut db, chunk, |c, out| {
+        let off = c * chunk;
+        for (b, ob) in out.chunks_mut(256).enumerate() {
+            let at = off + b * 256;
+            let mut acc = [0.0f64; 256];
+            for part in &parts {
+                for (a, &v) in acc.iter_mut().zip(&part.db[at..at + ob.len()]) {
+                    *a += v;
                 }
-                *o = (s * acc) as f32;
             }
-        });
-    for part in &parts {
+            for (o, &a) in ob.iter_mut().zip(&acc) {
+                *o = (s * a) as f32;
+            }
+        }
+    });
+    for part in parts {
         ds += part.ds;
+        pool::give(part.db);
     }
     GradOut { da, db, ds, rows }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pass 2 from kept tiles gives bit-for-bit the gradients of pass 2 recomputing them, and
+    /// the packed buffers' stale contents (pooled, not zeroed) never leak into a result.
+    #[test]
+    fn kept_tiles_match_recomputed_ones() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 2001) as f32 / 1000.0 - 1.0
+        };
+        let isa = Isa::detect();
+        // Awkward sizes first, so later, smaller calls get larger pooled buffers with stale data.
+        for &(n, d) in &[(200, 300), (97, 100), (64, 64), (70, 65), (1, 3)] {
+            let x: Vec<f32> = (0..n * d).map(|_| rnd() * 0.1).collect();
+            let y: Vec<f32> = (0..n * d).map(|_| rnd() * 0.1).collect();
+            let run = |keep: bool| {
+                let (ra, ca, finite) = pack(&[(&x[..], n)], &[(&y[..], n)], d, true);
+                assert!(finite);
+                let p = Problem {
+                    a: &ra[0],
+                    b: &ca[0],
+                    scale: 14.0,
+                    diag_off: 0,
+                };
+                let mut kept = keep.then(|| vec![f32::NAN; kept_len(n, n)]);
+                let (rows, lse) = stats(isa, &p, true, kept.as_deref_mut());
+                let lse = lse.expect("column statistics");
+                let diag = rows.diag.clone();
+                let w = 0.5 / n as f64;
+                let spec = GradSpec {
+                    w_row: w,
+                    cols: Some(ColNorm {
+                        lse: &lse,
+                        diag: &diag,
+                        w,
+                    }),
+                    w_diag: 1.0 / n as f64,
+                    strip: false,
+                    kept: kept.as_deref(),
+                };
+                let g = grads(isa, &p, &spec, Some(rows));
+                (g.da, g.db, g.ds)
+            };
+            let (a, b) = (run(true), run(false));
+            assert!(a.0.iter().chain(&a.1).all(|v| v.is_finite()), "n={n} d={d}");
+            assert_eq!(a.0, b.0, "n={n} d={d}: dA");
+            assert_eq!(a.1, b.1, "n={n} d={d}: dB");
+            assert_eq!(a.2, b.2, "n={n} d={d}: ds");
+        }
+        assert!(keep_tiles(1024, 1024, 512) && !keep_tiles(1025, 1025, 512));
+        assert!(!keep_tiles(4096, 4096, 512));
+    }
 }

@@ -2,12 +2,11 @@
 //!
 //! What it fuses: per image row, the positive and its N- negative similarities, their
 //! log-sum-exp, the loss term and all four gradients (image, positive text, negatives, scale) in
-//! one pass over the row's (1 + N-) embeddings. The work is O(N * N- * D), tiny next to the
+//! one pass over the row's (1 + N-) embeddings, rows in parallel. The work is O(N * N- * D), tiny next to the
 //! contrastive loss; the gate k_i comes from the contrastive pass (its row argmax), so it costs
 //! nothing extra. Everything after the f32 inputs is f64 (dots, softmax, gradients).
 
-use rayon::prelude::*;
-
+use super::par;
 use super::simd::dot_f64;
 
 /// Loss and gradients of the HNI term (see `crate::cpu::hni_loss`).
@@ -104,15 +103,43 @@ pub(crate) fn hni(
         }
         (loss, ds)
     };
+    let per = par::chunk_len(n, 16);
     let per_row: Vec<(f64, f64)> = if grads {
-        dx.par_chunks_mut(d)
-            .zip(dy_pos.par_chunks_mut(d))
-            .zip(dneg.par_chunks_mut(k * d))
+        let jobs: Vec<_> = dx
+            .chunks_mut(per * d)
+            .zip(dy_pos.chunks_mut(per * d))
+            .zip(dneg.chunks_mut(per * k * d))
             .enumerate()
-            .map(|(i, ((gx, gy), gn))| row(i, Some((gx, gy, gn))))
-            .collect()
+            .collect();
+        par::run(jobs, |(c, ((gx, gy), gn))| {
+            let rows = gx.len() / d;
+            (0..rows)
+                .map(|r| {
+                    let i = c * per + r;
+                    row(
+                        i,
+                        Some((
+                            &mut gx[r * d..(r + 1) * d],
+                            &mut gy[r * d..(r + 1) * d],
+                            &mut gn[r * k * d..(r + 1) * k * d],
+                        )),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
     } else {
-        (0..n).into_par_iter().map(|i| row(i, None)).collect()
+        let jobs: Vec<usize> = (0..n.div_ceil(per)).collect();
+        par::run(jobs, |c| {
+            (c * per..((c + 1) * per).min(n))
+                .map(|i| row(i, None))
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
     };
     // Summed in row order: deterministic.
     let loss = per_row.iter().map(|r| r.0).sum();

@@ -1,5 +1,5 @@
-//! CPU implementations on plain f32 slices (rayon, cache-blocked, f32 products with f64
-//! accumulation). The tch entry points in the crate root call these for CPU tensors; tests and
+//! CPU implementations on plain f32 slices (rayon, a few large jobs per call, see `par.rs`;
+//! cache-blocked; f32 products with f64 accumulation; scratch pooled across calls, `pool.rs`). The tch entry points in the crate root call these for CPU tensors; tests and
 //! benches can call them directly.
 //!
 //! Every function validates its input first (shapes, N = 0, non-finite values, offsets, tag
@@ -8,6 +8,8 @@
 pub(crate) mod bce;
 pub(crate) mod clip;
 pub(crate) mod hni;
+pub(crate) mod par;
+pub(crate) mod pool;
 pub(crate) mod simd;
 
 pub use simd::Isa;
@@ -18,7 +20,7 @@ use crate::validate::{
     check_finite, check_gate, check_nonempty, check_offset, check_same_rows, check_same_width,
     check_scale, Mat,
 };
-use clip::{ColNorm, ColOp, GradSpec, Problem, RowOp};
+use clip::{ColNorm, GradSpec, Problem};
 
 fn check_isa(isa: Isa) -> Result<()> {
     if isa.is_available() {
@@ -60,18 +62,22 @@ pub fn clip_loss(x: Mat, y: Mat, scale: f32, grads: bool, isa: Isa) -> Result<Cl
     check_same_width("x", &x, "y", &y)?;
     check_same_rows("x", &x, "y", &y)?;
     check_scale(scale as f64)?;
-    check_finite("x (image embeddings)", x.data, x.cols)?;
-    check_finite("y (text embeddings)", y.data, y.cols)?;
     let (n, d) = (x.rows, x.cols);
-    let a = RowOp::new(x.data, n, d, grads);
-    let b = ColOp::new(y.data, n, d, grads);
+    // Packing reads every value: it also checks they are finite (located only on failure).
+    let (ra, ca, finite) = clip::pack(&[(x.data, n)], &[(y.data, n)], d, grads);
+    if !finite {
+        check_finite("x (image embeddings)", x.data, x.cols)?;
+        check_finite("y (text embeddings)", y.data, y.cols)?;
+    }
     let p = Problem {
-        a: &a,
-        b: &b,
+        a: &ra[0],
+        b: &ca[0],
         scale,
         diag_off: 0,
     };
-    let (rows, lse_c) = clip::stats(isa, &p, true);
+    // Small problems keep pass 1's tiles for pass 2 (see `clip::keep_tiles`).
+    let mut kept = (grads && clip::keep_tiles(n, n, d)).then(|| pool::dirty(clip::kept_len(n, n)));
+    let (rows, lse_c) = clip::stats(isa, &p, true, kept.as_deref_mut());
     let lse_c = lse_c.ok_or_else(|| KernelError::Invalid("column statistics missing".into()))?;
     // Label logits are the f32 tile values the log-sum-exps were built from (S_ii is the same
     // element for the row and the column term).
@@ -94,6 +100,7 @@ pub fn clip_loss(x: Mat, y: Mat, scale: f32, grads: bool, isa: Isa) -> Result<Cl
             }),
             w_diag: 1.0 / n as f64,
             strip: false,
+            kept: kept.as_deref(),
         };
         let g = clip::grads(isa, &p, &spec, Some(rows));
         Some(ClipGrads {
@@ -104,6 +111,9 @@ pub fn clip_loss(x: Mat, y: Mat, scale: f32, grads: bool, isa: Isa) -> Result<Cl
     } else {
         None
     };
+    if let Some(k) = kept {
+        pool::give(k);
+    }
     Ok(ClipOutput { loss, gate, grads })
 }
 
@@ -157,24 +167,29 @@ pub fn clip_loss_local(
     check_same_rows("x_all", &x_all, "y_all", &y_all)?;
     check_offset(offset, x_local.rows, x_all.rows)?;
     check_scale(scale as f64)?;
-    check_finite("x_local", x_local.data, x_local.cols)?;
-    check_finite("y_local", y_local.data, y_local.cols)?;
-    check_finite("x_all", x_all.data, x_all.cols)?;
-    check_finite("y_all", y_all.data, y_all.cols)?;
     let (n, m, d) = (x_local.rows, x_all.rows, x_local.cols);
-    let xl = RowOp::new(x_local.data, n, d, grads);
-    let yl = RowOp::new(y_local.data, n, d, grads);
-    let xa = ColOp::new(x_all.data, m, d, grads);
-    let ya = ColOp::new(y_all.data, m, d, grads);
+    let (ra, ca, finite) = clip::pack(
+        &[(x_local.data, n), (y_local.data, n)],
+        &[(x_all.data, m), (y_all.data, m)],
+        d,
+        grads,
+    );
+    if !finite {
+        check_finite("x_local", x_local.data, x_local.cols)?;
+        check_finite("y_local", y_local.data, y_local.cols)?;
+        check_finite("x_all", x_all.data, x_all.cols)?;
+        check_finite("y_all", y_all.data, y_all.cols)?;
+    }
+    let (xl, yl, xa, ya) = (&ra[0], &ra[1], &ca[0], &ca[1]);
     let p1 = Problem {
-        a: &xl,
-        b: &ya,
+        a: xl,
+        b: ya,
         scale,
         diag_off: offset,
     };
     let p2 = Problem {
-        a: &yl,
-        b: &xa,
+        a: yl,
+        b: xa,
         scale,
         diag_off: offset,
     };
@@ -184,6 +199,7 @@ pub fn clip_loss_local(
         cols: None,
         w_diag: w,
         strip: true,
+        kept: None,
     };
     let (r1, r2, grads) = if grads {
         let g1 = clip::grads(isa, &p1, &spec, None);
@@ -198,8 +214,8 @@ pub fn clip_loss_local(
         (g1.rows, g2.rows, Some(grads))
     } else {
         (
-            clip::stats(isa, &p1, false).0,
-            clip::stats(isa, &p2, false).0,
+            clip::stats(isa, &p1, false, None).0,
+            clip::stats(isa, &p2, false, None).0,
             None,
         )
     };
@@ -224,17 +240,23 @@ pub fn row_gate(x: Mat, y_all: Mat, offset: usize, scale: f32, isa: Isa) -> Resu
     check_same_width("x", &x, "y_all", &y_all)?;
     check_offset(offset, x.rows, y_all.rows)?;
     check_scale(scale as f64)?;
-    check_finite("x", x.data, x.cols)?;
-    check_finite("y_all", y_all.data, y_all.cols)?;
-    let a = RowOp::new(x.data, x.rows, x.cols, false);
-    let b = ColOp::new(y_all.data, y_all.rows, y_all.cols, false);
+    let (ra, ca, finite) = clip::pack(
+        &[(x.data, x.rows)],
+        &[(y_all.data, y_all.rows)],
+        x.cols,
+        false,
+    );
+    if !finite {
+        check_finite("x", x.data, x.cols)?;
+        check_finite("y_all", y_all.data, y_all.cols)?;
+    }
     let p = Problem {
-        a: &a,
-        b: &b,
+        a: &ra[0],
+        b: &ca[0],
         scale,
         diag_off: offset,
     };
-    Ok(clip::stats(isa, &p, false).0.gate)
+    Ok(clip::stats(isa, &p, false, None).0.gate)
 }
 
 /// Result of [`hni_loss`].

@@ -63,7 +63,8 @@ impl Isa {
 pub(crate) const KCHUNK: usize = 64;
 
 /// A micro-kernel: `C[MR x NR] = sum_{k < kc} A[k][0..MR] (x) B[k][0..NR]`, with A packed as
-/// `kc x MR` (k-major) and B packed as `kc x NR`; C has row stride `ldc` and is overwritten.
+/// `kc x MR` (k-major) and B packed as `kc x NR`; C has row stride `ldc` and is overwritten, or
+/// added to when `accumulate` (C += the sum, 64-term chunk by chunk as always).
 ///
 /// It also carries the element-wise tile work of the fused loss (row/column log-sum-exp folding,
 /// the gradient tile), with portable defaults that an ISA can override: a tile row is only 64
@@ -73,7 +74,14 @@ pub(crate) trait Kernel: Copy + Send + Sync {
     /// # Safety
     /// `ap` must be readable for `kc * MR` floats, `bp` for `kc * NR`, and `c` writable for
     /// `MR` rows of `NR` floats at stride `ldc`; the caller's CPU must support the kernel's ISA.
-    unsafe fn ukernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize);
+    unsafe fn ukernel(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    );
 
     /// Folds one scaled tile row (1..=64 values) into a running `(m, rest)` (see [`fold_stats`]).
     #[inline(always)]
@@ -229,7 +237,14 @@ pub(crate) struct Portable<const FMA: bool>;
 
 impl<const FMA: bool> Kernel for Portable<FMA> {
     #[inline(always)]
-    unsafe fn ukernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize) {
+    unsafe fn ukernel(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         // Two halves of 16 columns keep the accumulators within 16 ymm registers under AVX2.
         for h in 0..2 {
             let mut k0 = 0;
@@ -260,7 +275,7 @@ impl<const FMA: bool> Kernel for Portable<FMA> {
                     let out = unsafe {
                         std::slice::from_raw_parts_mut(c.add(i * ldc + h * NR / 2), NR / 2)
                     };
-                    if k0 == 0 {
+                    if k0 == 0 && !accumulate {
                         out.copy_from_slice(row);
                     } else {
                         for (o, v) in out.iter_mut().zip(row) {
@@ -304,7 +319,14 @@ impl Kernel for Avx512Kernel {
     }
 
     #[inline(always)]
-    unsafe fn ukernel(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize) {
+    unsafe fn ukernel(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         use std::arch::x86_64::*;
         // SAFETY: only called from functions compiled with avx512f (see clip.rs `dispatch!`), on a
         // CPU where `Isa::Avx512` was detected; pointer extents are the caller's contract.
@@ -328,7 +350,7 @@ impl Kernel for Avx512Kernel {
                 }
                 for i in 0..MR {
                     let (p0, p1) = (c.add(i * ldc), c.add(i * ldc + 16));
-                    if k0 == 0 {
+                    if k0 == 0 && !accumulate {
                         _mm512_storeu_ps(p0, acc[2 * i]);
                         _mm512_storeu_ps(p1, acc[2 * i + 1]);
                     } else {
@@ -756,14 +778,18 @@ mod tests {
         };
         let mut c = vec![0.0f32; MR * NR];
         // SAFETY: extents are exact; the portable kernel needs no CPU feature.
-        unsafe { Portable::<false>::ukernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR) };
+        unsafe {
+            Portable::<false>::ukernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR, false)
+        };
         check(&c);
         #[cfg(target_arch = "x86_64")]
         if Isa::Avx512.is_available() {
             #[target_feature(enable = "avx512f")]
             unsafe fn run(kc: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
                 // SAFETY: extents are exact; avx512f is enabled here and was detected.
-                unsafe { Avx512Kernel::ukernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR) }
+                unsafe {
+                    Avx512Kernel::ukernel(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), NR, false)
+                }
             }
             let mut c = vec![0.0f32; MR * NR];
             // SAFETY: AVX-512 was detected.
