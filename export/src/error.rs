@@ -73,6 +73,44 @@ pub enum ExportError {
         bytes: usize,
     },
 
+    /// A checkpoint that cannot be read or holds a tensor that cannot be exported.
+    #[error("checkpoint `{path}`: {message}")]
+    Checkpoint {
+        /// The checkpoint file (or the path the user gave).
+        path: PathBuf,
+        /// What is wrong, naming the tensor where there is one.
+        message: String,
+    },
+
+    /// The checkpoint's tensors do not match its model config (strict, like
+    /// `load_state_dict(strict=True)`): every problem is listed by tensor name.
+    #[error("checkpoint `{path}` does not match its model config: {}", mismatch_summary(.missing, .unexpected, .wrong_shape))]
+    TensorMismatch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Tensors the config needs that the file lacks.
+        missing: Vec<String>,
+        /// Tensors in the file the config has no place for.
+        unexpected: Vec<String>,
+        /// `name (checkpoint [..], config [..])` for each tensor of the wrong shape.
+        wrong_shape: Vec<String>,
+    },
+
+    /// The model config is missing, unreadable, unknown or asks for something the exporter does
+    /// not implement.
+    #[error("model config: {0}")]
+    Config(String),
+
+    /// The requested output format cannot represent this model (e.g. a Hugging Face CLIP layout
+    /// for an open_clip feature Hugging Face's CLIP lacks).
+    #[error("{format} export: {reason}")]
+    Unsupported {
+        /// The output format.
+        format: &'static str,
+        /// Which feature is in the way.
+        reason: String,
+    },
+
     /// Writing the file failed.
     #[error("{action} `{path}`: {source}")]
     Io {
@@ -83,4 +121,42 @@ pub enum ExportError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// How many names of each kind [`ExportError::TensorMismatch`] prints before summarising.
+const LIST_LIMIT: usize = 20;
+
+fn list(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(LIST_LIMIT)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > LIST_LIMIT {
+        s.push_str(&format!(", ... and {} more", names.len() - LIST_LIMIT));
+    }
+    s
+}
+
+fn mismatch_summary(missing: &[String], unexpected: &[String], wrong_shape: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("{} missing: {}", missing.len(), list(missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!(
+            "{} unexpected: {}",
+            unexpected.len(),
+            list(unexpected)
+        ));
+    }
+    if !wrong_shape.is_empty() {
+        parts.push(format!(
+            "{} with the wrong shape: {}",
+            wrong_shape.len(),
+            list(wrong_shape)
+        ));
+    }
+    parts.join("; ")
 }

@@ -23,6 +23,14 @@
 //! # }
 //! ```
 //!
+//! On top of the builder:
+//! - [`checkpoint`]: reads a CLIP checkpoint (safetensors under open_clip's names, any float dtype)
+//!   without libtorch, hashes it, finds its model config, and checks every tensor against the config;
+//! - [`clip`]: the image and text towers as ONNX models (opset 17, dynamic batch, fp32 or fp16,
+//!   normalised or raw embeddings, metadata with the config and the checkpoint's SHA-256);
+//! - [`formats`]: the open_clip and Hugging Face `CLIPModel` checkpoint layouts;
+//! - the `hq-export` binary over all three.
+//!
 //! Not yet supported: external data (models over protobuf's 2 GiB limit are refused with
 //! [`ExportError::TooLarge`]), sparse initializers, subgraph attributes.
 
@@ -32,7 +40,10 @@ pub mod onnx {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub mod checkpoint;
+pub mod clip;
 mod error;
+pub mod formats;
 mod graph;
 mod model;
 mod tensor;
@@ -42,5 +53,6 @@ pub use graph::{Attr, Dim, GraphBuilder, Node};
 pub use model::{encode, write_atomic, ModelBuilder, DEFAULT_IR_VERSION, DEFAULT_OPSET};
 pub use prost;
 pub use tensor::{
-    f16_bits_to_f32, f32_to_f16_bits, tensor_f16, tensor_f16_bits, tensor_f32, tensor_i64, ElemType,
+    f16_bits_to_f32, f32_to_f16_bits, tensor_f16, tensor_f16_bits, tensor_f32, tensor_i32,
+    tensor_i64, ElemType,
 };

@@ -106,6 +106,13 @@ pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> Result<TensorProt
     Ok(raw_tensor(name, dims, ElemType::I64, raw))
 }
 
+/// An i32 tensor (indices and comparisons kept in 32 bits for TensorRT).
+pub fn tensor_i32(name: &str, dims: &[usize], data: &[i32]) -> Result<TensorProto> {
+    element_count(name, dims, data.len())?;
+    let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(raw_tensor(name, dims, ElemType::I32, raw))
+}
+
 /// Converts f32 to IEEE binary16 bits, rounding to nearest with ties to even; overflow gives
 /// infinity, NaN stays NaN (quiet), tiny values become subnormals or signed zero.
 pub fn f32_to_f16_bits(x: f32) -> u16 {
