@@ -208,4 +208,36 @@ pub enum RuntimeError {
         /// ONNX Runtime's message.
         message: String,
     },
+
+    /// A Qwen2-VL model directory that cannot be used: a missing file, an unreadable or
+    /// inconsistent config, ONNX files whose inputs or shapes disagree with the config.
+    #[error("model directory `{path}`: {message}")]
+    ModelDir {
+        /// The model directory (or the file in it) at fault.
+        path: PathBuf,
+        /// What is missing or wrong, and how to fix it.
+        message: String,
+    },
+
+    /// An image that cannot be turned into the model's patches (undecodable, too large, too
+    /// elongated).
+    #[error("image: {0}")]
+    Image(String),
+
+    /// A generation request the model cannot run (e.g. image placeholders that do not match the
+    /// images), or model outputs of an unexpected shape.
+    #[error("generation: {0}")]
+    Generation(String),
+
+    /// Tokenizer loading, encoding or decoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The recaption job's data layer (shards, side-cars, atomic writes).
+    #[error(transparent)]
+    Data(#[from] hq_data::DataError),
+
+    /// A recaption job setting or input that cannot be used.
+    #[error("recaption: {0}")]
+    Recaption(String),
 }

@@ -22,15 +22,24 @@
 //! # }
 //! ```
 //!
+//! On top of the session layer: [`qwen2vl`], a Qwen2-VL engine over the three-file ONNX layout of
+//! transformers.js / onnx-community (batched generation with the key/value cache, tested token for
+//! token against HF `generate`), and [`recaption`], the resumable recaption job behind the
+//! `hq-recap-trt` binary.
+//!
 //! The ONNX Runtime library comes from the `onnxruntime` (CPU) or `onnxruntime-gpu` wheel; set
 //! `ORT_DYLIB_PATH` to its `libonnxruntime.so.<version>` (`tools/env.sh` does), or pass the path to
 //! [`init_from`]. The library is loaded once per process.
 
+pub mod clip_encoder;
 mod env;
 mod error;
 mod provider;
+pub mod qwen2vl;
+pub mod recaption;
 mod session;
 
+pub use clip_encoder::{ClipModelInfo, OnnxClipEncoder, OnnxEncoderOptions};
 pub use env::{init, init_from, runtime, Runtime};
 pub use error::{Result, RuntimeError};
 pub use provider::{ExecutionProvider, PROVIDER_CHOICES};

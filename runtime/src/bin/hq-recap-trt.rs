@@ -1,0 +1,334 @@
+//! `hq-recap-trt`: recaption image-text shards with a Qwen2-VL model on ONNX Runtime (HQ-CLIP
+//! stage 1), and turn teacher answers into fine-tuning conversations.
+//!
+//! ```text
+//! hq-recap-trt --engine MODEL_DIR --input 'shards/{00000..00099}.tar' --output OUT
+//! hq-recap-trt teacher --input teacher.jsonl --output sft.json --format llava
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hq_runtime::qwen2vl::{EngineOptions, Qwen2Vl, Sampling, TrtProfile};
+use hq_runtime::recaption::teacher::{teacher_conversations, ConversationFormat};
+use hq_runtime::recaption::{
+    run_job, split_from_env, ExemplarSet, JobOptions, OutputFormat, Qwen2VlGenerator,
+};
+use hq_runtime::{ExecutionProvider, PROVIDER_CHOICES};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hq-recap-trt",
+    version,
+    about = "Recaption image-text data with Qwen2-VL on ONNX Runtime (CPU, CUDA, TensorRT): four texts per image \
+             (long description, hard negative description, tags, negative tags).",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    recap: RecapArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Turn teacher answers (JSONL) into LLaVA / ShareGPT fine-tuning conversations, checking that
+    /// the job's parser accepts every answer.
+    Teacher(TeacherArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    /// The input shards with the texts added to each sample's JSON under `hq_clip`.
+    Tar,
+    /// A JSONL side-car per input, keyed by sample id.
+    Sidecar,
+}
+
+#[derive(Args, Debug)]
+struct RecapArgs {
+    /// Model directory from export/qwen2vl/export_qwen2vl.py (three ONNX files, tokenizer, configs).
+    /// A TensorRT cache folder inside it (`MODEL_DIR/trt_cache`, with its built engines) is also
+    /// accepted: the model is then its parent folder, the provider TensorRT, and the cache that folder.
+    #[arg(long, required = true)]
+    engine: Option<PathBuf>,
+    /// Inputs: webdataset .tar shards (paths, globs, brace ranges `shard-{00000..00099}.tar`,
+    /// `@list` files, folders of .tar files) or .jsonl / .csv lists of image paths with texts.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<String>,
+    /// Output folder.
+    #[arg(long, required = true)]
+    output: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "tar")]
+    format: FormatArg,
+    /// Execution provider: `cpu`, `cuda[:N]`, `tensorrt[:N]` (never a silent fallback).
+    #[arg(long, default_value = "cpu", help = format!("Execution provider: {PROVIDER_CHOICES}"))]
+    provider: String,
+    /// TensorRT engine and timing cache folder (default MODEL_DIR/trt_cache).
+    #[arg(long)]
+    trt_cache: Option<PathBuf>,
+    /// Let TensorRT use fp16 kernels.
+    #[arg(long)]
+    fp16: bool,
+    /// TensorRT profile: largest prompt (tokens, image tokens included).
+    #[arg(long, default_value_t = 2048)]
+    trt_max_prompt: usize,
+    /// TensorRT profile: largest prompt + answer.
+    #[arg(long, default_value_t = 2560)]
+    trt_max_total: usize,
+    /// TensorRT profile: most vision patches per batch.
+    #[arg(long, default_value_t = 8192)]
+    trt_max_patches: usize,
+    /// ONNX Runtime threads per operator (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// This worker's index (default: from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX, else 0).
+    #[arg(long)]
+    shard_index: Option<usize>,
+    /// Number of workers splitting the inputs (default: SLURM_ARRAY_TASK_COUNT, else 1).
+    #[arg(long)]
+    num_shards: Option<usize>,
+    /// Samples per generation batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// Generation attempts per sample before an error record (retries use a new seed and exemplar).
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// Job seed (exemplar choice and sampling).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sampling temperature of retries (and of first attempts with --sample).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus mass of retries (and of first attempts with --sample).
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Sample first attempts too (default: greedy).
+    #[arg(long)]
+    sample: bool,
+    /// Exemplar JSONL (alt_text + the four texts or an answer per line); default: built-in set.
+    #[arg(long)]
+    exemplars: Option<PathBuf>,
+    /// Vision pixel budget: images are resized to at most this many pixels (default: the model's
+    /// preprocessor_config.json). Vision tokens dominate the cost.
+    #[arg(long)]
+    max_pixels: Option<u64>,
+    /// Decompression-bomb limit: images with more pixels are refused before decoding.
+    #[arg(long, default_value_t = hq_data::shards::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+    /// Image decoding threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    decode_threads: usize,
+    /// JSON field the side-car output is keyed by.
+    #[arg(long, default_value = "uid")]
+    id_field: String,
+    /// Name recorded as the texts' source (`model:<name>`; default: the model folder's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConvFormatArg {
+    Llava,
+    Sharegpt,
+}
+
+#[derive(Args, Debug)]
+struct TeacherArgs {
+    /// Teacher JSONL: image, alt_text and answer (or the four texts) per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output JSON file (an array of conversations).
+    #[arg(long)]
+    output: PathBuf,
+    /// Conversation format.
+    #[arg(long, value_enum, default_value = "llava")]
+    format: ConvFormatArg,
+    /// Exemplar JSONL (default: built-in set); use the one the job will use.
+    #[arg(long)]
+    exemplars: Option<PathBuf>,
+    /// Seed of the exemplar choice (use the job's).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the accepted conversations even when some answers are rejected (exit 0).
+    #[arg(long)]
+    allow_rejects: bool,
+}
+
+fn expand_inputs(specs: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let p = Path::new(spec);
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("listing {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().and_then(|x| x.to_str()) == Some("tar"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                bail!("{} holds no .tar shards", p.display());
+            }
+            out.extend(found);
+        } else if p.is_file()
+            && matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("jsonl" | "csv")
+            )
+        {
+            out.push(p.to_path_buf());
+        } else {
+            out.extend(hq_data::shards::expand_shards(&[spec.as_str()])?);
+        }
+    }
+    Ok(out)
+}
+
+fn load_exemplars(path: &Option<PathBuf>) -> Result<ExemplarSet> {
+    Ok(match path {
+        Some(p) => ExemplarSet::load(p)?,
+        None => ExemplarSet::builtin(),
+    })
+}
+
+fn recaption(args: RecapArgs) -> Result<ExitCode> {
+    let (Some(engine_arg), Some(output)) = (args.engine.clone(), args.output.clone()) else {
+        bail!("--engine and --output are required");
+    };
+    let mut provider: ExecutionProvider = args.provider.parse()?;
+    let mut trt_cache = args.trt_cache.clone();
+    // `--engine MODEL_DIR/trt_cache`: the TensorRT cache artefact of a model directory.
+    let model_dir = if engine_arg.is_dir()
+        && !engine_arg.join("config.json").is_file()
+        && engine_arg
+            .parent()
+            .is_some_and(|p| p.join("config.json").is_file())
+    {
+        if !provider.is_gpu() {
+            provider = ExecutionProvider::tensorrt(0);
+        }
+        trt_cache.get_or_insert(engine_arg.clone());
+        engine_arg
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    } else {
+        engine_arg
+    };
+    if let Some(dir) = trt_cache {
+        provider = provider.with_cache_dir(dir);
+    }
+    provider = provider.with_fp16(args.fp16);
+
+    let env_split = split_from_env(|k| std::env::var(k).ok(), args.num_shards)?;
+    let (shard_index, num_shards) = match (args.shard_index, args.num_shards, env_split) {
+        (Some(i), Some(n), _) => (i, n),
+        (Some(i), None, _) => (i, 1),
+        (None, _, Some(split)) => split,
+        (None, n, None) => (0, n.unwrap_or(1)),
+    };
+    let inputs = expand_inputs(&args.input)?;
+    let exemplars = load_exemplars(&args.exemplars)?;
+    let retry = Sampling::TopP {
+        temperature: args.temperature,
+        top_p: args.top_p,
+    };
+    let opts = EngineOptions {
+        provider,
+        intra_threads: args.threads,
+        trt_profile: TrtProfile {
+            max_batch: args.batch_size.max(1),
+            max_prompt_tokens: args.trt_max_prompt,
+            max_total_tokens: args.trt_max_total.max(args.trt_max_prompt + 1),
+            max_patches: args.trt_max_patches,
+            max_images: args.batch_size.max(1),
+        },
+        max_pixels: args.max_pixels,
+        min_pixels: None,
+        device_cache: None,
+    };
+    eprintln!(
+        "hq-recap-trt: model {} on {}, worker {shard_index}/{num_shards}, {} inputs in total",
+        model_dir.display(),
+        opts.provider,
+        inputs.len()
+    );
+    let engine = Qwen2Vl::load(&model_dir, &opts)
+        .with_context(|| format!("loading the model from {}", model_dir.display()))?;
+    let mut generator = Qwen2VlGenerator::new(engine, args.max_new_tokens, args.model_name.clone());
+    let job = JobOptions {
+        inputs,
+        output_dir: output,
+        format: match args.format {
+            FormatArg::Tar => OutputFormat::Tar,
+            FormatArg::Sidecar => OutputFormat::Sidecar,
+        },
+        shard_index,
+        num_shards,
+        batch_size: args.batch_size,
+        max_attempts: args.attempts,
+        seed: args.seed,
+        sampling: if args.sample { retry } else { Sampling::Greedy },
+        retry_sampling: retry,
+        max_image_pixels: args.max_image_pixels,
+        decode_threads: args.decode_threads,
+        id_field: args.id_field.clone(),
+        progress: !args.no_progress,
+        ..JobOptions::default()
+    };
+    let summary = run_job(&mut generator, &exemplars, &job)?;
+    eprintln!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn teacher(args: TeacherArgs) -> Result<ExitCode> {
+    let exemplars = load_exemplars(&args.exemplars)?;
+    let format = match args.format {
+        ConvFormatArg::Llava => ConversationFormat::Llava,
+        ConvFormatArg::Sharegpt => ConversationFormat::ShareGpt,
+    };
+    let (conversations, report) =
+        teacher_conversations(&args.input, &exemplars, args.seed, format, 1000)?;
+    for r in &report.rejected {
+        eprintln!("rejected line {} ({}): {}", r.line, r.id, r.reason);
+    }
+    eprintln!(
+        "teacher: {} records, {} conversations, {} rejected",
+        report.records,
+        report.accepted,
+        report.rejected.len()
+    );
+    if !report.rejected.is_empty() && !args.allow_rejects {
+        eprintln!("nothing written: fix the rejected answers or pass --allow-rejects");
+        return Ok(ExitCode::FAILURE);
+    }
+    let bytes = serde_json::to_vec_pretty(&conversations)?;
+    hq_data::atomic::write_atomic(&args.output, &bytes)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Teacher(t)) => teacher(t),
+        None => recaption(cli.recap),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hq-recap-trt: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1020 @@
+//! The generation engine: three ONNX Runtime sessions, batched prompts, the key/value cache kept
+//! between steps, and greedy or sampled decoding.
+//!
+//! One call to [`Qwen2Vl::generate`] runs a batch of prompts of different lengths and image sizes:
+//! 1. all images go through the vision encoder in one run (patches concatenated, one `grid_thw` row
+//!    per image; the encoder's block-diagonal attention keeps them apart);
+//! 2. prompts are left-padded to the longest, embedded, and each image's features replace its
+//!    `<|image_pad|>` embeddings; M-RoPE positions come from [`rope_index`] per row;
+//! 3. the prompt step runs the decoder with an empty cache; each decode step feeds the previous
+//!    step's `present.*` values back as `past_key_values.*` without copying them into Rust arrays;
+//! 4. a row that emits an end token or reaches `max_new_tokens` leaves the batch at once: its rows of
+//!    the cache and mask are dropped (and leading columns that are padding for every remaining row
+//!    are trimmed), so finished sequences cost nothing afterwards.
+//!
+//! Conventions (those of HF `generate`, so outputs match token for token): left padding, the padding
+//! masked out of every attention row, decode positions `max prompt position + 1 + k` on all three
+//! axes (HF's `rope_deltas`), greedy = first maximum.
+//!
+//! On a GPU the decoder's outputs are read back to host memory by ONNX Runtime each step; binding
+//! the cache to device memory (IoBinding) is the next step for GPU throughput and is not done yet.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{Session as OrtSession, SessionInputValue};
+use ort::value::{DynTensorValueType, DynValue, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::env::{init, Runtime};
+use crate::error::{Result, RuntimeError};
+use crate::provider::ExecutionProvider;
+use crate::qwen2vl::model_dir::{ModelDir, DECODER, EMBED_TOKENS, VISION_ENCODER};
+use crate::qwen2vl::preprocess::ImageProcessor;
+use crate::qwen2vl::prompt::{Message, Prompt};
+use crate::qwen2vl::rope::rope_index;
+use crate::qwen2vl::sampling::{Sampler, Sampling};
+use crate::qwen2vl::PreparedImage;
+
+/// Shape limits for TensorRT's optimisation profiles (a shape outside them makes TensorRT rebuild
+/// its engine, which takes minutes for a 7B model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrtProfile {
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Longest prompt (tokens, image tokens included).
+    pub max_prompt_tokens: usize,
+    /// Longest prompt + generated length (the cache's length).
+    pub max_total_tokens: usize,
+    /// Most vision patches in one vision-encoder run (all images of a batch).
+    pub max_patches: usize,
+    /// Most images in one vision-encoder run.
+    pub max_images: usize,
+}
+
+impl Default for TrtProfile {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            max_prompt_tokens: 2048,
+            max_total_tokens: 2560,
+            max_patches: 8 * 1024,
+            max_images: 8,
+        }
+    }
+}
+
+/// How to load the engine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Where the three sessions run. For TensorRT without a cache folder, `<model dir>/trt_cache`
+    /// is used, so the engines (the `.engine`/`.plan` files) and the timing cache are built once and
+    /// shipped with the model directory.
+    pub provider: ExecutionProvider,
+    /// Threads inside one operator (`None`: ONNX Runtime's default, one per core).
+    pub intra_threads: Option<usize>,
+    /// TensorRT optimisation profiles.
+    pub trt_profile: TrtProfile,
+    /// Overrides the processor's `max_pixels` (vision tokens dominate the cost).
+    pub max_pixels: Option<u64>,
+    /// Overrides the processor's `min_pixels`.
+    pub min_pixels: Option<u64>,
+    /// Keep the key/value cache in the provider's memory between steps (IoBinding). `None`: on
+    /// for CUDA and TensorRT, off on the CPU (where it changes nothing); `Some(true)` on the CPU
+    /// runs the same binding code path, which is how it is tested without a GPU.
+    pub device_cache: Option<bool>,
+}
+
+/// Where the bound key/value cache lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CacheDevice {
+    Cpu,
+    Cuda(i32),
+}
+
+impl CacheDevice {
+    fn memory_info(&self) -> ort::Result<MemoryInfo<'static>> {
+        match self {
+            Self::Cpu => MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+            Self::Cuda(id) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                *id,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+        }
+    }
+}
+
+/// Decoding parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerationParams {
+    /// Tokens to generate at most (the end token counts).
+    pub max_new_tokens: usize,
+    /// Greedy or sampled.
+    pub sampling: Sampling,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+        }
+    }
+}
+
+/// One prompt to complete.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The tokenised prompt and its images.
+    pub prompt: Prompt,
+    /// Seed of this request's sampler (ignored when greedy).
+    pub seed: u64,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end token was produced (it is the last of `tokens`).
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// One completed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Generated ids, the end token included when `finish` is `Stop`.
+    pub tokens: Vec<u32>,
+    /// The decoded text without special tokens.
+    pub text: String,
+    /// Why it stopped.
+    pub finish: FinishReason,
+    /// Prompt length in tokens (image tokens included).
+    pub prompt_tokens: usize,
+}
+
+/// The inputs of one decoder run.
+struct Step {
+    /// `[batch, seq, hidden]` flattened.
+    embeds: Vec<f32>,
+    batch: usize,
+    seq: usize,
+    /// `[batch, total]` flattened.
+    mask: Vec<i64>,
+    total: usize,
+    /// `[3, batch, seq]` flattened.
+    positions: Vec<i64>,
+    /// The cache, one value per `past_key_values.*` input.
+    past: Vec<DynValue>,
+}
+
+/// A loaded Qwen2-VL model.
+pub struct Qwen2Vl {
+    dir: ModelDir,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    vision: OrtSession,
+    embed: OrtSession,
+    decoder: OrtSession,
+    past_names: Vec<String>,
+    present_names: Vec<String>,
+    provider: ExecutionProvider,
+    eos: Vec<u32>,
+    cache_device: Option<CacheDevice>,
+}
+
+impl std::fmt::Debug for Qwen2Vl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qwen2Vl")
+            .field("dir", &self.dir.root)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+fn gen_err(message: impl Into<String>) -> RuntimeError {
+    RuntimeError::Generation(message.into())
+}
+
+fn ort_err(what: &str) -> impl Fn(ort::Error) -> RuntimeError + '_ {
+    move |e| RuntimeError::Run {
+        model: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn shape_list(parts: &[(String, Vec<usize>)]) -> String {
+    parts
+        .iter()
+        .map(|(n, d)| {
+            let dims: Vec<String> = d.iter().map(ToString::to_string).collect();
+            format!("{n}:{}", dims.join("x"))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// min / opt / max shape lists of one graph's dynamic inputs.
+type ProfileShapes = (String, String, String);
+
+fn build_session(
+    rt: &Runtime,
+    path: &Path,
+    opts: &EngineOptions,
+    trt_cache: &Path,
+    profile: &ProfileShapes,
+) -> Result<OrtSession> {
+    let label = path.display().to_string();
+    let create_err = |message: String| RuntimeError::SessionCreate {
+        model: label.clone(),
+        provider: opts.provider.to_string(),
+        message,
+    };
+    let mut b = OrtSession::builder(&rt.env).map_err(|e| create_err(e.to_string()))?;
+    if let Some(n) = opts.intra_threads {
+        b = b
+            .with_intra_threads(n)
+            .map_err(|e| create_err(e.to_string()))?;
+    }
+    if opts.provider.is_gpu() {
+        for name in opts.provider.ort_names() {
+            if !crate::provider::ep_available(name)? {
+                return Err(RuntimeError::ProviderUnavailable {
+                    provider: name,
+                    requested: opts.provider.to_string(),
+                    dylib: rt.dylib().to_path_buf(),
+                    available: rt.available_providers()?.join(", "),
+                });
+            }
+        }
+        let dispatches = match &opts.provider {
+            ExecutionProvider::TensorRt {
+                device_id,
+                cache_dir,
+                fp16,
+            } => {
+                use ort::ep::{TensorRT, CUDA};
+                let dir = cache_dir.clone().unwrap_or_else(|| trt_cache.to_path_buf());
+                std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+                    action: "creating the TensorRT cache folder",
+                    path: dir.clone(),
+                    source,
+                })?;
+                let dir_str = dir.to_str().ok_or_else(|| RuntimeError::InvalidOption {
+                    option: "cache_dir",
+                    message: format!("`{}` is not valid UTF-8", dir.display()),
+                })?;
+                let device =
+                    i32::try_from(*device_id).map_err(|_| RuntimeError::InvalidOption {
+                        option: "device_id",
+                        message: format!("{device_id} is out of range"),
+                    })?;
+                let mut trt = TensorRT::default()
+                    .with_device_id(device)
+                    .with_fp16(*fp16)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(dir_str)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(dir_str);
+                if !profile.0.is_empty() {
+                    trt = trt
+                        .with_profile_min_shapes(&profile.0)
+                        .with_profile_opt_shapes(&profile.1)
+                        .with_profile_max_shapes(&profile.2);
+                }
+                vec![
+                    ("TensorrtExecutionProvider", trt.build().error_on_failure()),
+                    (
+                        "CUDAExecutionProvider",
+                        CUDA::default()
+                            .with_device_id(device)
+                            .build()
+                            .error_on_failure(),
+                    ),
+                ]
+            }
+            other => other.dispatches()?,
+        };
+        for (name, dispatch) in dispatches {
+            b = b.with_execution_providers([dispatch]).map_err(|e| {
+                RuntimeError::ProviderRegistration {
+                    provider: name,
+                    requested: opts.provider.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        }
+    }
+    b.commit_from_file(path)
+        .map_err(|e| create_err(e.to_string()))
+}
+
+fn i64_tensor(shape: Vec<usize>, data: Vec<i64>) -> Result<DynValue> {
+    Tensor::from_array((shape, data))
+        .map(Tensor::into_dyn)
+        .map_err(|e| gen_err(format!("creating an int64 input: {e}")))
+}
+
+fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> Result<DynValue> {
+    Tensor::from_array((shape, data))
+        .map(Tensor::into_dyn)
+        .map_err(|e| gen_err(format!("creating a float input: {e}")))
+}
+
+/// Copies a value's f32 data and shape out of ONNX Runtime.
+fn read_f32(value: &DynValue, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| RuntimeError::Output {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+    let dims = shape
+        .iter()
+        .map(|&d| usize::try_from(d).unwrap_or(0))
+        .collect();
+    Ok((dims, data.to_vec()))
+}
+
+/// Rows `keep` and sequence columns `from..` of a `[batch, heads, seq, dim]` cache value.
+fn gather_cache(value: DynValue, name: &str, keep: &[usize], from: usize) -> Result<DynValue> {
+    let out_err = |e: ort::Error| RuntimeError::Output {
+        name: name.to_string(),
+        message: e.to_string(),
+    };
+    // A cache bound to GPU memory is copied to the host first (only when rows leave the batch).
+    let tensor = value.downcast::<DynTensorValueType>().map_err(out_err)?;
+    let tensor = if tensor.memory_info().is_cpu_accessible() {
+        tensor
+    } else {
+        tensor.to(AllocationDevice::CPU, 0).map_err(out_err)?
+    };
+    let value = tensor.into_dyn();
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| RuntimeError::Output {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+    let d: Vec<usize> = shape
+        .iter()
+        .map(|&x| usize::try_from(x).unwrap_or(0))
+        .collect();
+    if d.len() != 4 {
+        return Err(gen_err(format!("{name} has rank {}, expected 4", d.len())));
+    }
+    let (heads, seq, dim) = (d[1], d[2], d[3]);
+    let new_seq = seq - from;
+    let mut out = Vec::with_capacity(keep.len() * heads * new_seq * dim);
+    for &r in keep {
+        for h in 0..heads {
+            let base = ((r * heads + h) * seq + from) * dim;
+            out.extend_from_slice(&data[base..base + new_seq * dim]);
+        }
+    }
+    f32_tensor(vec![keep.len(), heads, new_seq, dim], out)
+}
+
+impl Qwen2Vl {
+    /// Opens a model directory (checked first: missing files are an error naming them) and creates
+    /// the three sessions on the requested provider.
+    pub fn load(dir: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
+        let dir = ModelDir::open(dir)?;
+        let tok_path = dir.path("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| RuntimeError::ModelDir {
+            path: tok_path.clone(),
+            message: format!("cannot load the tokenizer: {e}"),
+        })?;
+        let cfg = &dir.config;
+        for (name, id) in [
+            ("<|image_pad|>", cfg.image_token_id),
+            ("<|vision_start|>", cfg.vision_start_token_id),
+            ("<|vision_end|>", cfg.vision_end_token_id),
+        ] {
+            if tokenizer.token_to_id(name) != Some(id) {
+                return Err(RuntimeError::ModelDir {
+                    path: tok_path.clone(),
+                    message: format!(
+                        "token {name} has id {:?} in tokenizer.json but {id} in config.json",
+                        tokenizer.token_to_id(name)
+                    ),
+                });
+            }
+        }
+        let mut eos = dir.eos_token_ids.clone();
+        if let Some(im_end) = tokenizer.token_to_id("<|im_end|>") {
+            if !eos.contains(&im_end) {
+                eos.push(im_end);
+            }
+        }
+        if eos.is_empty() {
+            return Err(RuntimeError::ModelDir {
+                path: dir.root.clone(),
+                message: "no end token: generation_config.json has no eos_token_id and the tokenizer has no <|im_end|>".into(),
+            });
+        }
+        let processor = ImageProcessor::new(dir.preprocess.clone(), cfg.in_channels)
+            .with_pixel_budget(opts.min_pixels, opts.max_pixels)?;
+
+        let rt = init()?;
+        let trt_cache = dir.path("trt_cache");
+        let p = &opts.trt_profile;
+        let patch_dim = cfg.patch_dim();
+        let m2 = cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let vision_profile = (
+            shape_list(&[
+                ("pixel_values".into(), vec![m2, patch_dim]),
+                ("grid_thw".into(), vec![1, 3]),
+            ]),
+            shape_list(&[
+                ("pixel_values".into(), vec![p.max_patches / 2, patch_dim]),
+                ("grid_thw".into(), vec![p.max_images.div_ceil(2), 3]),
+            ]),
+            shape_list(&[
+                ("pixel_values".into(), vec![p.max_patches, patch_dim]),
+                ("grid_thw".into(), vec![p.max_images, 3]),
+            ]),
+        );
+        let embed_profile = (
+            shape_list(&[("input_ids".into(), vec![1, 1])]),
+            shape_list(&[(
+                "input_ids".into(),
+                vec![p.max_batch, p.max_prompt_tokens / 2],
+            )]),
+            shape_list(&[("input_ids".into(), vec![p.max_batch, p.max_prompt_tokens])]),
+        );
+        let (kv, hd, hidden) = (cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size);
+        let dec_shapes = |b: usize, s: usize, past: usize| {
+            let mut v = vec![
+                ("inputs_embeds".to_string(), vec![b, s, hidden]),
+                ("attention_mask".to_string(), vec![b, past + s]),
+                ("position_ids".to_string(), vec![3, b, s]),
+            ];
+            for i in 0..cfg.num_layers {
+                for kind in ["key", "value"] {
+                    v.push((format!("past_key_values.{i}.{kind}"), vec![b, kv, past, hd]));
+                }
+            }
+            shape_list(&v)
+        };
+        let decoder_profile = (
+            dec_shapes(1, 1, 0),
+            dec_shapes(p.max_batch, 1, p.max_total_tokens / 2),
+            dec_shapes(
+                p.max_batch,
+                p.max_prompt_tokens,
+                p.max_total_tokens - p.max_prompt_tokens.min(p.max_total_tokens),
+            ),
+        );
+        let vision = build_session(
+            rt,
+            &dir.path(VISION_ENCODER),
+            opts,
+            &trt_cache,
+            &vision_profile,
+        )?;
+        let embed = build_session(
+            rt,
+            &dir.path(EMBED_TOKENS),
+            opts,
+            &trt_cache,
+            &embed_profile,
+        )?;
+        let decoder = build_session(rt, &dir.path(DECODER), opts, &trt_cache, &decoder_profile)?;
+
+        let mut past_names = Vec::new();
+        let mut present_names = Vec::new();
+        for i in 0..cfg.num_layers {
+            for kind in ["key", "value"] {
+                past_names.push(format!("past_key_values.{i}.{kind}"));
+                present_names.push(format!("present.{i}.{kind}"));
+            }
+        }
+        let check = |session: &OrtSession,
+                     file: &str,
+                     inputs: &[&str],
+                     outputs: &[&str]|
+         -> Result<()> {
+            let have_in: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+            let have_out: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+            let missing: Vec<&str> = inputs
+                .iter()
+                .filter(|n| !have_in.contains(n))
+                .chain(outputs.iter().filter(|n| !have_out.contains(n)))
+                .copied()
+                .collect();
+            let extra: Vec<&str> = have_in
+                .iter()
+                .filter(|n| !inputs.contains(n))
+                .copied()
+                .collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                return Err(RuntimeError::ModelDir {
+                    path: dir.path(file),
+                    message: format!(
+                        "does not match config.json ({} layers): missing {missing:?}, unexpected inputs {extra:?}",
+                        cfg.num_layers
+                    ),
+                });
+            }
+            Ok(())
+        };
+        check(
+            &vision,
+            VISION_ENCODER,
+            &["pixel_values", "grid_thw"],
+            &["image_features"],
+        )?;
+        check(&embed, EMBED_TOKENS, &["input_ids"], &["inputs_embeds"])?;
+        let mut dec_in: Vec<&str> = vec!["inputs_embeds", "attention_mask", "position_ids"];
+        dec_in.extend(past_names.iter().map(String::as_str));
+        let mut dec_out: Vec<&str> = vec!["logits"];
+        dec_out.extend(present_names.iter().map(String::as_str));
+        check(&decoder, DECODER, &dec_in, &dec_out)?;
+
+        Ok(Self {
+            dir,
+            tokenizer,
+            processor,
+            vision,
+            embed,
+            decoder,
+            past_names,
+            present_names,
+            provider: opts.provider.clone(),
+            eos,
+            cache_device: match (opts.device_cache, &opts.provider) {
+                (Some(false), _) | (None, ExecutionProvider::Cpu) => None,
+                (_, ExecutionProvider::Cpu) => Some(CacheDevice::Cpu),
+                (
+                    _,
+                    ExecutionProvider::Cuda { device_id }
+                    | ExecutionProvider::TensorRt { device_id, .. },
+                ) => Some(CacheDevice::Cuda(i32::try_from(*device_id).unwrap_or(0))),
+            },
+        })
+    }
+
+    /// The checked model directory.
+    pub fn model_dir(&self) -> &ModelDir {
+        &self.dir
+    }
+
+    /// The model directory's path.
+    pub fn root(&self) -> &PathBuf {
+        &self.dir.root
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The image processor (cheap to clone into decoding threads).
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+
+    /// The provider the sessions run on.
+    pub fn provider(&self) -> &ExecutionProvider {
+        &self.provider
+    }
+
+    /// Token ids that end generation.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Replaces the token ids that end generation (default: `generation_config.json`'s plus
+    /// `<|im_end|>`), e.g. to stop at a custom delimiter.
+    pub fn set_eos_token_ids(&mut self, ids: Vec<u32>) -> Result<()> {
+        if ids.is_empty() {
+            return Err(gen_err("at least one end token is needed"));
+        }
+        self.eos = ids;
+        Ok(())
+    }
+
+    /// Builds a request from chat messages and processed images.
+    pub fn prompt(&self, messages: &[Message], images: Vec<PreparedImage>) -> Result<Prompt> {
+        Prompt::from_messages(
+            &self.tokenizer,
+            self.dir.config.image_token_id,
+            messages,
+            images,
+        )
+    }
+
+    /// Decodes ids to text without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| RuntimeError::Tokenizer(format!("decoding: {e}")))
+    }
+
+    /// Runs the vision encoder on every image of `requests` at once: `[tokens, hidden]` rows in
+    /// image order.
+    fn image_features(&mut self, requests: &[Request]) -> Result<Vec<f32>> {
+        let images: Vec<&PreparedImage> = requests
+            .iter()
+            .flat_map(|r| r.prompt.images.iter())
+            .collect();
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let patch_dim = self.dir.config.patch_dim();
+        let total: usize = images.iter().map(|im| im.num_patches()).sum();
+        let mut pixels = Vec::with_capacity(total * patch_dim);
+        let mut grid = Vec::with_capacity(images.len() * 3);
+        for im in &images {
+            if im.patch_dim != patch_dim {
+                return Err(gen_err(format!(
+                    "image patches have {} values, the model expects {patch_dim}",
+                    im.patch_dim
+                )));
+            }
+            pixels.extend_from_slice(&im.pixel_values);
+            grid.extend(im.grid_thw.iter().map(|&g| g as i64));
+        }
+        let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            (
+                "pixel_values".into(),
+                f32_tensor(vec![total, patch_dim], pixels)?.into(),
+            ),
+            (
+                "grid_thw".into(),
+                i64_tensor(vec![images.len(), 3], grid)?.into(),
+            ),
+        ];
+        let out = self.vision.run(inputs).map_err(ort_err(VISION_ENCODER))?;
+        let value = out
+            .get("image_features")
+            .ok_or_else(|| gen_err("the vision encoder returned no image_features"))?;
+        let (shape, data) = read_f32(value, "image_features")?;
+        let expected: usize = images.iter().map(|im| im.num_tokens).sum();
+        if shape != [expected, self.dir.config.hidden_size] {
+            return Err(gen_err(format!(
+                "image_features has shape {shape:?}, expected [{expected}, {}]",
+                self.dir.config.hidden_size
+            )));
+        }
+        Ok(data)
+    }
+
+    fn embed_ids(&mut self, ids: Vec<i64>, batch: usize, seq: usize) -> Result<Vec<f32>> {
+        let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(
+            "input_ids".into(),
+            i64_tensor(vec![batch, seq], ids)?.into(),
+        )];
+        let out = self.embed.run(inputs).map_err(ort_err(EMBED_TOKENS))?;
+        let value = out
+            .get("inputs_embeds")
+            .ok_or_else(|| gen_err("embed_tokens returned no inputs_embeds"))?;
+        let (shape, data) = read_f32(value, "inputs_embeds")?;
+        if shape != [batch, seq, self.dir.config.hidden_size] {
+            return Err(gen_err(format!(
+                "inputs_embeds has shape {shape:?}, expected [{batch}, {seq}, {}]",
+                self.dir.config.hidden_size
+            )));
+        }
+        Ok(data)
+    }
+
+    /// One decoder run: returns the last-position logits `[batch][vocab]` (flattened) and the
+    /// `present.*` values.
+    fn decode_step(&mut self, step: Step) -> Result<(Vec<f32>, Vec<DynValue>)> {
+        let Step {
+            embeds,
+            batch,
+            seq,
+            mask,
+            total,
+            positions,
+            past,
+        } = step;
+        let hidden = self.dir.config.hidden_size;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + past.len());
+        inputs.push((
+            "inputs_embeds".into(),
+            f32_tensor(vec![batch, seq, hidden], embeds)?.into(),
+        ));
+        inputs.push((
+            "attention_mask".into(),
+            i64_tensor(vec![batch, total], mask)?.into(),
+        ));
+        inputs.push((
+            "position_ids".into(),
+            i64_tensor(vec![3, batch, seq], positions)?.into(),
+        ));
+        if let Some(device) = self.cache_device.clone() {
+            return self.decode_step_bound(inputs, past, batch, seq, &device);
+        }
+        for (name, value) in self.past_names.iter().zip(past) {
+            inputs.push((Cow::Owned(name.clone()), value.into()));
+        }
+        let mut out = self.decoder.run(inputs).map_err(ort_err(DECODER))?;
+        let logits = last_logits(&out, batch, seq)?;
+        let mut present = Vec::with_capacity(self.present_names.len());
+        for name in &self.present_names {
+            present.push(
+                out.remove(name)
+                    .ok_or_else(|| gen_err(format!("the decoder returned no {name}")))?,
+            );
+        }
+        Ok((logits, present))
+    }
+
+    /// [`Self::decode_step`] through an IoBinding whose `present.*` outputs stay in `device`
+    /// memory: on a GPU the cache never travels to the host between steps (only the logits do).
+    fn decode_step_bound(
+        &mut self,
+        inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
+        past: Vec<DynValue>,
+        batch: usize,
+        seq: usize,
+        device: &CacheDevice,
+    ) -> Result<(Vec<f32>, Vec<DynValue>)> {
+        let bind_err = |e: ort::Error| RuntimeError::Run {
+            model: DECODER.to_string(),
+            message: format!("binding: {e}"),
+        };
+        let mut binding = self.decoder.create_binding().map_err(bind_err)?;
+        for (name, value) in inputs {
+            match value {
+                SessionInputValue::Owned(v) => {
+                    binding.bind_input(name.as_ref(), &v).map_err(bind_err)?
+                }
+                _ => return Err(gen_err("internal: a borrowed decoder input")),
+            }
+        }
+        for (name, value) in self.past_names.iter().zip(&past) {
+            binding.bind_input(name.as_str(), value).map_err(bind_err)?;
+        }
+        let host = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(bind_err)?;
+        let cache_mem = device.memory_info().map_err(bind_err)?;
+        binding
+            .bind_output_to_device("logits", &host)
+            .map_err(bind_err)?;
+        for name in &self.present_names {
+            binding
+                .bind_output_to_device(name.as_str(), &cache_mem)
+                .map_err(bind_err)?;
+        }
+        let mut out = self
+            .decoder
+            .run_binding(&binding)
+            .map_err(ort_err(DECODER))?;
+        let logits = last_logits(&out, batch, seq)?;
+        let mut present = Vec::with_capacity(self.present_names.len());
+        for name in &self.present_names {
+            present.push(
+                out.remove(name)
+                    .ok_or_else(|| gen_err(format!("the decoder returned no {name}")))?,
+            );
+        }
+        drop(past);
+        Ok((logits, present))
+    }
+}
+
+/// The last position's logits, `[batch][vocab]` flattened, from the decoder's outputs.
+fn last_logits(
+    out: &ort::session::SessionOutputs<'_>,
+    batch: usize,
+    seq: usize,
+) -> Result<Vec<f32>> {
+    {
+        let logits_value = out
+            .get("logits")
+            .ok_or_else(|| gen_err("the decoder returned no logits"))?;
+        let (shape, data) =
+            logits_value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| RuntimeError::Output {
+                    name: "logits".into(),
+                    message: e.to_string(),
+                })?;
+        let d: Vec<usize> = shape
+            .iter()
+            .map(|&x| usize::try_from(x).unwrap_or(0))
+            .collect();
+        if d.len() != 3 || d[0] != batch || d[1] == 0 {
+            return Err(gen_err(format!(
+                "logits has shape {d:?}, expected [{batch}, 1 or {seq}, vocab]"
+            )));
+        }
+        let (positions_out, vocab) = (d[1], d[2]);
+        // The exporter writes the last position only; onnx-community's files write all of them.
+        let mut logits = Vec::with_capacity(batch * vocab);
+        for b in 0..batch {
+            let start = (b * positions_out + positions_out - 1) * vocab;
+            logits.extend_from_slice(&data[start..start + vocab]);
+        }
+        Ok(logits)
+    }
+}
+
+impl Qwen2Vl {
+    /// Generates a completion for each request (a batch of any prompt lengths and image sizes).
+    pub fn generate(
+        &mut self,
+        requests: &[Request],
+        params: &GenerationParams,
+    ) -> Result<Vec<Generation>> {
+        params.sampling.validate()?;
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        if params.max_new_tokens == 0 {
+            return Ok(requests
+                .iter()
+                .map(|r| Generation {
+                    tokens: Vec::new(),
+                    text: String::new(),
+                    finish: FinishReason::Length,
+                    prompt_tokens: r.prompt.input_ids.len(),
+                })
+                .collect());
+        }
+        let cfg = self.dir.config.clone();
+        let hidden = cfg.hidden_size;
+        let batch = requests.len();
+        let seq = requests
+            .iter()
+            .map(|r| r.prompt.input_ids.len())
+            .max()
+            .unwrap_or(0);
+        if seq == 0 {
+            return Err(gen_err("empty prompt"));
+        }
+
+        // Positions first: they validate placeholders against images before any model runs.
+        let mut ropes = Vec::with_capacity(batch);
+        for r in requests {
+            let grids: Vec<[usize; 3]> = r.prompt.images.iter().map(|im| im.grid_thw).collect();
+            ropes.push(rope_index(
+                &r.prompt.input_ids,
+                cfg.image_token_id,
+                &grids,
+                cfg.spatial_merge_size,
+            )?);
+        }
+        let features = self.image_features(requests)?;
+
+        let mut ids = vec![i64::from(self.dir.pad_token_id); batch * seq];
+        let mut mask = vec![0i64; batch * seq];
+        let mut positions = vec![0i64; 3 * batch * seq];
+        for (b, r) in requests.iter().enumerate() {
+            let len = r.prompt.input_ids.len();
+            let pad = seq - len;
+            for (k, &t) in r.prompt.input_ids.iter().enumerate() {
+                ids[b * seq + pad + k] = i64::from(t);
+                mask[b * seq + pad + k] = 1;
+                for a in 0..3 {
+                    positions[(a * batch + b) * seq + pad + k] = ropes[b].axes[a][k];
+                }
+            }
+        }
+        let mut embeds = self.embed_ids(ids.clone(), batch, seq)?;
+        let mut feature_rows = features.chunks_exact(hidden);
+        for (b, _) in requests.iter().enumerate() {
+            for k in 0..seq {
+                if ids[b * seq + k] == i64::from(cfg.image_token_id) && mask[b * seq + k] == 1 {
+                    let row = feature_rows
+                        .next()
+                        .ok_or_else(|| gen_err("fewer image features than image tokens"))?;
+                    embeds[(b * seq + k) * hidden..(b * seq + k + 1) * hidden].copy_from_slice(row);
+                }
+            }
+        }
+        if feature_rows.next().is_some() {
+            return Err(gen_err("more image features than image tokens"));
+        }
+
+        let empty_past = (0..self.past_names.len())
+            .map(|_| {
+                f32_tensor(
+                    vec![batch, cfg.num_key_value_heads, 0, cfg.head_dim],
+                    Vec::new(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (mut logits, mut past) = self.decode_step(Step {
+            embeds,
+            batch,
+            seq,
+            mask: mask.clone(),
+            total: seq,
+            positions,
+            past: empty_past,
+        })?;
+        let vocab = logits.len() / batch;
+
+        // Per active row: its request index, its mask row, its next position.
+        let mut active: Vec<usize> = (0..batch).collect();
+        let mut mask_rows: Vec<Vec<i64>> = mask.chunks_exact(seq).map(<[i64]>::to_vec).collect();
+        let mut next_pos: Vec<i64> = ropes.iter().map(|r| r.next).collect();
+        let mut samplers: Vec<Sampler> = requests
+            .iter()
+            .map(|r| Sampler::new(params.sampling, r.seed))
+            .collect();
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
+        let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
+
+        loop {
+            let mut keep_slots = Vec::with_capacity(active.len());
+            for (slot, &req) in active.iter().enumerate() {
+                let row = &logits[slot * vocab..(slot + 1) * vocab];
+                let tok = samplers[req].next_token(row) as u32;
+                tokens[req].push(tok);
+                if self.eos.contains(&tok) {
+                    finish[req] = Some(FinishReason::Stop);
+                } else if tokens[req].len() >= params.max_new_tokens {
+                    finish[req] = Some(FinishReason::Length);
+                } else {
+                    keep_slots.push(slot);
+                }
+            }
+            if keep_slots.is_empty() {
+                break;
+            }
+            if keep_slots.len() != active.len() {
+                // Finished rows leave; trim columns that are padding for every remaining row.
+                let rows: Vec<&Vec<i64>> = keep_slots.iter().map(|&s| &mask_rows[s]).collect();
+                let from = rows
+                    .iter()
+                    .map(|r| r.iter().take_while(|&&v| v == 0).count())
+                    .min()
+                    .unwrap_or(0);
+                past = past
+                    .into_iter()
+                    .zip(&self.present_names)
+                    .map(|(v, name)| gather_cache(v, name, &keep_slots, from))
+                    .collect::<Result<Vec<_>>>()?;
+                mask_rows = keep_slots
+                    .iter()
+                    .map(|&s| mask_rows[s][from..].to_vec())
+                    .collect();
+                active = keep_slots.iter().map(|&s| active[s]).collect();
+            }
+            let b = active.len();
+            let new_ids: Vec<i64> = active
+                .iter()
+                .map(|&r| i64::from(*tokens[r].last().unwrap_or(&0)))
+                .collect();
+            let step_embeds = self.embed_ids(new_ids, b, 1)?;
+            for row in &mut mask_rows {
+                row.push(1);
+            }
+            let total = mask_rows[0].len();
+            let flat_mask: Vec<i64> = mask_rows.iter().flatten().copied().collect();
+            let mut pos = vec![0i64; 3 * b];
+            for (slot, &r) in active.iter().enumerate() {
+                for a in 0..3 {
+                    pos[a * b + slot] = next_pos[r];
+                }
+                next_pos[r] += 1;
+            }
+            let (l, p) = self.decode_step(Step {
+                embeds: step_embeds,
+                batch: b,
+                seq: 1,
+                mask: flat_mask,
+                total,
+                positions: pos,
+                past,
+            })?;
+            logits = l;
+            past = p;
+        }
+
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let toks = std::mem::take(&mut tokens[i]);
+                Ok(Generation {
+                    text: self.decode(&toks)?,
+                    tokens: toks,
+                    finish: finish[i].unwrap_or(FinishReason::Length),
+                    prompt_tokens: r.prompt.input_ids.len(),
+                })
+            })
+            .collect()
+    }
+}
