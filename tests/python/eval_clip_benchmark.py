@@ -1,0 +1,171 @@
+"""CLIP_benchmark side of hq-eval's parity tests (tests/tests/eval_parity.rs).
+
+Evaluates webdataset folders (DataComp / CLIP_benchmark layout) with clip_benchmark 1.6.2's own
+code: `build_dataset("wds/...")` for reading, `zeroshot_classification.evaluate` (amp=False, as
+DataComp runs it) and `zeroshot_retrieval.evaluate(recall_k_list=[1, 5, 10])` plus DataComp's
+`mean_recall@1`. Writes one JSON object {dir: metrics}.
+
+  linear PROJ.safetensors OUT.json DIR...
+      A model-free "CLIP": image embedding = W_img @ flatten(open_clip eval preprocess(image)),
+      text embedding = sum over token positions of E[token id] (open_clip's tokenizer). PROJ holds
+      `w_img` [D, 3*S*S], `e_txt` [vocab, D] and `image_size` (S). Same on the Rust side, so the
+      data path and the metrics are compared without a transformer.
+  openclip CONFIG.json SEED CKPT_OUT.safetensors OUT.json DIR...
+      Random-initialise open_clip's CLIP from the config (torch.manual_seed(SEED)), save its state
+      dict to CKPT_OUT (hq-train loads it), evaluate it.
+  aro CONFIG.json|linear CKPT.safetensors|PROJ.safetensors OUT.json ARO_DIR KIND[,KIND...]
+      (ARO_DIR may be a comma-separated list too, one folder per kind)
+      ARO's procedure (dataset_zoo/aro_datasets.py + the authors' notebook) on an ARO-layout folder
+      with the open_clip model: PIL crop to bbox, normalised embeddings, argmax over
+      [false, true], macro accuracy over relations (minus the symmetric list) or attribute pairs
+      (>= 25 cases; KIND attribution_min1 counts every pair).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import open_clip  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from clip_benchmark.datasets.builder import build_dataset  # noqa: E402
+from clip_benchmark.metrics import zeroshot_classification as zsc  # noqa: E402
+from clip_benchmark.metrics import zeroshot_retrieval as zsr  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+BATCH = 64
+
+
+class LinearClip(torch.nn.Module):
+    def __init__(self, w_img, e_txt):
+        super().__init__()
+        self.w_img = w_img
+        self.e_txt = e_txt
+
+    def encode_image(self, images):
+        return images.reshape(images.shape[0], -1).float() @ self.w_img.T
+
+    def encode_text(self, tokens):
+        return self.e_txt[tokens].sum(dim=1)
+
+
+def clean(v):
+    if isinstance(v, float) and (v != v):
+        return None
+    return v
+
+
+def evaluate_dir(model, preprocess, tokenizer, d):
+    type_file = os.path.join(d, "dataset_type.txt")
+    retrieval = os.path.exists(type_file) and open(type_file).read().strip().lower() == "retrieval"
+    task = "zeroshot_retrieval" if retrieval else "zeroshot_classification"
+    ds = build_dataset(dataset_name="wds/eval", root=d, transform=preprocess, split="test",
+                       task=task)
+    loader = torch.utils.data.DataLoader(ds.batched(BATCH), batch_size=None, shuffle=False,
+                                         num_workers=0)
+    if retrieval:
+        m = zsr.evaluate(model, loader, tokenizer, device="cpu", amp=False, recall_k_list=[1, 5, 10])
+        m["mean_recall@1"] = 0.5 * (m["text_retrieval_recall@1"] + m["image_retrieval_recall@1"])
+    else:
+        m = zsc.evaluate(model, loader, tokenizer, ds.classes, ds.templates, device="cpu", amp=False)
+    return {k: clean(float(v)) for k, v in m.items()}
+
+
+def eval_transform(size):
+    # open_clip's eval transform (Resize shortest side bicubic, CenterCrop, ToTensor, Normalize).
+    return open_clip.image_transform(size, is_train=False)
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "linear":
+        proj, out, dirs = sys.argv[2], sys.argv[3], sys.argv[4:]
+        p = load_file(proj)
+        model = LinearClip(p["w_img"], p["e_txt"])
+        size = int(p["image_size"].item())
+        tok = open_clip.get_tokenizer("ViT-B-32")
+        res = {d: evaluate_dir(model, eval_transform(size), tok, d) for d in dirs}
+    elif mode == "openclip":
+        cfg, seed, ckpt, out, dirs = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6:]
+        open_clip.add_model_config(cfg)
+        name = os.path.splitext(os.path.basename(cfg))[0]
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, device="cpu", precision="fp32").eval()
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, ckpt)
+        tok = open_clip.get_tokenizer(name)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        with torch.no_grad():
+            res = {d: evaluate_dir(model, eval_transform(size), tok, d) for d in dirs}
+    elif mode == "aro":
+        cfg, ckpt, out, d, kinds = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+        # KIND may be a comma-separated list (one process, one model load): {kind: metrics}.
+        # ARO_DIR likewise (one folder per kind, or one for all).
+        kinds, dirs = kinds.split(","), d.split(",")
+        dirs = dirs if len(dirs) == len(kinds) else dirs[:1] * len(kinds)
+        res = {k: aro(cfg, ckpt, dd, k) for k, dd in zip(kinds, dirs)}
+    else:
+        sys.exit(f"unknown mode {mode}")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+ARO_SYMMETRIC = ['adjusting', 'attached to', 'between', 'bigger than', 'biting', 'boarding', 'brushing', 'chewing', 'cleaning', 'climbing', 'close to', 'coming from', 'coming out of', 'contain', 'crossing', 'dragging', 'draped over', 'drinking', 'drinking from', 'driving', 'driving down', 'driving on', 'eating from', 'eating in', 'enclosing', 'exiting', 'facing', 'filled with', 'floating in', 'floating on', 'flying', 'flying above', 'flying in', 'flying over', 'flying through', 'full of', 'going down', 'going into', 'going through', 'grazing in', 'growing in', 'growing on', 'guiding', 'hanging from', 'hanging in', 'hanging off', 'hanging over', 'higher than', 'holding onto', 'hugging', 'in between', 'jumping off', 'jumping on', 'jumping over', 'kept in', 'larger than', 'leading', 'leaning over', 'leaving', 'licking', 'longer than', 'looking in', 'looking into', 'looking out', 'looking over', 'looking through', 'lying next to', 'lying on top of', 'making', 'mixed with', 'mounted on', 'moving', 'on the back of', 'on the edge of', 'on the front of', 'on the other side of', 'opening', 'painted on', 'parked at', 'parked beside', 'parked by', 'parked in', 'parked in front of', 'parked near', 'parked next to', 'perched on', 'petting', 'piled on', 'playing', 'playing in', 'playing on', 'playing with', 'pouring', 'reaching for', 'reading', 'reflected on', 'riding on', 'running in', 'running on', 'running through', 'seen through', 'sitting behind', 'sitting beside', 'sitting by', 'sitting in front of', 'sitting near', 'sitting next to', 'sitting under', 'skiing down', 'skiing on', 'sleeping in', 'sleeping on', 'smiling at', 'sniffing', 'splashing', 'sprinkled on', 'stacked on', 'standing against', 'standing around', 'standing behind', 'standing beside', 'standing in front of', 'standing near', 'standing next to', 'staring at', 'stuck in', 'surrounding', 'swimming in', 'swinging', 'talking to', 'topped with', 'touching', 'traveling down', 'traveling on', 'tying', 'typing on', 'underneath', 'wading in', 'waiting for', 'walking across', 'walking by', 'walking down', 'walking next to', 'walking through', 'working in', 'working on', 'worn on', 'wrapped around', 'wrapped in', 'by', 'of', 'near', 'next to', 'with', 'beside', 'on the side of', 'around']
+
+
+@torch.no_grad()
+def aro(cfg, ckpt, d, kind):
+    from PIL import Image
+    if cfg == "linear":
+        # CKPT is the linear model's PROJ file (see `linear`).
+        p = load_file(ckpt)
+        model = LinearClip(p["w_img"], p["e_txt"])
+        preprocess = eval_transform(int(p["image_size"].item()))
+        tok = open_clip.get_tokenizer("ViT-B-32")
+    else:
+        open_clip.add_model_config(cfg)
+        name = os.path.splitext(os.path.basename(cfg))[0]
+        model = open_clip.create_model(name, device="cpu", precision="fp32").eval()
+        model.load_state_dict(load_file(ckpt), strict=True)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        preprocess = eval_transform(size)
+        tok = open_clip.get_tokenizer(name)
+    ann = "visual_genome_relation.json" if kind == "relation" else "visual_genome_attribution.json"
+    with open(os.path.join(d, ann)) as f:
+        data = json.load(f)
+    correct = []
+    for i in range(0, len(data), BATCH):
+        batch = data[i:i + BATCH]
+        imgs = []
+        for t in batch:
+            image = Image.open(os.path.join(d, "images", t["image_path"])).convert("RGB")
+            image = image.crop((t["bbox_x"], t["bbox_y"], t["bbox_x"] + t["bbox_w"], t["bbox_y"] + t["bbox_h"]))
+            imgs.append(preprocess(image))
+        ie = F.normalize(model.encode_image(torch.stack(imgs)), dim=-1)
+        caps = [c for t in batch for c in (t["false_caption"], t["true_caption"])]
+        te = F.normalize(model.encode_text(tok(caps)), dim=-1).reshape(len(batch), 2, -1)
+        scores = torch.einsum("bd,bkd->bk", ie, te).numpy()[:, None, :]
+        preds = np.argmax(np.squeeze(scores, axis=1), axis=-1)
+        correct.extend((preds == 1).tolist())
+    correct = np.array(correct)
+    if kind == "relation":
+        groups = np.array([t["relation_name"] for t in data])
+        records = [(g, correct[groups == g].mean()) for g in np.unique(groups)
+                   if (groups == g).sum() > 0 and g not in ARO_SYMMETRIC]
+    else:
+        groups = np.array([f"{t['attributes'][0]}_{t['attributes'][1]}" for t in data])
+        min_count = 1 if kind == "attribution_min1" else 25
+        records = [(g, correct[groups == g].mean()) for g in np.unique(groups)
+                   if (groups == g).sum() >= min_count]
+    macro = float(np.mean([a for _, a in records])) if records else None
+    return {"accuracy": float(correct.mean()), "macro_accuracy": macro}
+
+
+if __name__ == "__main__":
+    main()
