@@ -23,4 +23,19 @@ pub enum TrainError {
     /// A saved data-loader position that is invalid or does not fit the loader.
     #[error("data loader state: {0}")]
     LoaderState(String),
+    /// A run setting that is missing, out of range or contradicts another (named as
+    /// `section.key`, e.g. `optim.warmup_steps`).
+    #[error("config `{field}`: {reason}")]
+    Config { field: String, reason: String },
+    #[error(transparent)]
+    Kernel(#[from] hq_kernels::KernelError),
+    /// Evaluation during training failed.
+    #[error("evaluation: {0}")]
+    Eval(String),
+    /// A run file (metrics, plots, the run directory) cannot be written or read.
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+    /// The loss became NaN or infinite.
+    #[error("training diverged at step {step}: {what}")]
+    Diverged { step: u64, what: String },
 }

@@ -7,6 +7,8 @@
 //! - [`vision`]: the ViT image tower (`visual.*`).
 //! - [`text`]: the text tower (top-level `token_embedding`, `transformer`, ...).
 //! - [`clip`]: [`Clip`], both towers plus `logit_scale` / `logit_bias`.
+//! - [`stc`]: [`StcHead`], the short-tag classifier on the image embedding (kept apart from the
+//!   open_clip tensors).
 //! - [`checkpoint`]: strict safetensors load/save under open_clip's state-dict names, so an
 //!   open_clip checkpoint loads here and ours loads into open_clip with `strict=True`.
 //!
@@ -26,6 +28,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod stc;
 pub mod text;
 pub mod vision;
 
@@ -35,6 +38,7 @@ pub use config::{
     VisionPool, PRESET_NAMES,
 };
 pub use layers::{l2_normalize, NamedTensors};
+pub use stc::StcHead;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,311 @@
+//! Training throughput (samples/s) of one optimizer step: `hq_train::step::train_step` against
+//! open_clip's training step (`benches/python/train_step_bench.py`) on the same model, batch and
+//! CPU, in the same run; and the cost of HQ-CLIP's extra losses (HNI + STC) over plain CLIP.
+//!
+//! `cargo bench -p hq-benches --bench train_step`
+//!
+//! Model: `hq-tiny` (64 px, 4+4 layers of width 128, 77 tokens) unless `HQ_TRAIN_STEP_PRESET` names
+//! another preset; batch `HQ_TRAIN_STEP_BATCH` (default 64); K = 1000 tags, 6 positives per sample,
+//! N- = 1 hard negative. One step = forward of both towers (+ the negatives through the text tower
+//! and the STC head when on), the losses, backward, global-norm clipping at 1.0, AdamW
+//! (0.9, 0.98, 1e-6, wd 0.2 on weights), logit-scale clamp; both sides in fp32 with the same number
+//! of intra-op threads (libtorch's default, printed). Inputs are the same tensors on both sides
+//! (written to a safetensors file); data loading is not part of the step.
+//!
+//! Cases:
+//! - `clip`: contrastive loss only (open_clip: `ClipLoss`);
+//! - `hq-clip`: + alpha HNI + beta STC (open_clip side: the same extras written in PyTorch on top of
+//!   open_clip's model and `ClipLoss`).
+//!
+//! Criterion measures our two cases; then a paired table times steps of all four (ours and
+//! open_clip, plain and with extras) alternately, best of `HQ_TRAIN_STEP_REPEATS` (default 5)
+//! rounds of `HQ_TRAIN_STEP_STEPS` (default 5) steps each, wall clock, and prints samples/s and the
+//! ratios: ours / open_clip (target >= 1.0) and hq-clip / clip on our side (extras cost, target
+//! <= 10%). `HQ_SKIP_PYTHON_BENCH=1` skips the open_clip side.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use criterion::{Criterion, Throughput};
+use hq_train::config::{LossParts, StcReduction};
+use hq_train::data::Batch;
+use hq_train::model::{excluded_from_weight_decay, Clip, ClipConfig, StcHead};
+use hq_train::optim::{AdamW, AdamWConfig};
+use hq_train::step::{train_step, Objective};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+const TAGS: i64 = 1000;
+const TAGS_PER_SAMPLE: usize = 6;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn python() -> Option<PathBuf> {
+    if std::env::var_os("HQ_SKIP_PYTHON_BENCH").is_some() {
+        return None;
+    }
+    let p = match std::env::var_os("HQ_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => workspace_root().join(".venv/bin/python"),
+    };
+    p.exists().then_some(p)
+}
+
+/// Deterministic token rows: start token, `len` ids, end token, zero padding.
+fn tokens(n: usize, ctx: usize, seed: u64) -> Tensor {
+    let mut v = vec![0i64; n * ctx];
+    let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    for (i, row) in v.chunks_mut(ctx).enumerate() {
+        let len = 6 + (i * 7) % 18;
+        row[0] = 49406;
+        for t in row.iter_mut().take(len + 1).skip(1) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *t = 256 + (s % 40000) as i64;
+        }
+        row[len + 1] = 49407;
+    }
+    Tensor::from_slice(&v).view([n as i64, ctx as i64])
+}
+
+fn make_batch(cfg: &ClipConfig, n: usize) -> Batch {
+    tch::manual_seed(42);
+    let side = cfg.vision_cfg.image_size.height();
+    let ctx = cfg.text_cfg.context_length as usize;
+    let mut offsets = vec![0i64];
+    let mut indices = Vec::new();
+    for i in 0..n {
+        let mut row: Vec<i64> = (0..TAGS_PER_SAMPLE)
+            .map(|j| ((i * 37 + j * 101) % TAGS as usize) as i64)
+            .collect();
+        row.sort_unstable();
+        row.dedup();
+        indices.extend(row);
+        offsets.push(indices.len() as i64);
+    }
+    Batch {
+        images: Tensor::randn([n as i64, 3, side, side], (Kind::Float, Device::Cpu)),
+        texts: tokens(n, ctx, 1),
+        negatives: tokens(n, ctx, 2),
+        has_negative: Tensor::ones([n as i64], (Kind::Bool, Device::Cpu)),
+        negatives_per_sample: 1,
+        tag_offsets: offsets,
+        tag_indices: indices,
+        keys: (0..n).map(|i| format!("{i:09}")).collect(),
+        refined_text: vec![true; n],
+        skipped: Default::default(),
+        epoch: 0,
+        index: 0,
+    }
+}
+
+struct Trainer {
+    model: Clip,
+    stc: StcHead,
+    opt: AdamW,
+    obj: Objective,
+    _vs: VarStore,
+}
+
+fn trainer(cfg: &ClipConfig, full: bool) -> Trainer {
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let model = Clip::new(vs.root(), cfg).expect("model");
+    let stc = StcHead::new(vs.root(), cfg.embed_dim, cfg.embed_dim, TAGS).expect("stc head");
+    let mut params = model.state_dict();
+    if full {
+        params.extend(stc.state_dict());
+    }
+    let opt = AdamW::new(AdamWConfig::default(), params, |n, t| {
+        !excluded_from_weight_decay(n, t)
+    })
+    .expect("adamw");
+    let obj = Objective {
+        parts: LossParts {
+            mixed_text: true,
+            hni: full,
+            stc: full,
+        },
+        hni_weight: 0.5,
+        stc_weight: 10.0,
+        stc_reduction: StcReduction::Mean,
+        autocast: false,
+        grad_clip: Some(1.0),
+        max_logit_scale: 100.0,
+    };
+    Trainer {
+        model,
+        stc,
+        opt,
+        obj,
+        _vs: vs,
+    }
+}
+
+impl Trainer {
+    fn step(&mut self, batch: &[Batch]) {
+        let stc = self.obj.parts.stc.then_some(&self.stc);
+        train_step(
+            &self.model,
+            stc,
+            &mut self.opt,
+            batch,
+            &self.obj,
+            1e-4,
+            Device::Cpu,
+            0,
+        )
+        .expect("train step");
+    }
+
+    /// Samples/s over `steps` steps, best of `repeats`.
+    fn rate(&mut self, batch: &[Batch], steps: usize, repeats: usize) -> f64 {
+        self.step(batch);
+        let n = batch.iter().map(Batch::len).sum::<usize>() * steps;
+        (0..repeats)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..steps {
+                    self.step(batch);
+                }
+                n as f64 / t.elapsed().as_secs_f64()
+            })
+            .fold(0.0, f64::max)
+    }
+}
+
+/// open_clip's rates (samples/s) for `clip` and `hq-clip`, from the Python script.
+fn reference(
+    py: &Path,
+    preset: &str,
+    batch: &Batch,
+    dir: &Path,
+    steps: usize,
+    repeats: usize,
+) -> Option<(f64, f64)> {
+    let inputs = dir.join("inputs.safetensors");
+    let mut dense = vec![0f32; batch.len() * TAGS as usize];
+    for i in 0..batch.len() {
+        for &c in
+            &batch.tag_indices[batch.tag_offsets[i] as usize..batch.tag_offsets[i + 1] as usize]
+        {
+            dense[i * TAGS as usize + c as usize] = 1.0;
+        }
+    }
+    let targets = Tensor::from_slice(&dense).view([batch.len() as i64, TAGS]);
+    Tensor::write_safetensors(
+        &[
+            ("images", &batch.images),
+            ("texts", &batch.texts),
+            ("negatives", &batch.negatives),
+            ("tag_targets", &targets),
+        ],
+        &inputs,
+    )
+    .expect("write inputs");
+    let out = Command::new(py)
+        .arg(workspace_root().join("benches/python/train_step_bench.py"))
+        .arg("--presets")
+        .arg(workspace_root().join("training/presets"))
+        .arg("--model")
+        .arg(preset)
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--threads")
+        .arg(tch::get_num_threads().to_string())
+        .arg("--steps")
+        .arg(steps.to_string())
+        .arg("--repeat")
+        .arg(repeats.to_string())
+        .output()
+        .expect("run python");
+    if !out.status.success() {
+        eprintln!(
+            "train_step_bench.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("{}")).ok()?;
+    Some((v["clip"].as_f64()?, v["hq_clip"].as_f64()?))
+}
+
+fn main() {
+    let preset = std::env::var("HQ_TRAIN_STEP_PRESET").unwrap_or_else(|_| "hq-tiny".into());
+    let n = env_usize("HQ_TRAIN_STEP_BATCH", 64);
+    let steps = env_usize("HQ_TRAIN_STEP_STEPS", 5);
+    let repeats = env_usize("HQ_TRAIN_STEP_REPEATS", 5);
+    let cfg = ClipConfig::preset(&preset).expect("preset");
+    let batch = vec![make_batch(&cfg, n)];
+    println!(
+        "train step: {preset}, batch {n}, K = {TAGS} tags, N- = 1, libtorch threads {}",
+        tch::get_num_threads()
+    );
+    let mut plain = trainer(&cfg, false);
+    let mut full = trainer(&cfg, true);
+
+    let mut c = Criterion::default().sample_size(10).configure_from_args();
+    {
+        let mut g = c.benchmark_group("train_step");
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function("ours/clip", |b| b.iter(|| plain.step(&batch)));
+        g.bench_function("ours/hq-clip", |b| b.iter(|| full.step(&batch)));
+        g.finish();
+    }
+
+    // Paired table: alternate the sides so drifting load hits both alike.
+    let mut ours = (0f64, 0f64);
+    let mut theirs: Option<(f64, f64)> = None;
+    let py = python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for _ in 0..2 {
+        ours.0 = ours.0.max(plain.rate(&batch, steps, repeats));
+        ours.1 = ours.1.max(full.rate(&batch, steps, repeats));
+        if let Some(py) = &py {
+            if let Some((a, b)) = reference(py, &preset, &batch[0], dir.path(), steps, repeats) {
+                theirs = Some(match theirs {
+                    Some((x, y)) => (x.max(a), y.max(b)),
+                    None => (a, b),
+                });
+            }
+        }
+    }
+    println!("\n| step | ours (samples/s) | open_clip (samples/s) | ours / open_clip |");
+    println!("|---|---:|---:|---:|");
+    for (name, o, t) in [
+        ("clip", ours.0, theirs.map(|t| t.0)),
+        ("hq-clip (+HNI +STC)", ours.1, theirs.map(|t| t.1)),
+    ] {
+        match t {
+            Some(t) => println!("| {name} | {o:.1} | {t:.1} | {:.2}x |", o / t),
+            None => println!("| {name} | {o:.1} | (skipped) | - |"),
+        }
+    }
+    println!(
+        "\nHQ-CLIP extras cost on our side: {:.1}% (hq-clip {:.1} vs clip {:.1} samples/s; target <= 10%)",
+        100.0 * (ours.0 / ours.1 - 1.0),
+        ours.1,
+        ours.0
+    );
+    if let Some(t) = theirs {
+        println!(
+            "HQ-CLIP extras cost on the open_clip side (same extras in PyTorch): {:.1}%",
+            100.0 * (t.0 / t.1 - 1.0)
+        );
+    }
+    c.final_summary();
+}

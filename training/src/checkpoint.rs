@@ -1,0 +1,424 @@
+//! Training checkpoints: one directory per checkpoint, written atomically, with a SHA-256 of every
+//! file in its manifest, verified before anything is read back.
+//!
+//! ```text
+//! step-00000100/
+//!   model.safetensors       CLIP weights under open_clip's state-dict names (open_clip loads it
+//!                           with strict=True; the STC head is NOT in it)
+//!   model_config.json       open_clip model config of those weights
+//!   stc_head.safetensors    the short-tag classifier, keys `stc_head.*` (runs with STC only)
+//!   tag_vocab.tsv           its tag vocabulary (runs with STC only)
+//!   optimizer.safetensors   AdamW moments `exp_avg.<param>` / `exp_avg_sq.<param>`
+//!   train_state.json        step, run config, data-loader position, metrics so far
+//!   manifest.json           format, version, step, and size + SHA-256 of every file above
+//! ```
+//!
+//! The directory is built under a hidden temporary name and renamed into place once complete
+//! (every file fsynced), so a crash leaves either no checkpoint or a whole one; `latest` next to
+//! the checkpoints names the newest complete one and is replaced atomically.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::nn::VarStore;
+use tch::Device;
+
+use crate::model::checkpoint::save_named;
+use crate::model::{Clip, ClipConfig, NamedTensors};
+use crate::TrainError;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const MODEL_CONFIG_FILE: &str = "model_config.json";
+pub const STC_HEAD_FILE: &str = "stc_head.safetensors";
+pub const TAG_VOCAB_FILE: &str = "tag_vocab.tsv";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAIN_STATE_FILE: &str = "train_state.json";
+/// The file next to the checkpoint directories naming the newest one.
+pub const LATEST_FILE: &str = "latest";
+
+const FORMAT: &str = "hq-train-checkpoint";
+const VERSION: u32 = 1;
+
+fn err(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Size and SHA-256 of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub step: u64,
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+fn digest_file(path: &Path) -> Result<FileDigest, TrainError> {
+    let mut f = fs::File::open(path).map_err(|e| err(path, format!("cannot open: {e}")))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| err(path, format!("cannot read: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(FileDigest { bytes, sha256 })
+}
+
+fn fsync(path: &Path) -> Result<(), TrainError> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| err(path, format!("cannot sync: {e}")))
+}
+
+/// A checkpoint directory being written. Nothing appears at the final path until
+/// [`CheckpointWriter::commit`]; dropping it uncommitted removes the staging directory.
+pub struct CheckpointWriter {
+    target: PathBuf,
+    staging: PathBuf,
+    step: u64,
+    files: Vec<String>,
+    committed: bool,
+}
+
+impl CheckpointWriter {
+    /// Starts the checkpoint of `step` at `target` (a directory path).
+    pub fn create(target: impl AsRef<Path>, step: u64) -> Result<Self, TrainError> {
+        let target = target.as_ref().to_path_buf();
+        let parent = target
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| err(&target, "has no directory name"))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| err(&target, format!("cannot create {}: {e}", parent.display())))?;
+        let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if staging.exists() {
+            fs::remove_dir_all(&staging)
+                .map_err(|e| err(&staging, format!("cannot clear a stale staging dir: {e}")))?;
+        }
+        fs::create_dir(&staging).map_err(|e| err(&staging, format!("cannot create: {e}")))?;
+        Ok(CheckpointWriter {
+            target,
+            staging,
+            step,
+            files: Vec::new(),
+            committed: false,
+        })
+    }
+
+    fn check_name(&mut self, name: &str) -> Result<PathBuf, TrainError> {
+        if name == MANIFEST_FILE || name.contains('/') || self.files.iter().any(|f| f == name) {
+            return Err(err(
+                &self.target,
+                format!("file name {name:?} is reserved or repeated"),
+            ));
+        }
+        self.files.push(name.to_string());
+        Ok(self.staging.join(name))
+    }
+
+    pub fn write_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
+        let path = self.check_name(name)?;
+        fs::write(&path, bytes).map_err(|e| err(&path, format!("cannot write: {e}")))
+    }
+
+    pub fn write_json<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), TrainError> {
+        let json = serde_json::to_string_pretty(value)
+            .map_err(|e| err(&self.target, format!("cannot serialise {name}: {e}")))?;
+        self.write_bytes(name, json.as_bytes())
+    }
+
+    pub fn write_tensors(&mut self, name: &str, tensors: &NamedTensors) -> Result<(), TrainError> {
+        let path = self.check_name(name)?;
+        save_named(tensors, &path)
+    }
+
+    /// A file written by the caller's own code (e.g. the tag vocabulary's `save`) at the returned
+    /// path; it is checksummed at commit like the others.
+    pub fn external_file(&mut self, name: &str) -> Result<PathBuf, TrainError> {
+        self.check_name(name)
+    }
+
+    /// Checksums every file, writes the manifest, syncs, and renames the directory into place
+    /// (replacing an older checkpoint of the same name).
+    pub fn commit(mut self) -> Result<PathBuf, TrainError> {
+        let mut files = BTreeMap::new();
+        for name in &self.files {
+            let path = self.staging.join(name);
+            if !path.is_file() {
+                return Err(err(&path, "was announced but not written"));
+            }
+            fsync(&path)?;
+            files.insert(name.clone(), digest_file(&path)?);
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            step: self.step,
+            files,
+        };
+        let json = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| err(&self.target, format!("cannot serialise the manifest: {e}")))?;
+        let mpath = self.staging.join(MANIFEST_FILE);
+        fs::write(&mpath, json).map_err(|e| err(&mpath, format!("cannot write: {e}")))?;
+        fsync(&mpath)?;
+        fsync(&self.staging)?;
+        if self.target.exists() {
+            // Same step saved again (e.g. a final save right after a periodic one): move the old
+            // one aside first; a rename cannot replace a non-empty directory.
+            let old = self.staging.with_extension("old");
+            fs::rename(&self.target, &old)
+                .map_err(|e| err(&self.target, format!("cannot move the old checkpoint: {e}")))?;
+            fs::rename(&self.staging, &self.target)
+                .map_err(|e| err(&self.target, format!("cannot rename into place: {e}")))?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.staging, &self.target)
+                .map_err(|e| err(&self.target, format!("cannot rename into place: {e}")))?;
+        }
+        if let Some(parent) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = fsync(parent);
+        }
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// Checks a checkpoint directory against its manifest (every listed file present with the
+/// recorded size and SHA-256) and returns the manifest.
+pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest, TrainError> {
+    let dir = dir.as_ref();
+    if !dir.is_dir() {
+        return Err(err(
+            dir,
+            "is not a checkpoint directory (it does not exist or is a file)",
+        ));
+    }
+    let mpath = dir.join(MANIFEST_FILE);
+    let text = fs::read_to_string(&mpath).map_err(|e| {
+        err(
+            dir,
+            format!(
+                "cannot read {MANIFEST_FILE} ({e}); the checkpoint is incomplete or not one \
+                 written by hq-train"
+            ),
+        )
+    })?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| err(&mpath, format!("corrupt manifest: {e}")))?;
+    if manifest.format != FORMAT || manifest.version != VERSION {
+        return Err(err(
+            &mpath,
+            format!(
+                "format {:?} version {} is not {FORMAT:?} version {VERSION}",
+                manifest.format, manifest.version
+            ),
+        ));
+    }
+    for (name, want) in &manifest.files {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(err(dir, format!("{name} is missing")));
+        }
+        let got = digest_file(&path)?;
+        if got != *want {
+            return Err(err(
+                dir,
+                format!(
+                    "{name} is corrupt: {} bytes with SHA-256 {}, the manifest records {} bytes \
+                     with SHA-256 {}; resume from an earlier checkpoint",
+                    got.bytes, got.sha256, want.bytes, want.sha256
+                ),
+            ));
+        }
+    }
+    Ok(manifest)
+}
+
+/// Points `<run>/latest` at `checkpoint` (its directory name), atomically.
+pub fn write_latest(checkpoint: &Path) -> Result<(), TrainError> {
+    let parent = checkpoint
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = checkpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| err(checkpoint, "has no directory name"))?;
+    hq_data::atomic::write_atomic(parent.join(LATEST_FILE), format!("{name}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Resolves a `--resume` argument: a checkpoint directory itself (it has a manifest), or a
+/// directory holding checkpoints and a `latest` file (a run's `checkpoints/` or the run directory).
+pub fn resolve(path: impl AsRef<Path>) -> Result<PathBuf, TrainError> {
+    let path = path.as_ref();
+    if path.join(MANIFEST_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for dir in [path.to_path_buf(), path.join("checkpoints")] {
+        let latest = dir.join(LATEST_FILE);
+        if latest.is_file() {
+            let name = fs::read_to_string(&latest)
+                .map_err(|e| err(&latest, format!("cannot read: {e}")))?;
+            let name = name.trim();
+            if name.is_empty() || name.contains('/') {
+                return Err(err(&latest, format!("names no checkpoint ({name:?})")));
+            }
+            return Ok(dir.join(name));
+        }
+    }
+    Err(err(
+        path,
+        format!(
+            "is neither a checkpoint directory (no {MANIFEST_FILE}) nor a run directory with a \
+             `{LATEST_FILE}` file"
+        ),
+    ))
+}
+
+/// Reads `model_config.json` of a verified checkpoint directory.
+pub fn read_model_config(dir: &Path) -> Result<ClipConfig, TrainError> {
+    ClipConfig::from_json_file(dir.join(MODEL_CONFIG_FILE))
+}
+
+/// Loads CLIP weights for inference from a checkpoint directory (verified; config read from it,
+/// and `config`, when given, must equal it) or from a single open_clip-layout `.safetensors` file
+/// (config from `config`, else a `model_config.json` or `open_clip_config.json` next to it).
+pub fn load_clip(
+    path: &Path,
+    config: Option<&ClipConfig>,
+    device: Device,
+) -> Result<(VarStore, Clip), TrainError> {
+    let (cfg, weights) = if path.is_dir() {
+        let dir = resolve(path)?;
+        verify(&dir)?;
+        let stored = read_model_config(&dir)?;
+        if let Some(given) = config {
+            if *given != stored {
+                return Err(err(
+                    &dir,
+                    "the model config given differs from the checkpoint's model_config.json; \
+                     leave the config out to use the checkpoint's",
+                ));
+            }
+        }
+        (stored, dir.join(MODEL_FILE))
+    } else if path.is_file() {
+        let cfg =
+            match config {
+                Some(c) => c.clone(),
+                None => {
+                    let parent = path.parent().unwrap_or(Path::new("."));
+                    let found = [MODEL_CONFIG_FILE, "open_clip_config.json"]
+                        .iter()
+                        .map(|n| parent.join(n))
+                        .find(|p| p.is_file());
+                    match found {
+                        Some(p) => read_file_config(&p)?,
+                        None => return Err(err(
+                            path,
+                            "a bare weights file needs a model config: pass one (a preset name \
+                             or open_clip model-config JSON) or put model_config.json next to it",
+                        )),
+                    }
+                }
+            };
+        (cfg, path.to_path_buf())
+    } else {
+        return Err(err(path, "does not exist"));
+    };
+    let vs = VarStore::new(device);
+    let model = Clip::new(vs.root(), &cfg)?;
+    model.load_safetensors(&weights)?;
+    Ok((vs, model))
+}
+
+/// A model config from a JSON file: open_clip's model config, or an HF-hub
+/// `open_clip_config.json` (`{"model_cfg": {...}, ...}`).
+fn read_file_config(path: &Path) -> Result<ClipConfig, TrainError> {
+    let text = fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(path, format!("invalid JSON: {e}")))?;
+    match value.get("model_cfg") {
+        Some(inner) => ClipConfig::from_json_str(&inner.to_string()),
+        None => ClipConfig::from_json_str(&text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_verify_and_corruption() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("step-00000001");
+        let mut w = CheckpointWriter::create(&target, 1).expect("create");
+        w.write_bytes("a.txt", b"hello").expect("a");
+        w.write_json("b.json", &vec![1, 2, 3]).expect("b");
+        let path = w.commit().expect("commit");
+        write_latest(&path).expect("latest");
+        let m = verify(&path).expect("verify");
+        assert_eq!(m.step, 1);
+        assert_eq!(m.files.len(), 2);
+        assert_eq!(resolve(dir.path()).expect("resolve"), path);
+        assert_eq!(resolve(&path).expect("resolve"), path);
+        // Only the checkpoint and `latest` remain: no staging leftovers.
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 2);
+
+        fs::write(path.join("a.txt"), b"hellO").expect("corrupt");
+        let e = verify(&path).expect_err("corrupt").to_string();
+        assert!(e.contains("a.txt is corrupt"), "{e}");
+        fs::remove_file(path.join("a.txt")).expect("rm");
+        let e = verify(&path).expect_err("missing").to_string();
+        assert!(e.contains("a.txt is missing"), "{e}");
+        fs::remove_file(path.join(MANIFEST_FILE)).expect("rm");
+        assert!(verify(&path).is_err());
+
+        // An uncommitted writer leaves nothing behind.
+        {
+            let mut w = CheckpointWriter::create(dir.path().join("step-2"), 2).expect("create");
+            w.write_bytes("x", b"1").expect("x");
+        }
+        assert!(!dir.path().join("step-2").exists());
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 2);
+    }
+}

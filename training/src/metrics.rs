@@ -1,0 +1,215 @@
+//! The run's metrics: one JSON object per line in `metrics.jsonl` (`"kind": "train"` every
+//! `log_every` steps, `"kind": "eval"` after each evaluation, `"kind": "skips"` when the loader
+//! skipped samples), and the loss and learning-rate curves drawn from it as PNGs at the end.
+//!
+//! On resume the file is cut back to the checkpoint's step (atomically), so the log of a resumed
+//! run equals the uninterrupted run's.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::TrainError;
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending; with `keep_up_to = Some(step)` (a resume) first drops every
+    /// record of a later step.
+    pub fn open(path: impl AsRef<Path>, keep_up_to: Option<u64>) -> Result<Self, TrainError> {
+        let path = path.as_ref().to_path_buf();
+        match keep_up_to {
+            Some(step) if path.exists() => {
+                let kept: String = read_records(&path)?
+                    .into_iter()
+                    .filter(|r| r.get("step").and_then(Value::as_u64).unwrap_or(0) <= step)
+                    .map(|r| format!("{r}\n"))
+                    .collect();
+                hq_data::atomic::write_atomic(&path, kept.as_bytes())?;
+            }
+            Some(_) => {}
+            None => hq_data::atomic::write_atomic(&path, b"")?,
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        Ok(MetricsLog { path, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&mut self, record: &Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{record}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| io(&self.path, e))
+    }
+}
+
+/// Every record of a metrics file (a line that is not JSON is an error naming its number).
+pub fn read_records(path: &Path) -> Result<Vec<Value>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| io(path, format!("line {}: {e}", i + 1))))
+        .collect()
+}
+
+/// `(step, value)` of the `key` field of the train records.
+fn series(records: &[Value], key: &str) -> Vec<(f64, f64)> {
+    records
+        .iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("train"))
+        .filter_map(|r| {
+            let step = r.get("step")?.as_f64()?;
+            let v = r.get(key)?.as_f64()?;
+            v.is_finite().then_some((step, v))
+        })
+        .collect()
+}
+
+const PALETTE: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+];
+
+fn line_chart(
+    out: &Path,
+    title: &str,
+    y_label: &str,
+    lines: &[(&str, Vec<(f64, f64)>)],
+) -> Result<(), TrainError> {
+    let lines: Vec<&(&str, Vec<(f64, f64)>)> =
+        lines.iter().filter(|(_, s)| !s.is_empty()).collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (_, s) in &lines {
+        for &(x, y) in s {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-12);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, y0..y1)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(y_label)
+            .draw()?;
+        for (i, (name, s)) in lines.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| io(out, format!("cannot draw the chart: {e}")))
+}
+
+/// Draws `loss.png` (total and each part) and `lr.png` into `dir` from a metrics file.
+pub fn plot_curves(metrics: &Path, dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
+    let records = read_records(metrics)?;
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let loss_png = dir.join("loss.png");
+    line_chart(
+        &loss_png,
+        "training loss",
+        "loss",
+        &[
+            ("total", series(&records, "loss")),
+            ("contrastive", series(&records, "loss_clip")),
+            ("HNI (weighted)", series(&records, "loss_hni_weighted")),
+            ("STC (weighted)", series(&records, "loss_stc_weighted")),
+        ],
+    )?;
+    let lr_png = dir.join("lr.png");
+    line_chart(
+        &lr_png,
+        "learning rate",
+        "lr",
+        &[("lr", series(&records, "lr"))],
+    )?;
+    Ok(vec![loss_png, lr_png])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn resume_cuts_the_log_and_plots_draw() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, None).expect("open");
+        for step in 1..=6u64 {
+            log.write(
+                &json!({"kind": "train", "step": step, "loss": 1.0 / step as f64,
+                "loss_clip": 0.5, "lr": 1e-3 * step as f64}),
+            )
+            .expect("write");
+        }
+        drop(log);
+        let mut log = MetricsLog::open(&path, Some(4)).expect("reopen");
+        log.write(&json!({"kind": "train", "step": 5, "loss": 0.1, "lr": 1e-3}))
+            .expect("write");
+        let steps: Vec<u64> = read_records(&path)
+            .expect("read")
+            .iter()
+            .map(|r| r["step"].as_u64().expect("step"))
+            .collect();
+        assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+        let pngs = plot_curves(&path, &dir.path().join("plots")).expect("plot");
+        for p in pngs {
+            let bytes = std::fs::read(&p).expect("png");
+            assert_eq!(&bytes[1..4], b"PNG", "{}", p.display());
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! A training run, start to end: set-up (model, STC head, optimizer, data, or all of it from a
+//! checkpoint), the step loop with logging, checkpoints and periodic evaluation, and the final
+//! checkpoint, evaluation and plots.
+//!
+//! Run directory (`run.out_dir`):
+//! ```text
+//! config.toml            the resolved settings of the run
+//! metrics.jsonl          train / eval / skips records (see crate::metrics)
+//! checkpoints/step-NNNNNNNN/, checkpoints/latest   (see crate::checkpoint)
+//! eval/step-NNNNNNNN.json                           built-in held-out evaluation reports
+//! plots/loss.png, plots/lr.png
+//! summary.json           final step, losses, skipped samples, last evaluation
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hq_data::text::tags::TagVocab;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{nn::VarStore, Device};
+
+use crate::checkpoint::{self as ckpt, CheckpointWriter};
+use crate::config::{Precision, TrainConfig};
+use crate::data::{build_tag_vocab, Batch, DataLoader, LoaderState, SkipCounts};
+use crate::encoder::TchEncoder;
+use crate::metrics::{plot_curves, MetricsLog};
+use crate::model::checkpoint::{load_named, read_safetensors};
+use crate::model::{excluded_from_weight_decay, Clip, StcHead};
+use crate::optim::AdamW;
+use crate::step::{train_step, Objective, StepStats};
+use crate::TrainError;
+
+/// What `train_state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub config: TrainConfig,
+    /// The data loader's position after the last batch of `step`.
+    pub loader: LoaderState,
+    /// Samples trained on so far.
+    pub samples_seen: u64,
+    /// Training seconds so far (all sessions).
+    pub train_seconds: f64,
+}
+
+/// How to run (besides the config).
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    pub config: TrainConfig,
+    /// Continue from this checkpoint (a checkpoint directory or a run directory).
+    pub resume: Option<PathBuf>,
+    /// Stop after this step as if interrupted (checkpoint written there); the schedule still spans
+    /// `run.steps`.
+    pub stop_after: Option<u64>,
+    /// Print the summary lines (the bar is drawn regardless, unless HQ_NO_PROGRESS is set).
+    pub verbose: bool,
+}
+
+/// One logged step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub loss_clip: f64,
+    pub loss_hni: f64,
+    pub loss_stc: f64,
+}
+
+/// What a run returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub out_dir: PathBuf,
+    pub first_step: u64,
+    pub last_step: u64,
+    /// Every step of this session.
+    pub steps: Vec<StepRecord>,
+    pub skipped: SkipCounts,
+    pub samples_seen: u64,
+    pub last_checkpoint: Option<PathBuf>,
+    /// The last evaluation's summary (name, value).
+    pub eval: Option<Vec<(String, f64)>>,
+    pub samples_per_second: f64,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn say(verbose: bool, bar: &indicatif::ProgressBar, msg: &str) {
+    if verbose {
+        bar.suspend(|| eprintln!("{msg}"));
+    }
+}
+
+/// The state saved in a checkpoint (`resume` as `--resume` takes it), after verifying its
+/// checksums.
+pub fn saved_state(resume: &Path) -> Result<TrainState, TrainError> {
+    let dir = ckpt::resolve(resume)?;
+    ckpt::verify(&dir)?;
+    let text =
+        std::fs::read_to_string(dir.join(ckpt::TRAIN_STATE_FILE)).map_err(|e| io(&dir, e))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: dir.display().to_string(),
+        reason: format!("train_state.json: {e}"),
+    })
+}
+
+/// Runs training as configured (see the module docs).
+pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
+    // ---- settings: the resumed checkpoint's, checked against the request
+    let resume_dir = req.resume.as_deref().map(ckpt::resolve).transpose()?;
+    let saved: Option<TrainState> = resume_dir.as_deref().map(saved_state).transpose()?;
+    let cfg = req.config.clone();
+    cfg.validate()?;
+    if let Some(s) = &saved {
+        let diffs = cfg.differences_for_resume(&s.config);
+        if !diffs.is_empty() {
+            return Err(TrainError::Config {
+                field: "(resume)".into(),
+                reason: format!(
+                    "the settings differ from the checkpoint's, so the continuation would not be \
+                     the same run: {}; use the checkpoint's settings (run with --resume and no \
+                     other settings) or start a new run",
+                    diffs.join("; ")
+                ),
+            });
+        }
+    }
+    let parts = cfg.parts()?;
+    let device = cfg
+        .run
+        .device
+        .parse::<crate::device::DeviceRequest>()?
+        .resolve()?;
+    let autocast = match (cfg.run.precision, device) {
+        (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => false,
+        (Precision::Bf16, Device::Cpu) => {
+            return Err(TrainError::Config {
+                field: "run.precision".into(),
+                reason: "bf16 autocast is for GPUs; this run resolved to the CPU".into(),
+            })
+        }
+        _ => true,
+    };
+    if autocast {
+        crate::precision::use_bf16_autocast_on_cuda()?;
+    }
+    if cfg.run.torch_threads > 0 {
+        tch::set_num_threads(cfg.run.torch_threads as i32);
+    }
+    let out = cfg.run.out_dir.clone().ok_or_else(|| TrainError::Config {
+        field: "run.out_dir".into(),
+        reason: "not set".into(),
+    })?;
+    let ckpt_dir = out.join("checkpoints");
+    if saved.is_none() && ckpt_dir.join(ckpt::LATEST_FILE).exists() {
+        return Err(TrainError::Config {
+            field: "run.out_dir".into(),
+            reason: format!(
+                "{} already holds a run; continue it with --resume {} or choose another --out",
+                out.display(),
+                out.display()
+            ),
+        });
+    }
+    std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
+    hq_data::atomic::write_atomic(out.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
+
+    // ---- model, STC head, optimizer
+    tch::manual_seed(cfg.run.seed as i64);
+    let model_cfg = cfg.model_config()?;
+    let vs = VarStore::new(device);
+    let model = Clip::new(vs.root(), &model_cfg)?;
+    let vocab: Option<Arc<TagVocab>> = if parts.stc {
+        Some(Arc::new(match (&resume_dir, &cfg.data.tag_vocab) {
+            (Some(dir), _) => TagVocab::load(dir.join(ckpt::TAG_VOCAB_FILE))?,
+            (None, Some(path)) => TagVocab::load(path)?,
+            (None, None) => {
+                let shards = hq_data::shards::expand_shards(&cfg.shard_specs())?;
+                build_tag_vocab(&shards, cfg.data.tag_vocab_size, cfg.data.threads)?
+            }
+        }))
+    } else {
+        None
+    };
+    let stc = match &vocab {
+        Some(v) if v.is_empty() => {
+            return Err(TrainError::DataLoader(
+                "the tag vocabulary is empty; the STC loss has nothing to learn (turn stc off)"
+                    .into(),
+            ))
+        }
+        Some(v) => Some(StcHead::new(
+            vs.root(),
+            model_cfg.embed_dim,
+            cfg.model.stc_hidden.unwrap_or(model_cfg.embed_dim),
+            v.len() as i64,
+        )?),
+        None => None,
+    };
+    let mut params = model.state_dict();
+    if let Some(h) = &stc {
+        params.extend(h.state_dict());
+    }
+    let mut optimizer = AdamW::new(cfg.adamw(), params, |n, t| {
+        !excluded_from_weight_decay(n, t)
+    })?;
+
+    // ---- resume
+    let (mut step, loader_state, mut samples_seen, mut train_seconds) = match (&saved, &resume_dir)
+    {
+        (Some(s), Some(dir)) => {
+            let weights = dir.join(ckpt::MODEL_FILE);
+            load_named(&model.state_dict(), &read_safetensors(&weights)?, &weights)?;
+            if let Some(h) = &stc {
+                let p = dir.join(ckpt::STC_HEAD_FILE);
+                load_named(&h.state_dict(), &read_safetensors(&p)?, &p)?;
+            }
+            let p = dir.join(ckpt::OPTIMIZER_FILE);
+            let moments = read_safetensors(&p)?;
+            let moments = moments
+                .into_iter()
+                .map(|(n, t)| Ok((n, t.f_to_device(device)?)))
+                .collect::<Result<_, TrainError>>()?;
+            optimizer
+                .load_state(&moments, s.step)
+                .map_err(|reason| TrainError::Checkpoint {
+                    path: p.display().to_string(),
+                    reason,
+                })?;
+            (
+                s.step,
+                Some(s.loader.clone()),
+                s.samples_seen,
+                s.train_seconds,
+            )
+        }
+        _ => (0, None, 0, 0.0),
+    };
+    let first_step = step;
+    let total = cfg.run.steps;
+    let stop = req.stop_after.unwrap_or(total).min(total);
+    if step >= total {
+        return Err(TrainError::Config {
+            field: "run.steps".into(),
+            reason: format!(
+                "the checkpoint is at step {step}, the run has {total} steps: nothing to do"
+            ),
+        });
+    }
+
+    let mut loader = DataLoader::new(cfg.loader_config(&model_cfg)?, vocab.clone(), loader_state)?;
+    let mut metrics = MetricsLog::open(out.join("metrics.jsonl"), saved.as_ref().map(|s| s.step))?;
+    let schedule = cfg.schedule();
+    let obj = Objective {
+        parts,
+        hni_weight: cfg.loss.hni_weight,
+        stc_weight: cfg.loss.stc_weight,
+        stc_reduction: cfg.loss.stc_reduction,
+        autocast,
+        grad_clip: cfg.optim.grad_clip,
+        max_logit_scale: cfg.optim.max_logit_scale,
+    };
+    let bar = hq_data::progress::bar(Some(total), "steps");
+    bar.set_position(step);
+    say(
+        req.verbose,
+        &bar,
+        &format!(
+            "hq-train: {} on {device:?}, {} parameters{}, parts: mixed text {} / HNI {} / STC {}, \
+             {} x {} samples per step, steps {step}..{stop} of {total}",
+            cfg.model
+                .preset
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .or(cfg.model.config.as_ref().map(|_| "custom model"))
+                .unwrap_or("hq-tiny"),
+            model.num_parameters(),
+            stc.as_ref()
+                .map(|h| format!(" + STC head over {} tags", h.classes()))
+                .unwrap_or_default(),
+            parts.mixed_text,
+            parts.hni,
+            parts.stc,
+            cfg.run.accum_steps,
+            cfg.run.batch_size,
+        ),
+    );
+
+    // ---- the loop
+    let mut records = Vec::new();
+    let mut skipped_session = SkipCounts::default();
+    let mut last_checkpoint = None;
+    let mut last_eval = None;
+    let mut window = (Instant::now(), 0usize);
+    let session_start = Instant::now();
+    let mut session_samples = 0u64;
+    while step < stop {
+        let t0 = Instant::now();
+        let lr = schedule.lr(step);
+        let mut batches: Vec<Batch> = Vec::with_capacity(cfg.run.accum_steps);
+        for _ in 0..cfg.run.accum_steps {
+            let b = loader.next().ok_or_else(|| {
+                TrainError::DataLoader("the data loader ended before the last step".into())
+            })??;
+            batches.push(b);
+        }
+        let mut skipped = SkipCounts::default();
+        for b in &batches {
+            skipped.merge(&b.skipped);
+        }
+        let stats: StepStats = train_step(
+            &model,
+            stc.as_ref(),
+            &mut optimizer,
+            &batches,
+            &obj,
+            lr,
+            device,
+            step + 1,
+        )?;
+        step += 1;
+        samples_seen += stats.samples as u64;
+        session_samples += stats.samples as u64;
+        train_seconds += t0.elapsed().as_secs_f64();
+        window.1 += stats.samples;
+        records.push(StepRecord {
+            step,
+            lr,
+            loss: stats.loss,
+            loss_clip: stats.loss_clip,
+            loss_hni: stats.loss_hni,
+            loss_stc: stats.loss_stc,
+        });
+        if skipped.total() > 0 {
+            skipped_session.merge(&skipped);
+            metrics.write(&json!({"kind": "skips", "step": step, "skipped": skipped,
+                "skipped_total": loader.state().skipped_total}))?;
+        }
+        if step % cfg.run.log_every == 0 || step == stop {
+            let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+            window = (Instant::now(), 0);
+            metrics.write(&json!({
+                "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
+                "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
+                "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
+                "loss_stc_weighted": stats.loss_stc * obj.stc_weight,
+                "hni_gate_open": stats.hni_gate_open, "grad_norm": stats.grad_norm,
+                "logit_scale": stats.logit_scale, "samples_per_s": rate,
+                "samples_seen": samples_seen, "epoch": loader.state().epoch(),
+                "skipped_total": loader.state().skipped_total,
+            }))?;
+            bar.set_message(format!(
+                "loss {:.4} (clip {:.4} hni {:.4} stc {:.4}) lr {lr:.2e} {rate:.1} samples/s, {} skipped",
+                stats.loss,
+                stats.loss_clip,
+                stats.loss_hni,
+                stats.loss_stc,
+                loader.state().skipped_total.total()
+            ));
+        }
+        bar.set_position(step);
+        let at_end = step == stop;
+        if at_end || (cfg.run.checkpoint_every > 0 && step % cfg.run.checkpoint_every == 0) {
+            let state = TrainState {
+                step,
+                config: cfg.clone(),
+                loader: loader.state().clone(),
+                samples_seen,
+                train_seconds,
+            };
+            let path = save_checkpoint(
+                &ckpt_dir,
+                &model,
+                stc.as_ref(),
+                vocab.as_deref(),
+                &optimizer,
+                &state,
+            )?;
+            prune_checkpoints(&ckpt_dir, cfg.run.keep_checkpoints)?;
+            say(req.verbose, &bar, &format!("checkpoint {}", path.display()));
+            last_checkpoint = Some(path);
+        }
+        let eval_due = cfg.run.eval_every > 0 && step % cfg.run.eval_every == 0;
+        if let (Some(dir), true) = (&cfg.run.eval_dir, eval_due || (at_end && step == total)) {
+            let summary = evaluate(&model, device, dir, &cfg, step, &out, &bar)?;
+            metrics.write(&json!({"kind": "eval", "step": step,
+                "results": summary.iter().cloned().collect::<serde_json::Map<String, serde_json::Value>>()}))?;
+            say(
+                req.verbose,
+                &bar,
+                &format!(
+                    "eval at step {step}: {}",
+                    summary
+                        .iter()
+                        .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v.as_f64().unwrap_or(f64::NAN)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            last_eval = Some(
+                summary
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_f64().unwrap_or(f64::NAN)))
+                    .collect(),
+            );
+        }
+    }
+    bar.finish_and_clear();
+    drop(loader);
+
+    // ---- the end: plots and summary
+    if step == total {
+        if let Err(e) = plot_curves(metrics.path(), &out.join("plots")) {
+            // A missing font must not cost a finished run; the metrics hold the same numbers.
+            eprintln!("hq-train: warning: cannot draw the curves: {e}");
+        }
+    }
+    let summary = RunSummary {
+        out_dir: out.clone(),
+        first_step,
+        last_step: step,
+        steps: records,
+        skipped: skipped_session,
+        samples_seen,
+        last_checkpoint,
+        eval: last_eval,
+        samples_per_second: session_samples as f64
+            / session_start.elapsed().as_secs_f64().max(1e-9),
+    };
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| io(&out, e))?;
+    hq_data::atomic::write_atomic(out.join("summary.json"), text.as_bytes())?;
+    if req.verbose {
+        eprintln!(
+            "hq-train: steps {first_step}..{step} done, {} samples seen, {:.1} samples/s; bad samples \
+             this session: {}",
+            samples_seen, summary.samples_per_second, summary.skipped
+        );
+    }
+    Ok(summary)
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    model: &Clip,
+    stc: Option<&StcHead>,
+    vocab: Option<&TagVocab>,
+    optimizer: &AdamW,
+    state: &TrainState,
+) -> Result<PathBuf, TrainError> {
+    let mut w = CheckpointWriter::create(dir.join(format!("step-{:08}", state.step)), state.step)?;
+    w.write_tensors(ckpt::MODEL_FILE, &model.state_dict())?;
+    w.write_bytes(
+        ckpt::MODEL_CONFIG_FILE,
+        model.config().to_json_string()?.as_bytes(),
+    )?;
+    if let Some(h) = stc {
+        w.write_tensors(ckpt::STC_HEAD_FILE, &h.state_dict())?;
+    }
+    if let Some(v) = vocab {
+        let p = w.external_file(ckpt::TAG_VOCAB_FILE)?;
+        v.save(&p)?;
+    }
+    w.write_tensors(ckpt::OPTIMIZER_FILE, &optimizer.state_tensors())?;
+    w.write_json(ckpt::TRAIN_STATE_FILE, state)?;
+    let path = w.commit()?;
+    ckpt::write_latest(&path)?;
+    Ok(path)
+}
+
+/// Keeps the newest `keep` checkpoints (0: all).
+fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), TrainError> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    found.sort();
+    let remove = found.len().saturating_sub(keep);
+    for p in &found[..remove] {
+        std::fs::remove_dir_all(p).map_err(|e| io(p, e))?;
+    }
+    Ok(())
+}
+
+/// Evaluates on the built-in held-out sets; writes `eval/step-N.json`; returns the summary.
+fn evaluate(
+    model: &Clip,
+    device: Device,
+    eval_dir: &Path,
+    cfg: &TrainConfig,
+    step: u64,
+    out: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<(String, serde_json::Value)>, TrainError> {
+    let mut encoder = TchEncoder::from_model(model, device)?;
+    let options = hq_eval::RunOptions {
+        limit: (cfg.run.eval_samples > 0).then_some(cfg.run.eval_samples as u64),
+        progress: false,
+        threads: cfg.data.threads,
+        ..hq_eval::RunOptions::default()
+    };
+    let report = bar
+        .suspend(|| hq_eval::evaluate_builtin(&mut encoder, eval_dir, &options))
+        .map_err(|e| TrainError::Eval(e.to_string()))?;
+    let path = out.join("eval").join(format!("step-{step:08}.json"));
+    let text = serde_json::to_string_pretty(&report).map_err(|e| io(&path, e))?;
+    hq_data::atomic::write_atomic(&path, text.as_bytes())?;
+    Ok(report
+        .summary()
+        .into_iter()
+        .map(|(k, v)| (k, json!(v)))
+        .collect())
+}
