@@ -243,8 +243,8 @@ pub struct CheckpointLocation {
 }
 
 /// Resolves what the user passed as the checkpoint: a safetensors file, an `hq-train` checkpoint
-/// directory (`model.safetensors` + `model_config.json`), or an `hq-train` run directory whose
-/// `latest` file names the newest checkpoint directory.
+/// directory (`model.safetensors` + `model_config.json`), a directory whose `latest` file names
+/// the newest checkpoint directory, or an `hq-train` run directory (its `checkpoints/`).
 pub fn locate(path: &Path) -> Result<CheckpointLocation> {
     if path.is_file() {
         let config = path
@@ -261,6 +261,12 @@ pub fn locate(path: &Path) -> Result<CheckpointLocation> {
         if weights.is_file() {
             let config = Some(path.join(CHECKPOINT_CONFIG_FILE)).filter(|p| p.is_file());
             return Ok(CheckpointLocation { weights, config });
+        }
+        // An hq-train run directory keeps its checkpoints (and their `latest` file) under
+        // `checkpoints/`.
+        let run_checkpoints = path.join("checkpoints");
+        if !path.join(LATEST_FILE).is_file() && run_checkpoints.join(LATEST_FILE).is_file() {
+            return locate(&run_checkpoints);
         }
         let latest = path.join(LATEST_FILE);
         if latest.is_file() {
@@ -457,4 +463,31 @@ pub fn resolve_config(
          it and no `model_config` in its safetensors metadata)",
         location.weights.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layouts `hq-train` writes: `RUN/checkpoints/latest` naming `RUN/checkpoints/step-N/`.
+    #[test]
+    fn locate_resolves_checkpoint_run_and_latest_directories() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let run = tmp.path().join("run");
+        let step = run.join("checkpoints/step-00000150");
+        std::fs::create_dir_all(&step).expect("mkdir");
+        std::fs::write(step.join(CHECKPOINT_MODEL_FILE), b"x").expect("weights");
+        std::fs::write(step.join(CHECKPOINT_CONFIG_FILE), b"{}").expect("config");
+        std::fs::write(run.join("checkpoints").join(LATEST_FILE), "step-00000150\n")
+            .expect("latest");
+        for given in [run.clone(), run.join("checkpoints"), step.clone()] {
+            let found = locate(&given).expect("located");
+            assert_eq!(found.weights, step.join(CHECKPOINT_MODEL_FILE), "{given:?}");
+            assert_eq!(found.config, Some(step.join(CHECKPOINT_CONFIG_FILE)));
+        }
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir_all(&empty).expect("mkdir");
+        let err = locate(&empty).expect_err("no checkpoint").to_string();
+        assert!(err.contains("run directory"), "{err}");
+    }
 }
