@@ -41,13 +41,7 @@ done
 
 source tools/env.sh
 export HQ_NO_PROGRESS="${HQ_NO_PROGRESS:-}"
-cargo build --release --locked -p hq-train --bin hq-train --bin hq-ablation
-have_eval=0
-if cargo build --release --locked -p hq-eval-cli --bin hq-eval >/dev/null 2>&1; then
-  have_eval=1
-else
-  echo "ablation.sh: the hq-eval command does not build here; using hq-train's own final evaluation" >&2
-fi
+cargo build --release --locked -p hq-train --bin hq-train --bin hq-ablation -p hq-eval-cli --bin hq-eval
 
 reports=()
 for seed in $seeds; do
@@ -66,13 +60,9 @@ for seed in $seeds; do
       fi
     fi
     report="$run/builtin.json"
-    if [[ $have_eval == 1 ]]; then
-      if [[ ! -f "$report" ]]; then
-        target/release/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
-          --device cpu --quiet --name "$v" --out "$report" >/dev/null
-      fi
-    else
-      report="$(ls "$run"/eval/step-*.json | tail -n 1)"
+    if [[ ! -f "$report" ]]; then
+      target/release/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
+        --device cpu --quiet --name "$v" --out "$report" >/dev/null
     fi
     reports+=("$v=$seed=$report")
   done
