@@ -6,26 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hq_eval::results::aggregates;
 use hq_eval::tasks::{datacomp_tasks, TaskKind};
+use hq_tests::{python, workspace_root};
 use rand::{Rng, SeedableRng};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 fn datacomp(main: &BTreeMap<String, f64>, partial: bool) -> serde_json::Value {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -3,25 +3,11 @@
 //! DataComp's float32 scatter, `torch.topk` top-5 worst group, numpy argsort + sklearn Jaccard),
 //! re-run by tests/python/eval_metrics_reference.py on random data. Runtime: about 3 s.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hq_eval::metrics;
+use hq_tests::{python, workspace_root};
 use rand::{Rng, SeedableRng};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 fn close(a: f64, b: &serde_json::Value, what: &str) {
     let b = b

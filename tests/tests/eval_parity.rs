@@ -29,6 +29,7 @@ use hq_eval::evaluate::{
 };
 use hq_eval::wds::WdsDataset;
 use hq_eval::{EncodeError, Encoder, RunOptions};
+use hq_tests::{python, workspace_root};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -36,20 +37,6 @@ const TOLERANCE: f64 = 1e-6;
 const DIM: usize = 32;
 const SIZE: u32 = 16;
 const VOCAB: usize = 49_408;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 fn run_reference(args: &[&std::ffi::OsStr]) {
     let script = workspace_root().join("tests/python/eval_clip_benchmark.py");

@@ -38,6 +38,7 @@ use hq_export::checkpoint::{expected_tensors, locate, resolve_config, Checkpoint
 use hq_export::clip::{export_onnx, ExportOptions, Precision};
 use hq_export::formats::{export_hf, export_open_clip};
 use hq_runtime::{ExecutionProvider, OnnxClipEncoder, OnnxEncoderOptions};
+use hq_tests::{python, workspace_root};
 use hq_train::model::{ClipConfig, Size2, TextPool, VisionPool};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -45,20 +46,6 @@ use tch::{Device, Kind, Tensor};
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 const TOL: f64 = 1e-4;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 /// Runs a script of tests/python and returns its stdout; panics with its stderr on failure.
 fn run_py(script: &str, args: &[&std::ffi::OsStr]) -> String {

@@ -24,6 +24,7 @@ use hq_export::{
 };
 use hq_runtime::ndarray::{ArrayD, IxDyn};
 use hq_runtime::{ExecutionProvider, SessionOptions};
+use hq_tests::{python, workspace_root};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,20 +32,6 @@ type TestResult = Result<(), Box<dyn Error>>;
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 const TOL: f64 = 1e-5;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 /// `$ORT_DYLIB_PATH`, else `libonnxruntime.so.*` of the venv's onnxruntime wheel.
 fn ort_dylib() -> BoxResult<PathBuf> {

@@ -19,25 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use hq_tests::{python, workspace_root};
 use hq_train::model::{Clip, ClipConfig};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 fn presets_dir() -> PathBuf {
     workspace_root().join("training/presets")

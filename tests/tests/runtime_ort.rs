@@ -18,24 +18,11 @@ use std::process::Command;
 use hq_export::{ElemType, GraphBuilder, ModelBuilder, Node};
 use hq_runtime::ndarray::{Array2, ArrayD, IxDyn};
 use hq_runtime::{Dim, ExecutionProvider, RuntimeError, SessionOptions};
+use hq_tests::{python, workspace_root};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
 const CHILD_ENV: &str = "HQ_RUNTIME_TEST_CHILD";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 /// `$ORT_DYLIB_PATH`, else `libonnxruntime.so.*` of the venv's onnxruntime wheel.
 fn ort_dylib() -> Result<PathBuf, Box<dyn Error>> {

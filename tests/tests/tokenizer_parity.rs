@@ -12,29 +12,16 @@
 //! `HQ_TOKENIZER_PARITY_DUMP=<path>` keeps a copy of the corpus (JSONL, one string a line).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use hq_data::text::tokenizer::ClipTokenizer;
+use hq_tests::{python, workspace_root};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const SEED: u64 = 0x00C1_1B70_4E5E;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 // ------------------------------------------------------------------------------------------
 // Corpus pieces

@@ -26,6 +26,7 @@ use hq_data::synth::{self, SynthConfig, WriteOptions};
 use hq_data::text::segment::segments;
 use hq_data::text::tokenizer::ClipTokenizer;
 use hq_data::Sample;
+use hq_tests::workspace_root;
 use hq_train::data::transform::{random_resized_crop_params, Normalizer, DEFAULT_CROP_RATIO};
 use hq_train::data::{
     build_tag_vocab, Batch, DataLoader, ImageTransform, LoaderConfig, LoaderState, TextPolicy,
@@ -37,13 +38,6 @@ use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
 
 fn python() -> Option<PathBuf> {
     let p = match std::env::var_os("HQ_PYTHON") {

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use hq_data::shards::{ReadOptions, ShardReader, ShardWriter, ShardWriterOptions};
 use hq_data::synth::{self, SynthConfig, WriteOptions};
 use hq_data::Sample;
+use hq_tests::workspace_root;
 use hq_train::config::TrainConfig;
 use hq_train::model::ClipConfig;
 use hq_train::optim::{AdamW, AdamWConfig};
@@ -30,13 +31,6 @@ static TRAINING: Mutex<()> = Mutex::new(());
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     TRAINING.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn python() -> Option<PathBuf> {

@@ -3,26 +3,13 @@
 
 #![allow(dead_code)]
 
+pub use hq_tests::{python, workspace_root};
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
 pub type TestResult = Result<(), Box<dyn Error>>;
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-pub fn python() -> PathBuf {
-    match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    }
-}
 
 /// `$ORT_DYLIB_PATH`, else `libonnxruntime.so.*` of the venv's onnxruntime wheel.
 pub fn ort_dylib() -> Result<PathBuf, Box<dyn Error>> {
