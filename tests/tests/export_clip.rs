@@ -970,3 +970,57 @@ fn bad_checkpoints_and_inputs_fail_naming_the_problem() -> BoxResult<()> {
     assert!(msg.contains("CUDAExecutionProvider"), "{msg}");
     Ok(())
 }
+
+/// The evaluation backends agree: `evaluate_builtin` over the built-in held-out sets gives the
+/// same metrics through tch (`hq_train::TchEncoder` on the checkpoint) and through ONNX Runtime
+/// (`OnnxClipEncoder` on its export). Embeddings differ by ~1e-6, so every prediction, and hence
+/// every metric, must be identical.
+#[test]
+fn builtin_metrics_are_equal_through_tch_and_onnx() -> BoxResult<()> {
+    let tmp = tempfile::tempdir()?;
+    let cfg = ClipConfig::hq_tiny();
+    tch::manual_seed(11);
+    let vs = VarStore::new(Device::Cpu);
+    let model = hq_train::model::Clip::new(vs.root(), &cfg)?;
+    perturb(&model, 12);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let ckpt = save_checkpoint_dir(&model, &cfg, &ckpt_dir);
+    let onnx_dir = tmp.path().join("onnx");
+    let opts = ExportOptions {
+        precision: Precision::Fp32,
+        normalize: false,
+        model_name: Some("hq-tiny".into()),
+    };
+    export_dir(&ckpt, &cfg, &opts, &onnx_dir)?;
+
+    let synth = hq_data::synth::SynthConfig {
+        eval_samples: 48,
+        eval_shard_size: 24,
+        ..hq_data::synth::SynthConfig::default()
+    };
+    let eval_dir = tmp.path().join("eval");
+    hq_data::synth::evalsets::write_eval_sets(&synth, &eval_dir, false)?;
+    let run = hq_eval::RunOptions {
+        progress: false,
+        batch_size: 16,
+        aro_attribute_min_count: 1,
+        ..hq_eval::RunOptions::default()
+    };
+
+    let mut tch_encoder = hq_train::TchEncoder::from_checkpoint(&ckpt, Some(&cfg), Device::Cpu)?;
+    let via_tch = hq_eval::evaluate_builtin(&mut tch_encoder, &eval_dir, &run)?.summary();
+    let mut onnx_encoder = encoder(&onnx_dir, 16, None);
+    let via_onnx = hq_eval::evaluate_builtin(&mut onnx_encoder, &eval_dir, &run)?.summary();
+
+    assert_eq!(via_tch.len(), via_onnx.len());
+    assert!(via_tch.len() >= 8, "{via_tch:?}");
+    for ((name_t, value_t), (name_o, value_o)) in via_tch.iter().zip(&via_onnx) {
+        eprintln!("{name_t}: tch {value_t:.6}, onnx {value_o:.6}");
+        assert_eq!(name_t, name_o);
+        assert_eq!(
+            value_t, value_o,
+            "{name_t}: tch {value_t} vs onnx {value_o}"
+        );
+    }
+    Ok(())
+}
