@@ -531,29 +531,13 @@ pub fn evaluate_aro(
         |sink: &mut JobSink<'_, usize>| {
             for (i, r) in records.iter().enumerate() {
                 let path: PathBuf = image_dir.join(&r.image_path);
-                let job = match std::fs::read(&path) {
-                    Ok(bytes) => Ok(ImageJob {
-                        key: format!("{i}"),
-                        shard: shard.clone(),
-                        ext: path
-                            .extension()
-                            .map(|e| e.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                        bytes,
-                        crop: Some(CropRect {
-                            left: r.bbox_x,
-                            top: r.bbox_y,
-                            right: r.bbox_x + r.bbox_w,
-                            bottom: r.bbox_y + r.bbox_h,
-                        }),
-                        label: i,
-                    }),
-                    Err(e) => Err(hq_data::SampleError {
-                        shard: shard.clone(),
-                        key: format!("{i}"),
-                        reason: format!("cannot read image {}: {e}", path.display()),
-                    }),
+                let crop = CropRect {
+                    left: r.bbox_x,
+                    top: r.bbox_y,
+                    right: r.bbox_x + r.bbox_w,
+                    bottom: r.bbox_y + r.bbox_h,
                 };
+                let job = ImageJob::from_file(&path, &shard, format!("{i}"), Some(crop), i);
                 if !sink(job) {
                     return;
                 }
@@ -716,23 +700,7 @@ pub fn evaluate_winogavil(
             for (i, r) in records.iter().enumerate() {
                 for (j, img) in r.candidate_images.iter().enumerate() {
                     let p = dir.join(img);
-                    let job = std::fs::read(&p)
-                        .map(|bytes| ImageJob {
-                            key: format!("{i}/{j}"),
-                            shard: shard.clone(),
-                            ext: p
-                                .extension()
-                                .map(|e| e.to_string_lossy().into_owned())
-                                .unwrap_or_default(),
-                            bytes,
-                            crop: None,
-                            label: (i, j),
-                        })
-                        .map_err(|e| hq_data::SampleError {
-                            shard: shard.clone(),
-                            key: format!("{i}/{j}"),
-                            reason: format!("cannot read image {}: {e}", p.display()),
-                        });
+                    let job = ImageJob::from_file(&p, &shard, format!("{i}/{j}"), None, (i, j));
                     if !sink(job) {
                         return;
                     }

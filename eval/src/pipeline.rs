@@ -100,6 +100,37 @@ pub struct ImageJob<L> {
     pub label: L,
 }
 
+impl<L> ImageJob<L> {
+    /// A job for an image file on disk (ARO, WinoGAViL), or the error record saying why it cannot
+    /// be read. The extension names the decoder, as a webdataset member's does.
+    pub fn from_file(
+        path: &std::path::Path,
+        shard: &str,
+        key: String,
+        crop: Option<CropRect>,
+        label: L,
+    ) -> Result<Self, SampleError> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(ImageJob {
+                key,
+                shard: shard.to_string(),
+                ext: path
+                    .extension()
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes,
+                crop,
+                label,
+            }),
+            Err(e) => Err(SampleError {
+                shard: shard.to_string(),
+                key,
+                reason: format!("cannot read image {}: {e}", path.display()),
+            }),
+        }
+    }
+}
+
 /// Where a sample source pushes its jobs (or error records); `false` back means stop.
 pub type JobSink<'a, L> = dyn FnMut(Result<ImageJob<L>, SampleError>) -> bool + 'a;
 
