@@ -113,9 +113,21 @@ fn zero_grads(ts: &[&Tensor]) {
     }
 }
 
-/// One training-style step of the fused loss: forward, backward.
+/// One training-style step of the fused loss: forward, backward. For N <= 2 D this is the
+/// small-batch schedule (libtorch GEMMs + the fused element-wise pass).
 fn fused(x: &Tensor, y: &Tensor, ls: &Tensor) -> f64 {
     let out = hq_kernels::clip_loss(x, y, &ls.exp()).expect("fused loss");
+    out.loss.backward();
+    out.loss.double_value(&[])
+}
+
+/// The same with the tiled kernel at every size (`Options::dense_small` off).
+fn tiled(x: &Tensor, y: &Tensor, ls: &Tensor) -> f64 {
+    let opts = hq_kernels::Options {
+        dense_small: false,
+        ..hq_kernels::Options::default()
+    };
+    let out = hq_kernels::clip_loss_with(x, y, &ls.exp(), &opts).expect("tiled loss");
     out.loss.backward();
     out.loss.double_value(&[])
 }
@@ -263,9 +275,20 @@ fn memory_table(ns: &[i64]) {
 fn paired_table(ns: &[i64]) {
     use std::time::Instant;
     println!("\n== Paired timing (fused / tch alternated), forward+backward, D = {D} ==");
+    println!("(for N <= 2 D the fused entry point runs the small-batch schedule; 'tiled' is the");
+    println!(" tiled kernel on the same inputs, '-' where the two are the same path)");
     println!(
-        "{:>7} {:>5} | {:>10} {:>10} | {:>10} {:>10} | {:>11} {:>11}",
-        "N", "reps", "fused min", "fused med", "tch min", "tch med", "speedup min", "speedup med"
+        "{:>7} {:>5} | {:>10} {:>10} | {:>10} {:>10} | {:>11} {:>11} | {:>10} {:>11}",
+        "N",
+        "reps",
+        "fused min",
+        "fused med",
+        "tch min",
+        "tch med",
+        "speedup min",
+        "speedup med",
+        "tiled med",
+        "tch/tiled"
     );
     for &n in ns {
         let reps = match n {
@@ -275,11 +298,16 @@ fn paired_table(ns: &[i64]) {
             _ => 3,
         };
         let (x, y, ls) = inputs(n, D, Device::Cpu);
+        let with_tiled = hq_kernels::cpu::dense_pays(n as usize, D as usize);
         let mut tf = Vec::new();
         let mut tt = Vec::new();
+        let mut tk = Vec::new();
         // One untimed round of each first.
         fused(&x, &y, &ls);
         unfused(&x, &y, &ls);
+        if with_tiled {
+            tiled(&x, &y, &ls);
+        }
         for _ in 0..reps {
             zero_grads(&[&x, &y, &ls]);
             let t = Instant::now();
@@ -289,6 +317,12 @@ fn paired_table(ns: &[i64]) {
             let t = Instant::now();
             unfused(&x, &y, &ls);
             tt.push(t.elapsed().as_secs_f64());
+            if with_tiled {
+                zero_grads(&[&x, &y, &ls]);
+                let t = Instant::now();
+                tiled(&x, &y, &ls);
+                tk.push(t.elapsed().as_secs_f64());
+            }
         }
         let stats = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
@@ -296,8 +330,14 @@ fn paired_table(ns: &[i64]) {
         };
         let ((fmin, fmed), (tmin, tmed)) = (stats(&mut tf), stats(&mut tt));
         let ms = |v: f64| format!("{:.2} ms", v * 1e3);
+        let (kmed, kratio) = if with_tiled {
+            let (_, kmed) = stats(&mut tk);
+            (ms(kmed), format!("{:.2}x", tmed / kmed))
+        } else {
+            ("-".into(), "-".into())
+        };
         println!(
-            "{:>7} {:>5} | {:>10} {:>10} | {:>10} {:>10} | {:>10.2}x {:>10.2}x",
+            "{:>7} {:>5} | {:>10} {:>10} | {:>10} {:>10} | {:>10.2}x {:>10.2}x | {:>10} {:>11}",
             n,
             reps,
             ms(fmin),
@@ -305,7 +345,9 @@ fn paired_table(ns: &[i64]) {
             ms(tmin),
             ms(tmed),
             tmin / fmin,
-            tmed / fmed
+            tmed / fmed,
+            kmed,
+            kratio
         );
     }
     println!();

@@ -26,7 +26,7 @@ use crate::cpu::{self, Isa};
 use crate::cuda;
 use crate::error::{KernelError, Result};
 use crate::targets::TagTargets;
-use crate::validate::{check_gate, check_offset, check_scale, Mat};
+use crate::validate::{check_finite, check_gate, check_offset, check_scale, Mat};
 
 /// Where a loss runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +53,10 @@ pub struct Options {
     pub synchronize: bool,
     /// CPU code path; `None` picks the best one the machine has.
     pub isa: Option<Isa>,
+    /// CPU, symmetric contrastive loss: hand small batches' products to libtorch's GEMM and run
+    /// only the element-wise part fused (`cpu::dense_pays`, `cpu/clip_dense.rs`). When false,
+    /// every size runs the tiled kernel. Default: true.
+    pub dense_small: bool,
 }
 
 impl Default for Options {
@@ -62,6 +66,7 @@ impl Default for Options {
             check_finite: true,
             synchronize: false,
             isa: None,
+            dense_small: true,
         }
     }
 }
@@ -183,6 +188,18 @@ fn host_slice(t: &Tensor) -> &[f32] {
     debug_assert!(t.device() == TchDevice::Cpu && t.kind() == Kind::Float && t.is_contiguous());
     // SAFETY: `t` is a contiguous f32 CPU tensor of `n` elements that outlives the borrow.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
+}
+
+/// Borrows a CPU f32 contiguous tensor's data mutably.
+fn host_slice_mut(t: &mut Tensor) -> &mut [f32] {
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    debug_assert!(t.device() == TchDevice::Cpu && t.kind() == Kind::Float && t.is_contiguous());
+    // SAFETY: `t` is a contiguous f32 CPU tensor of `n` elements, borrowed mutably for as long
+    // as the slice lives, and not aliased by another tensor (it was just created by the caller).
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
 }
 
 fn to_cpu(t: &Tensor) -> Result<Tensor> {
@@ -361,6 +378,9 @@ pub fn clip_loss_with(x: &Tensor, y: &Tensor, scale: &Tensor, opts: &Options) ->
     }
     let grads = wants_grad(&[&xi.tracked, &yi.tracked, &s]);
     match choose(device, opts)? {
+        Exec::Cpu if opts.dense_small && cpu::dense_pays(n, d) => {
+            clip_loss_dense(&xi, &yi, &s, n, device, grads, opts)
+        }
         Exec::Cpu => {
             let (xc, yc) = (to_cpu(&xi.data)?, to_cpu(&yi.data)?);
             let sv = s.detach().f_to_device(TchDevice::Cpu)?.double_value(&[]);
@@ -438,6 +458,48 @@ pub fn clip_loss_with(x: &Tensor, y: &Tensor, scale: &Tensor, opts: &Options) ->
             Ok(ClipLoss { loss, gate })
         }
     }
+}
+
+/// The CPU path for small batches (`cpu::dense_pays`): the three products `X Y^T`, `(s G) Y` and
+/// `(s G)^T X` run on libtorch's GEMM, the rest in one fused pass (`cpu/clip_dense.rs`).
+#[allow(clippy::too_many_arguments)]
+fn clip_loss_dense(
+    xi: &Input,
+    yi: &Input,
+    s: &Tensor,
+    n: usize,
+    device: TchDevice,
+    grads: bool,
+    opts: &Options,
+) -> Result<ClipLoss> {
+    let (xc, yc) = (to_cpu(&xi.data)?, to_cpu(&yi.data)?);
+    // Non-finite inputs are named here (the products would only say "logits").
+    let d = xc.size()[1] as usize;
+    check_finite("x (image embeddings)", host_slice(&xc), d)?;
+    check_finite("y (text embeddings)", host_slice(&yc), d)?;
+    let sv = s.detach().f_to_device(TchDevice::Cpu)?.double_value(&[]);
+    let mut prod = xc.f_matmul(&yc.f_tr()?)?.f_contiguous()?;
+    let out =
+        cpu::clip_loss_from_products(host_slice_mut(&mut prod), n, sv as f32, grads, isa(opts))?;
+    let gate = from_vec(&out.gate, &[n as i64], device)?;
+    let value = scalar(out.loss, device)?;
+    let loss = match out.dscale {
+        Some(ds) => {
+            // `prod` now holds s G.
+            let dx = prod.f_matmul(&yc)?.f_to_device(device)?;
+            let dy = prod.f_tr()?.f_matmul(&xc)?.f_to_device(device)?;
+            attach(
+                value,
+                vec![
+                    (&xi.tracked, dx),
+                    (&yi.tracked, dy),
+                    (s, scalar(ds, s.device())?),
+                ],
+            )?
+        }
+        None => value,
+    };
+    Ok(ClipLoss { loss, gate })
 }
 
 /// open_clip's local loss (`--local-loss --gather-with-grad`): this rank's `x_local`, `y_local`

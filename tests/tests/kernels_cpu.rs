@@ -102,6 +102,83 @@ fn clip_symmetric_matches_reference() {
     }
 }
 
+/// The small-batch schedule (`cpu::clip_loss_from_products`, the fused element-wise part fed by
+/// a BLAS's products) against the same f64 reference. The products are rounded to f32 from f64
+/// here, and the gradient products `(s G) Y`, `(s G)^T X` that the entry point hands to libtorch
+/// are summed in f64.
+#[test]
+fn clip_from_products_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed());
+    for isa in Isa::available() {
+        for &(n, d) in SHAPES {
+            for &scale in &[1.0f32, 14.285_714, 100.0] {
+                let x = embeddings(&mut rng, n, d);
+                let y = correlated(&mut rng, &x, n, d, 0.3);
+                let dot = |a: &[f32], b: &[f32]| -> f64 {
+                    a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
+                };
+                let products: Vec<f32> = (0..n * n)
+                    .map(|e| dot(&x[e / n * d..][..d], &y[e % n * d..][..d]) as f32)
+                    .collect();
+                let mut sg = products.clone();
+                let got = cpu::clip_loss_from_products(&mut sg, n, scale, true, isa).expect("cpu");
+                let want = reference::clip_symmetric(&x, &y, n, d, scale as f64);
+                let tag = format!("{isa:?} n={n} d={d} s={scale}");
+                close_scalar(&format!("{tag} loss"), got.loss, want.loss);
+                let (mut dx, mut dy) = (vec![0.0f64; n * d], vec![0.0f64; n * d]);
+                for i in 0..n {
+                    for j in 0..n {
+                        let g = sg[i * n + j] as f64;
+                        for k in 0..d {
+                            dx[i * d + k] += g * y[j * d + k] as f64;
+                            dy[j * d + k] += g * x[i * d + k] as f64;
+                        }
+                    }
+                }
+                close_f32(&format!("{tag} dx"), &dx, &want.dx);
+                close_f32(&format!("{tag} dy"), &dy, &want.dy);
+                let ds = got.dscale.expect("dscale");
+                close_sum(&format!("{tag} dscale"), ds, want.dscale, want.dscale_mag);
+                if clear_margins(&x, &y, n, n, d, 0) {
+                    gates_agree(&got.gate, &want.gate);
+                }
+                let mut again = products.clone();
+                let fwd =
+                    cpu::clip_loss_from_products(&mut again, n, scale, false, isa).expect("cpu");
+                assert_eq!(fwd.loss, got.loss, "{tag}: forward-only loss");
+                assert_eq!(fwd.gate, got.gate, "{tag}: forward-only gate");
+                assert!(fwd.dscale.is_none());
+            }
+        }
+    }
+    // Bad products are named errors.
+    let mut bad = vec![0.0f32, 1.0, f32::NAN, 0.0];
+    let e = err_text(cpu::clip_loss_from_products(
+        &mut bad,
+        2,
+        10.0,
+        true,
+        Isa::detect(),
+    ));
+    assert!(e.contains("logits") && e.contains("row 1"), "{e}");
+    let e = err_text(cpu::clip_loss_from_products(
+        &mut [0.0; 3],
+        2,
+        10.0,
+        true,
+        Isa::detect(),
+    ));
+    assert!(e.contains("3 products"), "{e}");
+    let e = err_text(cpu::clip_loss_from_products(
+        &mut [],
+        0,
+        10.0,
+        true,
+        Isa::detect(),
+    ));
+    assert!(e.contains("N = 0"), "{e}");
+}
+
 #[test]
 fn clip_local_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
@@ -252,6 +329,12 @@ fn gate_ties_go_to_the_positive() {
         assert_eq!(g, vec![1.0, 0.0, 1.0], "{isa:?}");
         let c = cpu::clip_loss(mat(&x, 3, d), mat(&y, 3, d), 5.0, false, isa).expect("clip");
         assert_eq!(c.gate, vec![1.0, 0.0, 1.0], "{isa:?}");
+        // The small-batch schedule, from the exact products.
+        let mut p: Vec<f32> = (0..9)
+            .map(|e| (0..d).map(|k| x[e / 3 * d + k] * y[e % 3 * d + k]).sum())
+            .collect();
+        let c = cpu::clip_loss_from_products(&mut p, 3, 5.0, false, isa).expect("dense");
+        assert_eq!(c.gate, vec![1.0, 0.0, 1.0], "{isa:?} dense");
     }
     assert_eq!(reference::row_gate(&x, &y, 3, 3, d, 0), vec![1.0, 0.0, 1.0]);
 }

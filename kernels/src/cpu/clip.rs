@@ -369,7 +369,7 @@ pub(crate) struct Lse {
 }
 
 impl Lse {
-    fn new(n: usize) -> Self {
+    pub(super) fn new(n: usize) -> Self {
         Lse {
             m: vec![f32::NEG_INFINITY; n],
             t: vec![0.0; n],
@@ -437,6 +437,15 @@ pub(crate) struct RowSlices<'a> {
 }
 
 impl<'a> RowSlices<'a> {
+    /// Writes row `i`'s results from its folded `(m, rest)` and its label logit (as
+    /// `RowStats::finish`).
+    pub(super) fn set(&mut self, i: usize, m: f32, rest: f64, diag: f32) {
+        self.m[i] = m;
+        self.t[i] = rest.ln_1p();
+        self.gate[i] = if diag >= m { 1.0 } else { 0.0 };
+        self.diag[i] = diag;
+    }
+
     /// The part starting at row `off` of the worker's range.
     fn at(&mut self, off: usize) -> RowSlices<'_> {
         RowSlices {
@@ -455,7 +464,7 @@ pub(crate) struct ColStats {
 }
 
 impl ColStats {
-    fn new(m: usize) -> Self {
+    pub(super) fn new(m: usize) -> Self {
         ColStats {
             m: vec![f32::NEG_INFINITY; m],
             rest: vec![0.0; m],
@@ -463,7 +472,7 @@ impl ColStats {
     }
 
     /// Merges another worker's statistics into these.
-    fn merge(&mut self, o: &ColStats) {
+    pub(super) fn merge(&mut self, o: &ColStats) {
         for j in 0..self.m.len() {
             if o.m[j] == f32::NEG_INFINITY {
                 continue;
@@ -489,7 +498,7 @@ impl ColStats {
         }
     }
 
-    fn lse(&self) -> Lse {
+    pub(super) fn lse(&self) -> Lse {
         Lse {
             m: self.m.clone(),
             t: self.rest.iter().map(|r| r.ln_1p()).collect(),
@@ -498,9 +507,23 @@ impl ColStats {
 
     #[inline(always)]
     fn update<K: Kernel>(&mut self, tile: &[f32], br: usize, j0: usize, bc: usize) {
+        self.update_strided::<K>(tile, BC, br, j0, bc);
+    }
+
+    /// Folds `br` rows of columns `j0..j0 + bc` (row stride `stride`, `tile` starting at column
+    /// `j0` of its first row) into the statistics.
+    #[inline(always)]
+    pub(super) fn update_strided<K: Kernel>(
+        &mut self,
+        tile: &[f32],
+        stride: usize,
+        br: usize,
+        j0: usize,
+        bc: usize,
+    ) {
         K::col_fold(
             tile,
-            BC,
+            stride,
             br,
             bc,
             &mut self.m[j0..j0 + bc],
@@ -839,7 +862,7 @@ pub(crate) struct RowOut {
 }
 
 impl RowOut {
-    fn new(n: usize) -> Self {
+    pub(super) fn new(n: usize) -> Self {
         RowOut {
             lse: Lse::new(n),
             gate: vec![0.0; n],
@@ -848,7 +871,7 @@ impl RowOut {
     }
 
     /// One `RowSlices` per worker range.
-    fn split<'a>(&'a mut self, rs: &[Range<usize>], n: usize) -> Vec<RowSlices<'a>> {
+    pub(super) fn split<'a>(&'a mut self, rs: &[Range<usize>], n: usize) -> Vec<RowSlices<'a>> {
         split_rows(&mut self.lse.m, rs, n, 1)
             .into_iter()
             .zip(split_rows(&mut self.lse.t, rs, n, 1))

@@ -7,11 +7,13 @@
 
 pub(crate) mod bce;
 pub(crate) mod clip;
+pub(crate) mod clip_dense;
 pub(crate) mod hni;
 pub(crate) mod par;
 pub(crate) mod pool;
 pub(crate) mod simd;
 
+pub use clip_dense::dense_pays;
 pub use simd::Isa;
 
 use crate::error::{KernelError, Result};
@@ -115,6 +117,48 @@ pub fn clip_loss(x: Mat, y: Mat, scale: f32, grads: bool, isa: Isa) -> Result<Cl
         pool::give(k);
     }
     Ok(ClipOutput { loss, gate, grads })
+}
+
+/// Result of [`clip_loss_from_products`].
+#[derive(Debug, Clone)]
+pub struct DenseClipOutput {
+    /// `0.5 CE_rows + 0.5 CE_cols` (each a mean over rows), in f64.
+    pub loss: f64,
+    /// As [`ClipOutput::gate`].
+    pub gate: Vec<f32>,
+    /// dL/ds, when gradients were asked for (the products then hold `s G`).
+    pub dscale: Option<f64>,
+}
+
+/// The loss of [`clip_loss`] for small batches (see [`dense_pays`]), from the unscaled products
+/// `products = X Y^T` (n x n, row-major) computed by a BLAS: the fused element-wise part of the
+/// loss (`clip_dense.rs`). With `grads`, `products` is overwritten with `s G`, `G` = dL/dlogits,
+/// so that `dX = (s G) Y` and `dY = (s G)^T X` are two more BLAS products.
+pub fn clip_loss_from_products(
+    products: &mut [f32],
+    n: usize,
+    scale: f32,
+    grads: bool,
+    isa: Isa,
+) -> Result<DenseClipOutput> {
+    check_isa(isa)?;
+    if n == 0 {
+        return Err(KernelError::Empty("the products are 0 x 0 (N = 0)".into()));
+    }
+    if products.len() != n * n {
+        return Err(KernelError::Shape(format!(
+            "{} products given for an {n} x {n} logit matrix",
+            products.len()
+        )));
+    }
+    check_scale(scale as f64)?;
+    check_finite("logits X Y^T", products, n)?;
+    let out = clip_dense::symmetric(isa, products, n, scale, grads);
+    Ok(DenseClipOutput {
+        loss: out.loss,
+        gate: out.gate,
+        dscale: out.dscale,
+    })
 }
 
 /// Result of [`clip_loss_local`].
