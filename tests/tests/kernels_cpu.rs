@@ -66,40 +66,46 @@ const SHAPES: &[(usize, usize)] = &[
     (150, 512),
 ];
 
-#[test]
-fn clip_symmetric_matches_reference() {
+/// Runs `case(isa, n, d, scale, x, y, tag)` for every CPU code path, shape of [`SHAPES`] and
+/// scale (1, 1/0.07, 100), on fresh correlated embeddings.
+fn each_symmetric_case(mut case: impl FnMut(Isa, usize, usize, f32, &[f32], &[f32], &str)) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed());
     for isa in Isa::available() {
         for &(n, d) in SHAPES {
             for &scale in &[1.0f32, 14.285_714, 100.0] {
                 let x = embeddings(&mut rng, n, d);
                 let y = correlated(&mut rng, &x, n, d, 0.3);
-                let got =
-                    cpu::clip_loss(mat(&x, n, d), mat(&y, n, d), scale, true, isa).expect("cpu");
-                let want = reference::clip_symmetric(&x, &y, n, d, scale as f64);
                 let tag = format!("{isa:?} n={n} d={d} s={scale}");
-                close_scalar(&format!("{tag} loss"), got.loss, want.loss);
-                let g = got.grads.expect("grads");
-                close_f32(&format!("{tag} dx"), &g.dx, &want.dx);
-                close_f32(&format!("{tag} dy"), &g.dy, &want.dy);
-                close_sum(
-                    &format!("{tag} dscale"),
-                    g.dscale,
-                    want.dscale,
-                    want.dscale_mag,
-                );
-                if clear_margins(&x, &y, n, n, d, 0) {
-                    gates_agree(&got.gate, &want.gate);
-                }
-                // Forward-only gives the same loss and gate.
-                let fwd =
-                    cpu::clip_loss(mat(&x, n, d), mat(&y, n, d), scale, false, isa).expect("cpu");
-                assert_eq!(fwd.loss, got.loss, "{tag}: forward-only loss");
-                assert_eq!(fwd.gate, got.gate, "{tag}: forward-only gate");
-                assert!(fwd.grads.is_none());
+                case(isa, n, d, scale, &x, &y, &tag);
             }
         }
     }
+}
+
+#[test]
+fn clip_symmetric_matches_reference() {
+    each_symmetric_case(|isa, n, d, scale, x, y, tag| {
+        let got = cpu::clip_loss(mat(x, n, d), mat(y, n, d), scale, true, isa).expect("cpu");
+        let want = reference::clip_symmetric(x, y, n, d, scale as f64);
+        close_scalar(&format!("{tag} loss"), got.loss, want.loss);
+        let g = got.grads.expect("grads");
+        close_f32(&format!("{tag} dx"), &g.dx, &want.dx);
+        close_f32(&format!("{tag} dy"), &g.dy, &want.dy);
+        close_sum(
+            &format!("{tag} dscale"),
+            g.dscale,
+            want.dscale,
+            want.dscale_mag,
+        );
+        if clear_margins(x, y, n, n, d, 0) {
+            gates_agree(&got.gate, &want.gate);
+        }
+        // Forward-only gives the same loss and gate.
+        let fwd = cpu::clip_loss(mat(x, n, d), mat(y, n, d), scale, false, isa).expect("cpu");
+        assert_eq!(fwd.loss, got.loss, "{tag}: forward-only loss");
+        assert_eq!(fwd.gate, got.gate, "{tag}: forward-only gate");
+        assert!(fwd.grads.is_none());
+    });
 }
 
 /// The small-batch schedule (`cpu::clip_loss_from_products`, the fused element-wise part fed by
@@ -108,49 +114,40 @@ fn clip_symmetric_matches_reference() {
 /// are summed in f64.
 #[test]
 fn clip_from_products_matches_reference() {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed());
-    for isa in Isa::available() {
-        for &(n, d) in SHAPES {
-            for &scale in &[1.0f32, 14.285_714, 100.0] {
-                let x = embeddings(&mut rng, n, d);
-                let y = correlated(&mut rng, &x, n, d, 0.3);
-                let dot = |a: &[f32], b: &[f32]| -> f64 {
-                    a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
-                };
-                let products: Vec<f32> = (0..n * n)
-                    .map(|e| dot(&x[e / n * d..][..d], &y[e % n * d..][..d]) as f32)
-                    .collect();
-                let mut sg = products.clone();
-                let got = cpu::clip_loss_from_products(&mut sg, n, scale, true, isa).expect("cpu");
-                let want = reference::clip_symmetric(&x, &y, n, d, scale as f64);
-                let tag = format!("{isa:?} n={n} d={d} s={scale}");
-                close_scalar(&format!("{tag} loss"), got.loss, want.loss);
-                let (mut dx, mut dy) = (vec![0.0f64; n * d], vec![0.0f64; n * d]);
-                for i in 0..n {
-                    for j in 0..n {
-                        let g = sg[i * n + j] as f64;
-                        for k in 0..d {
-                            dx[i * d + k] += g * y[j * d + k] as f64;
-                            dy[j * d + k] += g * x[i * d + k] as f64;
-                        }
-                    }
+    each_symmetric_case(|isa, n, d, scale, x, y, tag| {
+        let dot = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
+        };
+        let products: Vec<f32> = (0..n * n)
+            .map(|e| dot(&x[e / n * d..][..d], &y[e % n * d..][..d]) as f32)
+            .collect();
+        let mut sg = products.clone();
+        let got = cpu::clip_loss_from_products(&mut sg, n, scale, true, isa).expect("cpu");
+        let want = reference::clip_symmetric(x, y, n, d, scale as f64);
+        close_scalar(&format!("{tag} loss"), got.loss, want.loss);
+        let (mut dx, mut dy) = (vec![0.0f64; n * d], vec![0.0f64; n * d]);
+        for i in 0..n {
+            for j in 0..n {
+                let g = sg[i * n + j] as f64;
+                for k in 0..d {
+                    dx[i * d + k] += g * y[j * d + k] as f64;
+                    dy[j * d + k] += g * x[i * d + k] as f64;
                 }
-                close_f32(&format!("{tag} dx"), &dx, &want.dx);
-                close_f32(&format!("{tag} dy"), &dy, &want.dy);
-                let ds = got.dscale.expect("dscale");
-                close_sum(&format!("{tag} dscale"), ds, want.dscale, want.dscale_mag);
-                if clear_margins(&x, &y, n, n, d, 0) {
-                    gates_agree(&got.gate, &want.gate);
-                }
-                let mut again = products.clone();
-                let fwd =
-                    cpu::clip_loss_from_products(&mut again, n, scale, false, isa).expect("cpu");
-                assert_eq!(fwd.loss, got.loss, "{tag}: forward-only loss");
-                assert_eq!(fwd.gate, got.gate, "{tag}: forward-only gate");
-                assert!(fwd.dscale.is_none());
             }
         }
-    }
+        close_f32(&format!("{tag} dx"), &dx, &want.dx);
+        close_f32(&format!("{tag} dy"), &dy, &want.dy);
+        let ds = got.dscale.expect("dscale");
+        close_sum(&format!("{tag} dscale"), ds, want.dscale, want.dscale_mag);
+        if clear_margins(x, y, n, n, d, 0) {
+            gates_agree(&got.gate, &want.gate);
+        }
+        let mut again = products.clone();
+        let fwd = cpu::clip_loss_from_products(&mut again, n, scale, false, isa).expect("cpu");
+        assert_eq!(fwd.loss, got.loss, "{tag}: forward-only loss");
+        assert_eq!(fwd.gate, got.gate, "{tag}: forward-only gate");
+        assert!(fwd.dscale.is_none());
+    });
     // Bad products are named errors.
     let mut bad = vec![0.0f32, 1.0, f32::NAN, 0.0];
     let e = err_text(cpu::clip_loss_from_products(
