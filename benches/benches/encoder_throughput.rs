@@ -9,6 +9,8 @@
 //! - `HQ_BENCH_BATCH`: images per call (default 16);
 //! - `HQ_BENCH_THREADS`: intra-op threads for all three (default: all cores);
 //! - `HQ_BENCH_REPEATS`: timed calls per backend for the summary (default 10);
+//! - `HQ_BENCH_ORT_SPIN`: `0` stops ONNX Runtime's idle intra-op threads from spinning (default:
+//!   ONNX Runtime's own, spinning; worth turning off only on a machine whose cores are shared);
 //! - `HQ_SKIP_PYTHON_BENCH=1` skips PyTorch.
 //!
 //! The weights are a seeded random init moved off their init values (throughput does not depend
@@ -105,6 +107,9 @@ fn setup() -> Setup {
     let opts = OnnxEncoderOptions {
         intra_threads: Some(threads),
         max_batch: batch,
+        intra_op_spinning: std::env::var("HQ_BENCH_ORT_SPIN")
+            .ok()
+            .map(|v| v.trim() != "0"),
         ..OnnxEncoderOptions::default()
     };
     let onnx = match OnnxClipEncoder::load(&export, &ExecutionProvider::Cpu, &opts) {

@@ -11,7 +11,9 @@
 //! random init (seed 0), saved by the Python side and loaded here. Both sides time the whole task
 //! (class embeddings included) with all cores: torch threads = cores and
 //! `HQ_EVAL_BENCH_WORKERS` DataLoader workers (default 2) on the Python side; the rayon decode pool
-//! and libtorch's threads on ours. The two runs' metrics are printed too (they must agree).
+//! and libtorch's threads on ours. Ours runs twice: through tch and through the ONNX export on
+//! ONNX Runtime's CPU provider (`hq-eval --backend onnx`, exported before the clock starts), and
+//! both ratios are printed. The runs' metrics are printed too (they must agree).
 //! Target: ours >= 1.5x CLIP_benchmark.
 
 use std::path::{Path, PathBuf};
@@ -105,6 +107,43 @@ fn main() {
     .unwrap_or_else(|e| panic!("{e}"));
     let seconds = start.elapsed().as_secs_f64();
     let ours_rate = ours.samples as f64 / seconds;
+    drop(encoder);
+
+    // The same task through the ONNX export on ONNX Runtime's CPU provider (`hq-eval --backend
+    // onnx`); the export is made before the clock starts, as a user exports once.
+    let onnx_dir = tmp.path().join("onnx");
+    let checkpoint =
+        hq_export::checkpoint::Checkpoint::read(&ckpt).unwrap_or_else(|e| panic!("{e}"));
+    hq_export::clip::export_onnx(
+        &config,
+        &checkpoint,
+        &hq_export::clip::ExportOptions::default(),
+        &onnx_dir,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    drop(checkpoint);
+    let mut onnx = hq_runtime::OnnxClipEncoder::load(
+        &onnx_dir,
+        &hq_runtime::ExecutionProvider::Cpu,
+        &hq_runtime::OnnxEncoderOptions {
+            intra_threads: Some(cores),
+            max_batch: batch,
+            ..hq_runtime::OnnxEncoderOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading the ONNX export (source tools/env.sh): {e}"));
+    let start = std::time::Instant::now();
+    let onnx_run = evaluate_classification(
+        &mut onnx,
+        &ds,
+        ClassificationExtra::None,
+        None,
+        &opts,
+        "bench",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let onnx_seconds = start.elapsed().as_secs_f64();
+    let onnx_rate = onnx_run.samples as f64 / onnx_seconds;
     let ref_rate = reference["images_per_s"].as_f64().unwrap_or(f64::NAN);
     println!(
         "eval_zeroshot: {model}, {} images from {}, batch {batch}, {cores} cores",
@@ -114,11 +153,14 @@ fn main() {
     println!("| run | images/s | seconds |");
     println!("|---|---:|---:|");
     println!("| hq-eval (tch) | {ours_rate:.1} | {seconds:.2} |");
+    println!("| hq-eval --backend onnx (ONNX Runtime CPU) | {onnx_rate:.1} | {onnx_seconds:.2} |");
     println!(
         "| CLIP_benchmark + PyTorch ({workers} workers) | {ref_rate:.1} | {:.2} |",
         reference["seconds"].as_f64().unwrap_or(f64::NAN)
     );
-    println!("| **ratio** | **{:.2}x** | |", ours_rate / ref_rate);
-    println!("metrics, ours: {:?}", ours.metrics);
+    println!("| **ratio tch** | **{:.2}x** | |", ours_rate / ref_rate);
+    println!("| **ratio onnx** | **{:.2}x** | |", onnx_rate / ref_rate);
+    println!("metrics, ours (tch): {:?}", ours.metrics);
+    println!("metrics, ours (onnx): {:?}", onnx_run.metrics);
     println!("metrics, CLIP_benchmark: {}", reference["metrics"]);
 }

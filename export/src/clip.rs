@@ -19,10 +19,23 @@
 //! - LayerNorm is per token, so `ln_post` / `ln_final` run after the token is picked where open_clip
 //!   normalises every token and then picks one (same numbers, less work); with average pooling the
 //!   order of `final_ln_after_pool` is kept;
-//! - the packed `in_proj_weight` becomes one `[W, 3W]` MatMul followed by a Split, with the attention
-//!   scale `1/sqrt(head_dim)` folded into the query columns;
+//! - the transformer blocks work on token rows `[B * T, W]`, so every linear layer is a 2-D MatMul
+//!   followed by the Add of its bias, which ONNX Runtime fuses into one Gemm (on a `[B, T, W]`
+//!   tensor with a dynamic batch it keeps them apart); the rows are reshaped to `[B, T, H, D]` only
+//!   around the attention product;
+//! - the packed `in_proj_weight` becomes one `[W, 3W]` MatMul whose output is cut into heads by one
+//!   Reshape, Transpose and Split, with the attention scale `1/sqrt(head_dim)` folded into the query
+//!   columns;
+//! - with class-token pooling only the class token of the last block is read, so that block
+//!   computes keys and values for every token but the query, the output projection, the residuals
+//!   and the MLP for the class token alone (per-token operations: the same numbers, about a twelfth
+//!   less work for a 12-block ViT);
+//! - the patch embedding (`conv1`, stride = kernel, no bias) is a Reshape + Transpose that cut the
+//!   image into flattened patches followed by one MatMul, which ONNX Runtime runs faster than its
+//!   convolution (a Conv is written when the patches do not tile the image);
 //! - GELU is written as ONNX Runtime's fusable pattern `x * 0.5 * (1 + erf(x / sqrt 2))` (opset 17
-//!   has no Gelu op), the tanh form and QuickGELU (`x * sigmoid(1.702 x)`) likewise;
+//!   has no Gelu op; ONNX Runtime runs it as one `com.microsoft` Gelu), the tanh form and QuickGELU
+//!   (`x * sigmoid(1.702 x)`) likewise;
 //! - the causal mask is a constant `[L, L]` table of 0 and -inf added to the attention scores;
 //! - argmax pooling (the end-of-text token, the largest id) is `ArgMax` over the ids (cast to int32,
 //!   which TensorRT handles) then `GatherElements`; `eos` pooling compares with `eos_id` first.
@@ -215,6 +228,8 @@ struct BlockSpec {
     act: Act,
     eps: f32,
     layer_scale: bool,
+    /// Tokens per sample (the blocks see `[B * T, W]` rows).
+    tokens: usize,
 }
 
 fn transpose_2d(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -374,18 +389,11 @@ impl<'a> Tower<'a> {
         }
     }
 
-    /// Multi-head self-attention of open_clip's `nn.MultiheadAttention` (`prefix` = `...attn`).
-    fn attention(
-        &mut self,
-        prefix: &str,
-        x: &str,
-        spec: &BlockSpec,
-        mask: Option<&str>,
-    ) -> Result<String> {
+    /// The packed `in_proj` of `nn.MultiheadAttention` as a `[W, 3W]` MatMul operand and its
+    /// `[3W]` bias, with the attention scale `1/sqrt(head_dim)` folded into the query part.
+    fn in_proj_scaled(&self, prefix: &str, spec: &BlockSpec) -> Result<(Vec<f32>, Vec<f32>)> {
         let (w, heads) = (spec.width, spec.heads);
-        let head_dim = w / heads;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        // Packed [3W, W] -> [W, 3W] with the query columns scaled.
+        let scale = 1.0 / ((w / heads) as f32).sqrt();
         let in_w = self.ckpt.get(&format!("{prefix}.in_proj_weight"))?;
         let in_b = self.ckpt.get(&format!("{prefix}.in_proj_bias"))?;
         let mut wt = transpose_2d(&in_w.data, 3 * w, w);
@@ -398,43 +406,90 @@ impl<'a> Tower<'a> {
         for v in &mut bias[..w] {
             *v *= scale;
         }
-        let wt = self.weight(
-            &format!("{prefix}.in_proj_weight_t_scaled"),
-            &[w, 3 * w],
-            &wt,
+        Ok((wt, bias))
+    }
+
+    /// `rows @ w + b` on the token rows, as ONNX Runtime fuses it into one Gemm (MatMul on a 2-D
+    /// left operand, then Add of a 1-D bias).
+    fn linear_raw(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        w: (&str, &[usize], &[f32]),
+        b: (&str, &[f32]),
+    ) -> Result<String> {
+        let w = self.weight(w.0, w.1, w.2)?;
+        let b = self.weight(b.0, &[b.1.len()], b.1)?;
+        let xw = self.op("MatMul", &format!("{prefix}.matmul"), &[x, &w], vec![])?;
+        self.op("Add", prefix, &[&xw, &b], vec![])
+    }
+
+    /// Splits packed projections `[B * T, n * W]` into `n` head-major tensors `[B, H, T, D]` with
+    /// one Reshape, one Transpose and one Split (`n` = 3 for q, k, v; 2 for k, v).
+    fn split_heads(
+        &mut self,
+        prefix: &str,
+        packed: &str,
+        n: usize,
+        tokens: usize,
+        spec: &BlockSpec,
+    ) -> Result<Vec<String>> {
+        let (heads, head_dim) = (spec.heads, spec.width / spec.heads);
+        let shape = self.ints(
+            &format!("const.shape_{n}x{tokens}x{heads}x{head_dim}"),
+            &[-1, tokens as i64, n as i64, heads as i64, head_dim as i64],
         )?;
-        let bias = self.weight(&format!("{prefix}.in_proj_bias_scaled"), &[3 * w], &bias)?;
-        let qkv = self.op("MatMul", &format!("{prefix}.qkv.matmul"), &[x, &wt], vec![])?;
-        let qkv = self.op("Add", &format!("{prefix}.qkv"), &[&qkv, &bias], vec![])?;
-        let split = self.ints(&format!("const.split_{w}x3"), &[w as i64; 3])?;
-        let (q, k, v) = (
-            format!("{prefix}.q"),
-            format!("{prefix}.k"),
-            format!("{prefix}.v"),
-        );
+        let r = self.op(
+            "Reshape",
+            &format!("{prefix}.heads"),
+            &[packed, &shape],
+            vec![],
+        )?; // [B, T, n, H, D]
+        let t = self.op(
+            "Transpose",
+            &format!("{prefix}.heads.transpose"),
+            &[&r],
+            vec![("perm", Attr::Ints(vec![2, 0, 3, 1, 4]))],
+        )?; // [n, B, H, T, D]
+        let names: Vec<String> = ["q", "k", "v"][3 - n..]
+            .iter()
+            .map(|s| format!("{prefix}.{s}.packed"))
+            .collect();
+        let ones = self.ints(&format!("const.split_ones_{n}"), &vec![1; n])?;
         self.g.add_node(
-            Node::new("Split", format!("{prefix}.split"))
-                .inputs([qkv.as_str(), split.as_str()])
-                .outputs([q.as_str(), k.as_str(), v.as_str()])
-                .attr("axis", -1i64),
+            Node::new("Split", format!("{prefix}.heads.split"))
+                .inputs([t.as_str(), ones.as_str()])
+                .outputs(names.iter().map(String::as_str))
+                .attr("axis", 0i64),
         )?;
-        let heads_shape = self.ints(
-            &format!("const.shape_heads_{heads}x{head_dim}"),
-            &[0, 0, heads as i64, head_dim as i64],
-        )?;
-        let mut split_heads = |t: &str, perm: [i64; 4]| -> Result<String> {
-            let r = self.op("Reshape", &format!("{t}.heads"), &[t, &heads_shape], vec![])?;
-            self.op(
-                "Transpose",
-                &format!("{t}.transpose"),
-                &[&r],
-                vec![("perm", Attr::Ints(perm.to_vec()))],
-            )
-        };
-        let qh = split_heads(&q, [0, 2, 1, 3])?; // [B, H, L, D]
-        let kh = split_heads(&k, [0, 2, 3, 1])?; // [B, H, D, L]
-        let vh = split_heads(&v, [0, 2, 1, 3])?; // [B, H, L, D]
-        let mut scores = self.op("MatMul", &format!("{prefix}.scores"), &[&qh, &kh], vec![])?;
+        let axis0 = self.ints("const.axis_0", &[0])?;
+        names
+            .iter()
+            .map(|p| {
+                let name = p.trim_end_matches(".packed").to_string();
+                self.op("Squeeze", &name, &[p, &axis0], vec![])
+            })
+            .collect() // n x [B, H, T, D]
+    }
+
+    /// `softmax(q k^T + mask) v` on head-major tensors, `k` as `[B, H, T, D]`: the transpose of
+    /// the last two axes feeds the MatMul directly, which ONNX Runtime folds into the product
+    /// (`FusedMatMul` with `transB`), so no transposed copy of `k` is made.
+    fn scaled_dot_product(
+        &mut self,
+        prefix: &str,
+        q: &str,
+        k: &str,
+        v: &str,
+        mask: Option<&str>,
+    ) -> Result<String> {
+        let kt = self.op(
+            "Transpose",
+            &format!("{prefix}.k.transpose"),
+            &[k],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        )?; // [B, H, D, T]
+        let mut scores = self.op("MatMul", &format!("{prefix}.scores"), &[q, &kt], vec![])?;
         if let Some(mask) = mask {
             scores = self.op(
                 "Add",
@@ -449,43 +504,205 @@ impl<'a> Tower<'a> {
             &[&scores],
             vec![("axis", Attr::Int(-1))],
         )?;
-        let ctx = self.op(
-            "MatMul",
-            &format!("{prefix}.context"),
-            &[&probs, &vh],
-            vec![],
-        )?;
-        let ctx = self.op(
-            "Transpose",
-            &format!("{prefix}.context.transpose"),
-            &[&ctx],
-            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-        )?;
-        let merge = self.ints(&format!("const.shape_merge_{w}"), &[0, 0, w as i64])?;
-        let ctx = self.op(
-            "Reshape",
-            &format!("{prefix}.context.merge"),
-            &[&ctx, &merge],
-            vec![],
-        )?;
-        self.linear(&format!("{prefix}.out_proj"), &ctx)
+        self.op("MatMul", &format!("{prefix}.context"), &[&probs, v], vec![])
     }
 
-    /// open_clip's `ResidualAttentionBlock` (`prefix` = `...resblocks.{i}`).
-    fn block(
+    /// Multi-head self-attention of open_clip's `nn.MultiheadAttention` (`prefix` = `...attn`) on
+    /// token rows `x` `[B * T, W]`.
+    fn attention(
         &mut self,
         prefix: &str,
         x: &str,
         spec: &BlockSpec,
         mask: Option<&str>,
     ) -> Result<String> {
+        let w = spec.width;
+        let (wt, bias) = self.in_proj_scaled(prefix, spec)?;
+        let qkv = self.linear_raw(
+            &format!("{prefix}.qkv"),
+            x,
+            (
+                &format!("{prefix}.in_proj_weight_t_scaled"),
+                &[w, 3 * w],
+                &wt,
+            ),
+            (&format!("{prefix}.in_proj_bias_scaled"), &bias),
+        )?; // [B * T, 3W]
+        let qkv = self.split_heads(prefix, &qkv, 3, spec.tokens, spec)?;
+        let ctx = self.scaled_dot_product(prefix, &qkv[0], &qkv[1], &qkv[2], mask)?; // [B, H, T, D]
+        let ctx = self.op(
+            "Transpose",
+            &format!("{prefix}.context.transpose"),
+            &[&ctx],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        )?; // [B, T, H, D]
+        let rows = self.ints(&format!("const.shape_rows_{w}"), &[-1, w as i64])?;
+        let ctx = self.op(
+            "Reshape",
+            &format!("{prefix}.context.merge"),
+            &[&ctx, &rows],
+            vec![],
+        )?; // [B * T, W]
+        self.linear(&format!("{prefix}.out_proj"), &ctx)
+    }
+
+    /// The attention of the last block when only the first token's output is used (class-token
+    /// pooling): keys and values from every token of `x` `[B * T, W]`, the query of the first
+    /// token only; returns `[B, W]`. The same numbers as [`Tower::attention`] for that token.
+    fn attention_first_token(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        first: &str,
+        spec: &BlockSpec,
+    ) -> Result<String> {
+        let (w, heads) = (spec.width, spec.heads);
+        let head_dim = w / heads;
+        let (wt, bias) = self.in_proj_scaled(prefix, spec)?;
+        // [W, 3W] rows hold q | k | v columns: split them into [W, W] and [W, 2W].
+        let mut wq = Vec::with_capacity(w * w);
+        let mut wkv = Vec::with_capacity(2 * w * w);
+        for row in wt.chunks_exact(3 * w) {
+            wq.extend_from_slice(&row[..w]);
+            wkv.extend_from_slice(&row[w..]);
+        }
+        let q = self.linear_raw(
+            &format!("{prefix}.q_first"),
+            first,
+            (&format!("{prefix}.q_weight_t_scaled"), &[w, w], &wq),
+            (&format!("{prefix}.q_bias_scaled"), &bias[..w]),
+        )?; // [B, W]
+        let kv = self.linear_raw(
+            &format!("{prefix}.kv"),
+            x,
+            (&format!("{prefix}.kv_weight_t"), &[w, 2 * w], &wkv),
+            (&format!("{prefix}.kv_bias"), &bias[w..]),
+        )?; // [B * T, 2W]
+        let kv = self.split_heads(prefix, &kv, 2, spec.tokens, spec)?;
+        let q_shape = self.ints(
+            &format!("const.shape_query_{heads}x{head_dim}"),
+            &[-1, heads as i64, 1, head_dim as i64],
+        )?;
+        let q = self.op(
+            "Reshape",
+            &format!("{prefix}.q_first.heads"),
+            &[&q, &q_shape],
+            vec![],
+        )?; // [B, H, 1, D]
+        let ctx = self.scaled_dot_product(prefix, &q, &kv[0], &kv[1], None)?; // [B, H, 1, D]
+        let rows = self.ints(&format!("const.shape_rows_{w}"), &[-1, w as i64])?;
+        // With one query the head-major [B, H, 1, D] is already [B, W] in memory.
+        let ctx = self.op(
+            "Reshape",
+            &format!("{prefix}.context.merge"),
+            &[&ctx, &rows],
+            vec![],
+        )?;
+        self.linear(&format!("{prefix}.out_proj"), &ctx)
+    }
+
+    /// open_clip's `conv1` (a bias-free convolution whose stride is its kernel) on `x`
+    /// `[B, 3, H, W]`, as patch tokens `[B, P, W]`. When the patches tile the image it is one
+    /// MatMul over the flattened patches (a Reshape and a Transpose cut them out), which ONNX
+    /// Runtime runs faster than its convolution; otherwise the Conv itself.
+    fn patch_embedding(
+        &mut self,
+        x: &str,
+        (h, w): (i64, i64),
+        (ph, pw): (i64, i64),
+        width: usize,
+    ) -> Result<String> {
+        if ph <= 0 || pw <= 0 || h % ph != 0 || w % pw != 0 {
+            let conv_w = self.ckpt_weight("visual.conv1.weight")?;
+            let x = self.op(
+                "Conv",
+                "visual.conv1",
+                &[x, &conv_w],
+                vec![
+                    ("kernel_shape", Attr::Ints(vec![ph, pw])),
+                    ("strides", Attr::Ints(vec![ph, pw])),
+                ],
+            )?; // [B, W, gh, gw]
+            let flat = self.ints("const.shape_patches", &[0, width as i64, -1])?;
+            let x = self.op("Reshape", "visual.patches", &[&x, &flat], vec![])?;
+            return self.op(
+                "Transpose",
+                "visual.patches.transpose",
+                &[&x],
+                vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+            );
+        }
+        let (gh, gw) = (h / ph, w / pw);
+        let patch = 3 * ph * pw;
+        let conv = self.ckpt.get("visual.conv1.weight")?;
+        if conv.shape != [width, 3, ph as usize, pw as usize] {
+            return Err(ExportError::Checkpoint {
+                path: self.ckpt.path.clone(),
+                message: format!(
+                    "tensor `visual.conv1.weight` has shape {:?}, expected {:?}",
+                    conv.shape,
+                    [width as i64, 3, ph, pw]
+                ),
+            });
+        }
+        // [W, 3, ph, pw] = [W, 3 * ph * pw] -> [3 * ph * pw, W], rows in (channel, y, x) order.
+        let wt = transpose_2d(&conv.data, width, patch as usize);
+        let wt = self.weight(
+            "visual.conv1.weight_patches_t",
+            &[patch as usize, width],
+            &wt,
+        )?;
+        let grid = self.ints("const.shape_image_grid", &[-1, 3, gh, ph, gw, pw])?;
+        let x = self.op("Reshape", "visual.conv1.grid", &[x, &grid], vec![])?;
+        let x = self.op(
+            "Transpose",
+            "visual.conv1.patches",
+            &[&x],
+            vec![("perm", Attr::Ints(vec![0, 2, 4, 1, 3, 5]))],
+        )?; // [B, gh, gw, 3, ph, pw]
+        let flat = self.ints("const.shape_patch_rows", &[-1, gh * gw, patch])?;
+        let x = self.op("Reshape", "visual.conv1.rows", &[&x, &flat], vec![])?;
+        self.op("MatMul", "visual.conv1", &[&x, &wt], vec![])
+    }
+
+    /// The first token's row of every sample: `[B * T, W]` -> `[B, W]`.
+    fn first_token(&mut self, name: &str, x: &str, tokens: usize, width: usize) -> Result<String> {
+        let shape = self.ints(
+            &format!("const.shape_tokens_{tokens}x{width}"),
+            &[-1, tokens as i64, width as i64],
+        )?;
+        let x3 = self.op("Reshape", &format!("{name}.tokens"), &[x, &shape], vec![])?;
+        let zero = self.index("const.index_0", 0)?;
+        self.op("Gather", name, &[&x3, &zero], vec![("axis", Attr::Int(1))])
+    }
+
+    /// open_clip's `ResidualAttentionBlock` (`prefix` = `...resblocks.{i}`) on token rows `x`
+    /// `[B * T, W]`. With `first_only` only the first token's output is computed (`[B, W]`), which
+    /// is all that class-token pooling reads from the last block.
+    fn block(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        spec: &BlockSpec,
+        mask: Option<&str>,
+        first_only: bool,
+    ) -> Result<String> {
         let h = self.layer_norm(&format!("{prefix}.ln_1"), x, spec.eps)?;
-        let mut a = self.attention(&format!("{prefix}.attn"), &h, spec, mask)?;
+        let (x, mut a) = if first_only {
+            let hf =
+                self.first_token(&format!("{prefix}.ln_1.first"), &h, spec.tokens, spec.width)?;
+            let xf = self.first_token(&format!("{prefix}.first"), x, spec.tokens, spec.width)?;
+            let a = self.attention_first_token(&format!("{prefix}.attn"), &h, &hf, spec)?;
+            (xf, a)
+        } else {
+            let a = self.attention(&format!("{prefix}.attn"), &h, spec, mask)?;
+            (x.to_string(), a)
+        };
         if spec.layer_scale {
             let g = self.ckpt_weight(&format!("{prefix}.ls_1.gamma"))?;
             a = self.op("Mul", &format!("{prefix}.ls_1"), &[&a, &g], vec![])?;
         }
-        let x = self.op("Add", &format!("{prefix}.residual_1"), &[x, &a], vec![])?;
+        let x = self.op("Add", &format!("{prefix}.residual_1"), &[&x, &a], vec![])?;
         let h = self.layer_norm(&format!("{prefix}.ln_2"), &x, spec.eps)?;
         let f = self.linear(&format!("{prefix}.mlp.c_fc"), &h)?;
         let f = self.activation(&format!("{prefix}.mlp"), &f, spec.act)?;
@@ -576,6 +793,7 @@ pub fn image_encoder(
         act: activation(cfg, v.act_kwargs.as_ref().map(|a| a.approximate.as_str())),
         eps: v.ln_eps() as f32,
         layer_scale: v.ls_init_value.is_some(),
+        tokens: ckpt.get("visual.positional_embedding")?.shape[0],
     };
 
     let mut t = Tower::new("hq_clip_image_encoder", ckpt, opts.precision);
@@ -597,24 +815,7 @@ pub fn image_encoder(
             vec![("to", Attr::Int(ElemType::F16.code()))],
         )?;
     }
-    let conv_w = t.ckpt_weight("visual.conv1.weight")?;
-    let x = t.op(
-        "Conv",
-        "visual.conv1",
-        &[&x, &conv_w],
-        vec![
-            ("kernel_shape", Attr::Ints(vec![ph, pw])),
-            ("strides", Attr::Ints(vec![ph, pw])),
-        ],
-    )?; // [B, W, gh, gw]
-    let flat = t.ints("const.shape_patches", &[0, width as i64, -1])?;
-    let x = t.op("Reshape", "visual.patches", &[&x, &flat], vec![])?;
-    let x = t.op(
-        "Transpose",
-        "visual.patches.transpose",
-        &[&x],
-        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
-    )?; // [B, P, W]
+    let x = t.patch_embedding(&x, (h, w), (ph, pw), width)?; // [B, P, W]
     let pads = t.ints("const.pad_class_token", &[0, 1, 0, 0, 0, 0])?;
     let x = t.op("Pad", "visual.class_token_slot", &[&x, &pads], vec![])?; // [B, P + 1, W]
     let cls = ckpt.get("visual.class_embedding")?;
@@ -629,31 +830,41 @@ pub fn image_encoder(
         &pos_shape,
         &table,
     )?;
-    let mut x = t.op("Add", "visual.embed", &[&x, &table], vec![])?;
+    let x = t.op("Add", "visual.embed", &[&x, &table], vec![])?;
+    // The blocks work on token rows [B * T, W] (not [B, T, W]): every linear layer is then a 2-D
+    // MatMul + Add, which ONNX Runtime runs as one Gemm with the bias fused.
+    let rows = t.ints(&format!("const.shape_rows_{width}"), &[-1, width as i64])?;
+    let mut x = t.op("Reshape", "visual.embed.rows", &[&x, &rows], vec![])?;
     if !v.no_ln_pre {
         x = t.layer_norm("visual.ln_pre", &x, spec.eps)?;
     }
+    // Class-token pooling reads one token of the last block: that block computes keys and values
+    // for every token but the query, the output projection and the MLP for the class token only.
+    let first_only = v.pool_type == VisionPool::Tok;
     for i in 0..v.layers {
         x = t.block(
             &format!("visual.transformer.resblocks.{i}"),
             &x,
             &spec,
             None,
+            first_only && i + 1 == v.layers,
         )?;
     }
     let pooled = match v.pool_type {
+        VisionPool::Tok if v.layers > 0 => {
+            // LayerNorm is per token: normalising the class token alone gives the same numbers.
+            t.layer_norm("visual.ln_post", &x, spec.eps)?
+        }
         VisionPool::Tok => {
-            // LayerNorm is per token: picking the class token first gives the same numbers.
-            let zero = t.index("const.index_0", 0)?;
-            let c = t.op(
-                "Gather",
-                "visual.pool.class_token",
-                &[&x, &zero],
-                vec![("axis", Attr::Int(1))],
-            )?;
+            let c = t.first_token("visual.pool.class_token", &x, spec.tokens, width)?;
             t.layer_norm("visual.ln_post", &c, spec.eps)?
         }
         VisionPool::Avg => {
+            let shape = t.ints(
+                &format!("const.shape_tokens_{}x{width}", spec.tokens),
+                &[-1, spec.tokens as i64, width as i64],
+            )?;
+            let x = t.op("Reshape", "visual.tokens", &[&x, &shape], vec![])?;
             let starts = t.ints("const.slice_start_1", &[1])?;
             let ends = t.ints("const.slice_end_max", &[i64::MAX])?;
             let axes = t.ints("const.axis_1", &[1])?;
@@ -719,6 +930,7 @@ pub fn text_encoder(
         act: activation(cfg, tc.act_kwargs.as_ref().map(|a| a.approximate.as_str())),
         eps: tc.ln_eps() as f32,
         layer_scale: tc.ls_init_value.is_some(),
+        tokens: ctx,
     };
 
     let mut t = Tower::new("hq_clip_text_encoder", ckpt, opts.precision);
@@ -735,7 +947,9 @@ pub fn text_encoder(
         vec![("axis", Attr::Int(0))],
     )?; // [B, L, W]
     let pos = t.ckpt_weight("positional_embedding")?;
-    let mut x = t.op("Add", "text.embed", &[&x, &pos], vec![])?;
+    let x = t.op("Add", "text.embed", &[&x, &pos], vec![])?; // [B, L, W]
+    let rows = t.ints(&format!("const.shape_rows_{width}"), &[-1, width as i64])?;
+    let mut x = t.op("Reshape", "text.embed.rows", &[&x, &rows], vec![])?; // [B * L, W]
     let mask = if tc.no_causal_mask {
         None
     } else {
@@ -753,8 +967,14 @@ pub fn text_encoder(
             &x,
             &spec,
             mask.as_deref(),
+            false,
         )?;
     }
+    let shape = t.ints(
+        &format!("const.shape_tokens_{ctx}x{width}"),
+        &[-1, ctx as i64, width as i64],
+    )?;
+    let x = t.op("Reshape", "text.tokens", &[&x, &shape], vec![])?; // [B, L, W]
     let pooled = match tc.pool_type {
         TextPool::Argmax | TextPool::Eos => {
             let ids32 = t.op(

@@ -78,6 +78,9 @@ pub struct OnnxEncoderOptions {
     pub trt_builder_optimization_level: Option<u8>,
     /// I/O binding with reusable host buffers: `None` = on for GPU providers, off on the CPU.
     pub io_binding: Option<bool>,
+    /// Whether idle intra-op threads spin before sleeping (`None`: ONNX Runtime's default, on).
+    /// Spinning is fastest on an otherwise idle machine; turn it off where cores are shared.
+    pub intra_op_spinning: Option<bool>,
 }
 
 impl Default for OnnxEncoderOptions {
@@ -91,6 +94,7 @@ impl Default for OnnxEncoderOptions {
             trt_bf16: false,
             trt_builder_optimization_level: None,
             io_binding: None,
+            intra_op_spinning: None,
         }
     }
 }
@@ -305,10 +309,23 @@ fn build_session(
             .map_err(|e| create_err(path, provider, e.to_string()))?
             .with_intra_threads(1)
             .map_err(|e| create_err(path, provider, e.to_string()))?;
-    } else if let Some(n) = options.intra_threads {
+    } else {
+        // All of ONNX Runtime's graph optimisations (its default, stated so it stays so): the
+        // export is written for its fusions (MatMul + Add -> Gemm on token rows, the erf GELU ->
+        // Gelu, LayerNormalization kept as one op).
         b = b
-            .with_intra_threads(n)
+            .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
             .map_err(|e| create_err(path, provider, e.to_string()))?;
+        if let Some(n) = options.intra_threads {
+            b = b
+                .with_intra_threads(n)
+                .map_err(|e| create_err(path, provider, e.to_string()))?;
+        }
+        if let Some(spin) = options.intra_op_spinning {
+            b = b
+                .with_intra_op_spinning(spin)
+                .map_err(|e| create_err(path, provider, e.to_string()))?;
+        }
     }
     if provider.is_gpu() {
         for name in provider.ort_names() {

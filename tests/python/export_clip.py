@@ -5,7 +5,9 @@ Subcommands (stdout carries only JSON; errors go to stderr with a non-zero exit)
   check-onnx MODEL... [--sha256-of FILE]
       onnx.checker.check_model(full_check=True) on each model (structure and strict shape
       inference), then reports per model: opsets, IR version, metadata, inputs and outputs with
-      their (symbolic) shapes, operator types used, node count and whether every node has a name.
+      their (symbolic) shapes, operator types used and their counts, node count, whether every node
+      has a name, and the operator counts of the graph onnxruntime (CPU) runs after its graph
+      optimisations (`ort_optimized_op_counts`: which of its fusions fired).
       With --sha256-of, also the SHA-256 of FILE (to compare with the recorded source hash).
   ort-run MODEL INPUTS OUT
       Runs MODEL with onnxruntime's Python API (CPU) on INPUTS (safetensors: the model's input
@@ -42,6 +44,33 @@ def _dims(value_info):
     return out
 
 
+def _op_counts(nodes):
+    counts = {}
+    for n in nodes:
+        key = f"{n.domain}:{n.op_type}" if n.domain else n.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _ort_optimized_op_counts(path):
+    """Operator counts of the graph ONNX Runtime (CPU) runs after all its graph optimisations: shows
+    which fusions fired (Gemm from MatMul + Add, com.microsoft:Gelu from the erf pattern, ...).
+    Level 2 (extended) is used for the dump because level 3 only adds the CPU-specific NCHWc
+    layout, which ONNX Runtime warns against serialising."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        so.intra_op_num_threads = 1
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return _op_counts(onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+
+
 def check_onnx(paths, sha_of):
     import onnx
     from onnx import TensorProto
@@ -68,6 +97,8 @@ def check_onnx(paths, sha_of):
             "nodes": len(nodes),
             "all_nodes_named": all(n.name for n in nodes),
             "initializer_types": sorted({TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}),
+            "op_counts": _op_counts(nodes),
+            "ort_optimized_op_counts": _ort_optimized_op_counts(path),
         }
     if sha_of:
         with open(sha_of, "rb") as f:

@@ -319,6 +319,37 @@ fn check_export(
             Precision::Fp16 => assert!(init_types.contains(&"FLOAT16"), "{init_types:?}"),
             Precision::Fp32 => assert!(!init_types.contains(&"FLOAT16"), "{init_types:?}"),
         }
+        // The graph is written for ONNX Runtime's CPU fusions (issue 6's throughput): every
+        // linear layer on token rows becomes one Gemm (MatMul + bias Add), the erf GELU one
+        // com.microsoft Gelu. A change that breaks a pattern shows here, not only as a slower
+        // benchmark.
+        let optimized = &m["ort_optimized_op_counts"];
+        let count = |op: &str| optimized[op].as_u64().unwrap_or(0);
+        let (layers, act_kwargs) = if path == &image {
+            (cfg.vision_cfg.layers, &cfg.vision_cfg.act_kwargs)
+        } else {
+            (cfg.text_cfg.layers, &cfg.text_cfg.act_kwargs)
+        };
+        let layers = layers as u64;
+        let erf_gelu =
+            !cfg.quick_gelu && act_kwargs.as_ref().is_none_or(|a| a.approximate != "tanh");
+        if precision == Precision::Fp32 {
+            assert!(
+                count("Gemm") >= 4 * layers,
+                "{}: {} Gemm after ONNX Runtime's optimisation, expected >= {} (4 per block): {optimized}",
+                path.display(),
+                count("Gemm"),
+                4 * layers
+            );
+            if erf_gelu {
+                assert_eq!(
+                    (count("com.microsoft:Gelu"), count("Erf")),
+                    (layers, 0),
+                    "{}: the erf GELU was not fused: {optimized}",
+                    path.display()
+                );
+            }
+        }
     }
     report
 }
