@@ -15,8 +15,23 @@
 //!   over relations (minus the authors' list of symmetric relations) or attribute pairs (with at
 //!   least 25 cases).
 //!
-//! Ties: where torch leaves the order of equal scores unspecified (`topk`), ours is by score, then
-//! by index (the order `argmax` and a stable sort give).
+//! Ties: CLIP_benchmark's classification and retrieval metrics go through `torch.topk` and
+//! `argmax` on the CPU, and so do ours, tie for tie:
+//! - `argmax` ([`argmax_rows`]) takes the first maximum, a NaN counting as the maximum (torch's
+//!   `greater_or_nan` reduction);
+//! - `topk(k, largest=True, sorted=True)` ([`topk_rows`], [`torch_topk`]) is torch's
+//!   `topk_impl_loop` (aten/src/ATen/native/TopKImpl.h): `(score, index)` pairs ordered by
+//!   "NaN, then greater", `std::partial_sort` of the first `k` when `64 k <= n`, else
+//!   `std::nth_element` at `k - 1` and `std::sort` of the `k - 1` before it. Neither algorithm is
+//!   stable, so which of several equal scores comes first depends on `n`, `k` and where the equal
+//!   scores sit; [`libstdcxx`] reproduces GCC's libstdc++ (which PyTorch's Linux and macOS wheels
+//!   are built with) step for step, so the same indices come out. A consequence kept on purpose:
+//!   CLIP_benchmark's `acc1` is the first entry of `topk(5)` while its mean per-class recall uses
+//!   `argmax`, and with tied logits the two may name different classes.
+//! - Multi-label average precision sorts each class's column with `torch.sort(descending)`, which
+//!   on x86 CPUs with AVX2/AVX-512 is x86-simd-sort's vectorised quicksort: its order of equal
+//!   scores depends on the CPU's vector width and is not reproduced; ours is stable (by index).
+//!   Tied scores across samples of one class can then change the average precision.
 
 use std::collections::BTreeMap;
 
@@ -81,7 +96,8 @@ pub fn scaled_scores(a: &[f32], b: &[f32], dim: usize, scale: f32) -> Vec<f32> {
     out
 }
 
-/// Indices of `row` by decreasing score, ties by increasing index; NaN scores last.
+/// Indices of `row` by decreasing score, ties by increasing index (a stable sort); NaN scores
+/// last. Used where the reference's tie order is not reproduced (average precision).
 fn ranked(row: &[f32]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
     idx.sort_by(|&i, &j| {
@@ -99,24 +115,270 @@ fn ranked(row: &[f32]) -> Vec<usize> {
     idx
 }
 
-/// `argmax` of each row (the first maximum, as torch and numpy return it).
+/// `argmax` of each row as torch computes it on the CPU: the first maximum, the first NaN if the
+/// row has one (numpy's `argmax` agrees).
 pub fn argmax_rows(scores: &[f32], cols: usize) -> Vec<usize> {
     scores
         .chunks(cols.max(1))
-        .map(|row| ranked(row).first().copied().unwrap_or(0))
+        .map(|row| {
+            let mut best = 0;
+            for (i, &v) in row.iter().enumerate().skip(1) {
+                let b = row[best];
+                if b.is_nan() {
+                    break;
+                }
+                if v.is_nan() || v > b {
+                    best = i;
+                }
+            }
+            best
+        })
         .collect()
 }
 
-/// The `k` best columns of each row (score, then index).
+/// The `k` best columns of each row, in the order `torch.topk(k, dim=1)` returns them on the CPU
+/// (see [`torch_topk`]); `k` is capped at the column count.
 pub fn topk_rows(scores: &[f32], cols: usize, k: usize) -> Vec<Vec<usize>> {
     scores
         .chunks(cols.max(1))
-        .map(|row| {
-            let mut r = ranked(row);
-            r.truncate(k);
-            r
-        })
+        .map(|row| torch_topk(row, k))
         .collect()
+}
+
+/// The indices `torch.topk(row, k, largest=True, sorted=True)` returns on the CPU, ties included
+/// (the module docs give the rule); `k` is capped at `row.len()`.
+pub fn torch_topk(row: &[f32], k: usize) -> Vec<usize> {
+    let n = row.len();
+    let k = k.min(n);
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut queue: Vec<libstdcxx::Elem> = row.iter().copied().zip(0..).collect();
+    if k * 64 <= n {
+        libstdcxx::partial_sort(&mut queue, 0, k, n);
+    } else {
+        libstdcxx::nth_element(&mut queue, k - 1);
+        libstdcxx::sort(&mut queue, 0, k - 1);
+    }
+    queue[..k].iter().map(|&(_, i)| i).collect()
+}
+
+/// GCC libstdc++'s `std::sort`, `std::nth_element` and `std::partial_sort` (bits/stl_algo.h,
+/// bits/stl_heap.h; unchanged from GCC 4.x to 14) on `(score, index)` pairs with torch's `topk`
+/// comparator, so that equal scores end up where torch puts them. Positions are indices into
+/// the slice, as the C++ iterators are.
+pub mod libstdcxx {
+    /// A `(score, column)` pair of torch's `topk` queue.
+    pub type Elem = (f32, usize);
+
+    /// torch's `largest=True` comparator: NaN first, then greater.
+    #[inline]
+    fn before(x: &Elem, y: &Elem) -> bool {
+        (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
+    }
+
+    /// `std::__lg`: floor(log2(n)) for n > 0.
+    fn lg(n: usize) -> usize {
+        (usize::BITS - 1 - n.leading_zeros()) as usize
+    }
+
+    const THRESHOLD: usize = 16;
+
+    /// `std::sort(v[first..last])`.
+    pub fn sort(v: &mut [Elem], first: usize, last: usize) {
+        if last > first {
+            introsort_loop(v, first, last, 2 * lg(last - first));
+            // `__final_insertion_sort`: a guarded insertion sort of the first 16, an unguarded one
+            // of the rest; the partitions guarantee a smaller element in front, so both stop
+            // where a guarded insertion sort of the whole range stops.
+            insertion_sort(v, first, last);
+        }
+    }
+
+    /// `std::nth_element(v.begin(), v.begin() + nth, v.end())`.
+    pub fn nth_element(v: &mut [Elem], nth: usize) {
+        let last = v.len();
+        if last == 0 || nth == last {
+            return;
+        }
+        introselect(v, 0, nth, last, 2 * lg(last));
+    }
+
+    /// `std::partial_sort(v[first..middle..last])`.
+    pub fn partial_sort(v: &mut [Elem], first: usize, middle: usize, last: usize) {
+        heap_select(v, first, middle, last);
+        sort_heap(v, first, middle);
+    }
+
+    fn introsort_loop(v: &mut [Elem], first: usize, mut last: usize, mut depth: usize) {
+        while last - first > THRESHOLD {
+            if depth == 0 {
+                partial_sort(v, first, last, last);
+                return;
+            }
+            depth -= 1;
+            let cut = unguarded_partition_pivot(v, first, last);
+            introsort_loop(v, cut, last, depth);
+            last = cut;
+        }
+    }
+
+    fn introselect(
+        v: &mut [Elem],
+        mut first: usize,
+        nth: usize,
+        mut last: usize,
+        mut depth: usize,
+    ) {
+        while last - first > 3 {
+            if depth == 0 {
+                heap_select(v, first, nth + 1, last);
+                v.swap(first, nth);
+                return;
+            }
+            depth -= 1;
+            let cut = unguarded_partition_pivot(v, first, last);
+            if cut <= nth {
+                first = cut;
+            } else {
+                last = cut;
+            }
+        }
+        insertion_sort(v, first, last);
+    }
+
+    fn unguarded_partition_pivot(v: &mut [Elem], first: usize, last: usize) -> usize {
+        let mid = first + (last - first) / 2;
+        move_median_to_first(v, first, first + 1, mid, last - 1);
+        unguarded_partition(v, first + 1, last, first)
+    }
+
+    fn move_median_to_first(v: &mut [Elem], result: usize, a: usize, b: usize, c: usize) {
+        let (va, vb, vc) = (v[a], v[b], v[c]);
+        let pick = if before(&va, &vb) {
+            if before(&vb, &vc) {
+                b
+            } else if before(&va, &vc) {
+                c
+            } else {
+                a
+            }
+        } else if before(&va, &vc) {
+            a
+        } else if before(&vb, &vc) {
+            c
+        } else {
+            b
+        };
+        v.swap(result, pick);
+    }
+
+    fn unguarded_partition(
+        v: &mut [Elem],
+        mut first: usize,
+        mut last: usize,
+        pivot: usize,
+    ) -> usize {
+        loop {
+            while before(&v[first], &v[pivot]) {
+                first += 1;
+            }
+            last -= 1;
+            while before(&v[pivot], &v[last]) {
+                last -= 1;
+            }
+            if first >= last {
+                return first;
+            }
+            v.swap(first, last);
+            first += 1;
+        }
+    }
+
+    fn insertion_sort(v: &mut [Elem], first: usize, last: usize) {
+        if first == last {
+            return;
+        }
+        for i in first + 1..last {
+            let val = v[i];
+            if before(&val, &v[first]) {
+                v.copy_within(first..i, first + 1);
+                v[first] = val;
+            } else {
+                let mut j = i;
+                while before(&val, &v[j - 1]) {
+                    v[j] = v[j - 1];
+                    j -= 1;
+                }
+                v[j] = val;
+            }
+        }
+    }
+
+    fn heap_select(v: &mut [Elem], first: usize, middle: usize, last: usize) {
+        make_heap(v, first, middle);
+        for i in middle..last {
+            if before(&v[i], &v[first]) {
+                pop_heap(v, first, middle, i);
+            }
+        }
+    }
+
+    fn make_heap(v: &mut [Elem], first: usize, last: usize) {
+        let len = (last - first) as isize;
+        if len < 2 {
+            return;
+        }
+        let mut parent = (len - 2) / 2;
+        loop {
+            let value = v[first + parent as usize];
+            adjust_heap(v, first, parent, len, value);
+            if parent == 0 {
+                return;
+            }
+            parent -= 1;
+        }
+    }
+
+    fn sort_heap(v: &mut [Elem], first: usize, mut last: usize) {
+        while last - first > 1 {
+            last -= 1;
+            pop_heap(v, first, last, last);
+        }
+    }
+
+    fn pop_heap(v: &mut [Elem], first: usize, last: usize, result: usize) {
+        let value = v[result];
+        v[result] = v[first];
+        adjust_heap(v, first, 0, (last - first) as isize, value);
+    }
+
+    fn adjust_heap(v: &mut [Elem], first: usize, mut hole: isize, len: isize, value: Elem) {
+        let at = |i: isize| first + i as usize;
+        let top = hole;
+        let mut second = hole;
+        while second < (len - 1) / 2 {
+            second = 2 * (second + 1);
+            if before(&v[at(second)], &v[at(second - 1)]) {
+                second -= 1;
+            }
+            v[at(hole)] = v[at(second)];
+            hole = second;
+        }
+        if len & 1 == 0 && second == (len - 2) / 2 {
+            second = 2 * (second + 1);
+            v[at(hole)] = v[at(second - 1)];
+            hole = second - 1;
+        }
+        // `__push_heap`
+        let mut parent = (hole - 1) / 2;
+        while hole > top && before(&v[at(parent)], &value) {
+            v[at(hole)] = v[at(parent)];
+            hole = parent;
+            parent = (hole - 1) / 2;
+        }
+        v[at(hole)] = value;
+    }
 }
 
 /// CLIP_benchmark's `accuracy(output, target, topk)`: the fraction of rows whose target is among
@@ -224,6 +486,8 @@ pub fn mean_average_precision(
 /// per `k`: image retrieval is per text query (its image among the `k` best images), text
 /// retrieval per image query (one of its texts among the `k` best texts; an image without texts
 /// counts as a miss, as `0/0 > 0` is false in the reference). `k` is capped at the candidate count.
+/// Each `k` takes its own `topk(k)`, as the reference does: with tied scores the top 1 need not
+/// be the first of the top 5.
 pub fn retrieval_recall(
     scores: &[f32],
     texts: usize,
@@ -243,13 +507,7 @@ pub fn retrieval_recall(
             "text linked to image {bad} of {images}"
         )));
     }
-    let kmax = ks.iter().copied().max().unwrap_or(1);
-    let image_ranks: Vec<usize> = scores
-        .chunks(images.max(1))
-        .zip(text_image)
-        .map(|(row, &img)| rank_of(row, img, kmax))
-        .collect();
-    // Text retrieval: per image, the best rank among its texts in the transposed scores.
+    // Text retrieval: per image, its texts among the best in the transposed scores.
     let mut transposed = vec![0f32; texts * images];
     for t in 0..texts {
         for i in 0..images {
@@ -261,35 +519,25 @@ pub fn retrieval_recall(
         texts_of[i].push(t);
     }
     use rayon::prelude::*;
-    let text_ranks: Vec<usize> = transposed
-        .par_chunks(texts.max(1))
-        .zip(texts_of.par_iter())
-        .map(|(row, positives)| {
-            let top = {
-                let mut r = ranked(row);
-                r.truncate(kmax.min(texts));
-                r
-            };
-            top.iter()
-                .position(|c| positives.contains(c))
-                .unwrap_or(usize::MAX)
-        })
-        .collect();
     Ok(ks
         .iter()
         .map(|&k| {
-            let ir = image_ranks.iter().filter(|&&r| r < k).count() as f64 / texts.max(1) as f64;
-            let tr = text_ranks.iter().filter(|&&r| r < k).count() as f64 / images.max(1) as f64;
-            (ir, tr)
+            let image_hits = scores
+                .par_chunks(images.max(1))
+                .zip(text_image.par_iter())
+                .filter(|(row, img)| torch_topk(row, k).contains(img))
+                .count();
+            let text_hits = transposed
+                .par_chunks(texts.max(1))
+                .zip(texts_of.par_iter())
+                .filter(|(row, positives)| torch_topk(row, k).iter().any(|c| positives.contains(c)))
+                .count();
+            (
+                image_hits as f64 / texts.max(1) as f64,
+                text_hits as f64 / images.max(1) as f64,
+            )
         })
         .collect())
-}
-
-/// Rank (0-based) of column `target` in `row` if it is among the first `limit`, else `usize::MAX`.
-fn rank_of(row: &[f32], target: usize, limit: usize) -> usize {
-    let mut r = ranked(row);
-    r.truncate(limit.min(row.len()));
-    r.iter().position(|&c| c == target).unwrap_or(usize::MAX)
 }
 
 /// sklearn `f1_score` / `recall_score` with `average="macro", labels=unique(y_true)`, as WILDS'
@@ -642,9 +890,24 @@ mod tests {
     }
 
     #[test]
-    fn ties_take_the_first_index() {
+    fn ties_follow_torch() {
         assert_eq!(argmax_rows(&[1.0, 2.0, 2.0, 0.0], 4), vec![1]);
+        assert_eq!(argmax_rows(&[1.0, f32::NAN, 3.0, f32::NAN], 4), vec![1]);
         assert_eq!(topk_rows(&[1.0, 1.0, 1.0], 3, 2), vec![vec![0, 1]]);
+        // Printed by torch 2.11 on the CPU (`torch.zeros(1, n).topk(k, 1)` etc.).
+        assert_eq!(torch_topk(&[0.0; 7], 5), vec![3, 6, 5, 4, 0]);
+        assert_eq!(torch_topk(&[0.0; 7], 1), vec![5]);
+        assert_eq!(torch_topk(&[0.0; 20], 5), vec![12, 14, 13, 15, 11]);
+        assert_eq!(torch_topk(&[0.0; 100], 1), vec![0]);
+        assert_eq!(
+            torch_topk(&[0.0; 10], 10),
+            vec![5, 9, 8, 7, 6, 3, 1, 2, 0, 4]
+        );
+        assert_eq!(
+            torch_topk(&[0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0], 5),
+            vec![1, 5, 4, 2, 0]
+        );
+        assert_eq!(torch_topk(&[1.0, f32::NAN, 3.0, f32::NAN], 2), vec![1, 3]);
     }
 
     #[test]

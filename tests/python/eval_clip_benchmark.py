@@ -13,6 +13,20 @@ DataComp runs it) and `zeroshot_retrieval.evaluate(recall_k_list=[1, 5, 10])` pl
   openclip CONFIG.json SEED CKPT_OUT.safetensors OUT.json DIR...
       Random-initialise open_clip's CLIP from the config (torch.manual_seed(SEED)), save its state
       dict to CKPT_OUT (hq-train loads it), evaluate it.
+  pretrained EXPORT_DIR NAME OUT.json DIR...
+      Load a trained model the way a user loads an `hq-export --format open_clip` folder:
+      `open_clip.add_model_config(EXPORT_DIR/NAME.json)`, `create_model(NAME,
+      pretrained=EXPORT_DIR/open_clip_model.safetensors)`, and evaluate it.
+  topk IN.safetensors OUT.json
+      `torch.topk(m, k, dim=1)` indices (every k in 1, 2, 5, 10 up to the width) and
+      `m.argmax(dim=1)` of every matrix in IN, on the CPU: {name: {"argmax": [...], "k": [[...]]}}.
+
+  The modes that evaluate also write "_ties": {DIR: rows whose best scores tie exactly}, counted
+  on the logits / retrieval scores CLIP_benchmark computed (a row counts when two of its best
+  min(6, width) scores are equal), so a test of tie handling can tell that ties did occur; and
+  "_slack": {DIR: {metric: bound}}, how much a metric can move when scores closer than
+  NEAR (see there; "_near_eps" holds it) swap order - what two float32 implementations of one trained
+  model may legitimately disagree on (see `instrument`).
   aro CONFIG.json|linear CKPT.safetensors|PROJ.safetensors OUT.json ARO_DIR KIND[,KIND...]
       (ARO_DIR may be a comma-separated list too, one folder per kind)
       ARO's procedure (dataset_zoo/aro_datasets.py + the authors' notebook) on an ARO-layout folder
@@ -21,6 +35,7 @@ DataComp runs it) and `zeroshot_retrieval.evaluate(recall_k_list=[1, 5, 10])` pl
       (>= 25 cases; KIND attribution_min1 counts every pair).
 """
 
+import copy
 import json
 import os
 import sys
@@ -59,7 +74,137 @@ def clean(v):
     return v
 
 
+TIES = {}
+SLACK = {}
+# Scores closer than NEAR (in cosine similarity; x100 for the logits) may come out in either
+# order from two float32 implementations of the same model. NEAR is measured where a float64
+# copy of the model is available (SHADOW, mode `pretrained`): 4 x (the largest L2 error of a
+# normalised float32 image embedding + that of a text embedding, against float64), which bounds
+# the error of a cosine twice over (ours and the reference's); never below NEAR_FLOOR, the
+# rounding of a float32 dot product.
+NEAR_FLOOR = 1e-6
+SHADOW = None
+
+
+def tied_rows(scores):
+    """Rows of `scores` with two equal values among their best min(6, width)."""
+    top = scores.float().topk(min(6, scores.shape[1]), dim=1)[0]
+    return int(((top[:, 1:] == top[:, :-1]).any(dim=1)).sum())
+
+
+def flippable(values, best, k, eps):
+    """Rows whose hit/miss at top-k turns on a margin <= eps: `best` is the row's best positive
+    score; a hit is near when it leads the (k+1)-th best score by <= eps, a miss when it trails
+    the k-th by <= eps."""
+    top = values.topk(min(k + 1, values.shape[1]), dim=1)[0]
+    kth = top[:, k - 1]
+    if top.shape[1] > k:
+        margin = torch.where(best >= kth, best - top[:, k], kth - best)
+    else:  # every candidate is in the top k: always a hit
+        margin = torch.full_like(best, float("inf"))
+    return margin <= eps
+
+
+def ap_column(scores, truth):
+    order = torch.sort(scores, 0, True)[1]
+    t = truth[order]
+    prec = t.cumsum(0) / torch.arange(1, len(t) + 1, dtype=torch.float64)
+    return float(prec[t.bool()].sum() / max(float(t.sum()), 1))
+
+
+def instrument(d, model):
+    """Wrap CLIP_benchmark's `accuracy`, `average_precision_per_class` and `batchify` (retrieval)
+    to see the scores it ranks: count rows with exactly tied best scores (TIES), and bound per
+    metric how far two float32 implementations may differ through near-ties (SLACK: the sum of
+    the metric's weights of the samples whose outcome turns on a margin <= NEAR)."""
+    orig = zsc.accuracy, zsc.average_precision_per_class, zsr.batchify
+    slack = SLACK.setdefault(d, {})
+    calls = [0]
+    err = {"image": 0.0, "text": 0.0}
+    encoders = {}
+    if SHADOW is not None:
+        for kind in ("image", "text"):
+            name = f"encode_{kind}"
+            encoders[name] = getattr(model, name)
+
+            def shadowed(x, _name=name, _kind=kind):
+                out = encoders[_name](x)
+                x64 = x.double() if x.is_floating_point() else x
+                exact = F.normalize(getattr(SHADOW, _name)(x64), dim=-1)
+                diff = (F.normalize(out.double(), dim=-1) - exact).norm(dim=-1).max()
+                err[_kind] = max(err[_kind], float(diff))
+                return out
+            setattr(model, name, shadowed)
+
+    def near_eps():
+        eps = max(NEAR_FLOOR, 4 * (err["image"] + err["text"]))
+        slack["_near_eps"] = eps
+        return eps
+
+    def accuracy(output, target, topk=(1,)):
+        TIES[d] = TIES.get(d, 0) + tied_rows(output)
+        lg = output.double()
+        n, classes = lg.shape
+        t = lg[torch.arange(n), target]
+        for k in topk:
+            near = flippable(lg, t, k, near_eps() * 100)
+            slack[f"acc{k}"] = float(near.sum()) / n
+            if k == 1:
+                counts = torch.bincount(target, minlength=classes).double()
+                present = float((counts > 0).sum())
+                slack["mean_per_class_recall"] = float((1.0 / (present * counts[target]))[near].sum())
+        return orig[0](output, target, topk)
+
+    def average_precision_per_class(scores, targets):
+        # Per class: AP with each run of near-equal scores ordered positives-first vs -last.
+        total = 0.0
+        for k in range(scores.shape[1]):
+            s = scores[:, k].double()
+            order = torch.sort(s, 0, True)[1]
+            sv, tv = s[order], targets[order, k].double()
+            group = torch.cat([torch.zeros(1), ((sv[:-1] - sv[1:]) > near_eps() * 100).double()]).cumsum(0)
+            best = torch.argsort(group * 2 - tv * 1e-3, stable=True)
+            worst = torch.argsort(group * 2 + tv * 1e-3, stable=True)
+            total += ap_column(-torch.arange(len(sv)).double(), tv[best]) - \
+                ap_column(-torch.arange(len(sv)).double(), tv[worst])
+        slack["mean_average_precision"] = total / scores.shape[1]
+        return orig[1](scores, targets)
+
+    def batchify(func, X, Y, batch_size, device, *args, **kwargs):
+        # zeroshot_retrieval.evaluate calls: for each k, image retrieval (rows = texts), then
+        # text retrieval (rows = images).
+        k = kwargs["k"]
+        name = "image" if calls[0] % 2 == 0 else "text"
+        calls[0] += 1
+        if k == 1:
+            TIES[d] = TIES.get(d, 0) + tied_rows(X)
+        x = X.double()
+        best = torch.where(Y, x, torch.full_like(x, -float("inf"))).max(dim=1)[0]
+        near = flippable(x, best, min(k, x.shape[1]), near_eps())
+        slack[f"{name}_retrieval_recall@{k}"] = float(near.sum()) / x.shape[0]
+        if k == 1 and name == "text":
+            slack["mean_recall@1"] = 0.5 * (slack["image_retrieval_recall@1"] + slack["text_retrieval_recall@1"])
+        return orig[2](func, X, Y, batch_size, device, *args, **kwargs)
+
+    zsc.accuracy, zsc.average_precision_per_class, zsr.batchify = \
+        accuracy, average_precision_per_class, batchify
+
+    def restore():
+        zsc.accuracy, zsc.average_precision_per_class, zsr.batchify = orig
+        for name in encoders:
+            delattr(model, name)
+    return restore
+
+
 def evaluate_dir(model, preprocess, tokenizer, d):
+    restore = instrument(d, model)
+    try:
+        return evaluate_dir_inner(model, preprocess, tokenizer, d)
+    finally:
+        restore()
+
+
+def evaluate_dir_inner(model, preprocess, tokenizer, d):
     type_file = os.path.join(d, "dataset_type.txt")
     retrieval = os.path.exists(type_file) and open(type_file).read().strip().lower() == "retrieval"
     task = "zeroshot_retrieval" if retrieval else "zeroshot_classification"
@@ -102,6 +247,26 @@ def main():
         size = size[0] if isinstance(size, (tuple, list)) else size
         with torch.no_grad():
             res = {d: evaluate_dir(model, eval_transform(size), tok, d) for d in dirs}
+    elif mode == "pretrained":
+        export_dir, name, out, dirs = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+        open_clip.add_model_config(os.path.join(export_dir, name + ".json"))
+        weights = os.path.join(export_dir, "open_clip_model.safetensors")
+        model = open_clip.create_model(name, pretrained=weights, device="cpu",
+                                       precision="fp32").eval()
+        tok = open_clip.get_tokenizer(name)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        global SHADOW
+        SHADOW = copy.deepcopy(model).double()
+        with torch.no_grad():
+            res = {d: evaluate_dir(model, eval_transform(size), tok, d) for d in dirs}
+    elif mode == "topk":
+        inp, out = sys.argv[2], sys.argv[3]
+        res = {}
+        for name, m in load_file(inp).items():
+            ks = [k for k in (1, 2, 5, 10) if k <= m.shape[1]]
+            res[name] = {"argmax": m.argmax(dim=1).tolist()}
+            res[name].update({str(k): m.topk(k, dim=1)[1].tolist() for k in ks})
     elif mode == "aro":
         cfg, ckpt, out, d, kinds = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
         # KIND may be a comma-separated list (one process, one model load): {kind: metrics}.
@@ -111,6 +276,9 @@ def main():
         res = {k: aro(cfg, ckpt, dd, k) for k, dd in zip(kinds, dirs)}
     else:
         sys.exit(f"unknown mode {mode}")
+    if mode in ("linear", "openclip", "pretrained"):
+        res["_ties"] = TIES
+        res["_slack"] = SLACK
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
 
