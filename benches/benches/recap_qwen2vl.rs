@@ -18,12 +18,17 @@
 //! decode greedily, so they generate the same tokens (the engine is tested token for token against
 //! `generate`); the bench prints images/s, generated tokens/s and the ratios, checks the tokens
 //! agree, and writes `target/bench-results/recap_qwen2vl.json`. Target (issue 7): >= 1.5x.
+//! It also prints where one pass of ours went (the engine's `GenerationStats`: preprocessing,
+//! vision encoder, prompt embedding, prefill, decode steps split into token choice, cache trim,
+//! embedding, mask/positions and decoder runs).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use hq_runtime::qwen2vl::{EngineOptions, GenerationParams, Qwen2Vl, Request, Sampling};
+use hq_runtime::qwen2vl::{
+    EngineOptions, GenerationParams, GenerationStats, Qwen2Vl, Request, Sampling,
+};
 use hq_runtime::recaption::prompt::{recaption_messages, sample_seed, ExemplarSet};
 use hq_runtime::recaption::Exemplar;
 use hq_runtime::ExecutionProvider;
@@ -76,6 +81,59 @@ struct Case {
     path: PathBuf,
     alt: String,
     exemplar: Exemplar,
+}
+
+fn add_stats(sum: &mut GenerationStats, s: &GenerationStats) {
+    sum.vision += s.vision;
+    sum.prompt_embed += s.prompt_embed;
+    sum.prefill += s.prefill;
+    sum.prefill_runs += s.prefill_runs;
+    sum.prompt_tokens += s.prompt_tokens;
+    sum.steps += s.steps;
+    sum.sampling += s.sampling;
+    sum.cache_trim += s.cache_trim;
+    sum.step_embed += s.step_embed;
+    sum.step_inputs += s.step_inputs;
+    sum.step_decoder += s.step_decoder;
+    sum.detokenize += s.detokenize;
+    sum.total += s.total;
+}
+
+/// Where one pass of ours went (the median pass).
+fn print_breakdown(pass_s: f64, prep: Duration, s: &GenerationStats) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let rows = [
+        ("preprocessing (decode, resize, patches, prompt)", ms(prep)),
+        ("vision encoder", ms(s.vision)),
+        ("prompt embedding + feature scatter", ms(s.prompt_embed)),
+        ("prefill decoder run", ms(s.prefill)),
+        ("decode: token choice", ms(s.sampling)),
+        ("decode: cache trim (rows leaving)", ms(s.cache_trim)),
+        ("decode: token embedding", ms(s.step_embed)),
+        ("decode: mask + positions", ms(s.step_inputs)),
+        ("decode: decoder runs", ms(s.step_decoder)),
+        ("detokenize", ms(s.detokenize)),
+    ];
+    println!(
+        "breakdown of one pass ({:.1} ms; {} prompt tokens in {} prefill runs; {} decode steps):",
+        pass_s * 1e3,
+        s.prompt_tokens,
+        s.prefill_runs,
+        s.steps
+    );
+    for (name, v) in rows {
+        println!(
+            "  {name:<50} {v:9.1} ms {:5.1}%",
+            100.0 * v / (pass_s * 1e3)
+        );
+    }
+    if s.steps > 0 {
+        println!(
+            "  per decode step: {:.3} ms decoder, {:.3} ms embedding",
+            ms(s.step_decoder) / s.steps as f64,
+            ms(s.step_embed) / s.steps as f64
+        );
+    }
 }
 
 fn main() {
@@ -139,37 +197,47 @@ fn run() -> Result<(), String> {
         max_new_tokens: max_new,
         sampling: Sampling::Greedy,
     };
-    let one_pass = |engine: &mut Qwen2Vl| -> Result<Vec<Vec<u32>>, String> {
-        let mut out = Vec::new();
-        for chunk in cases.chunks(batch) {
-            let mut reqs = Vec::new();
-            for c in chunk {
-                let img = image::open(&c.path).map_err(|e| e.to_string())?;
-                let prepared = engine
-                    .processor()
-                    .process(&img)
-                    .map_err(|e| e.to_string())?;
-                let prompt = engine
-                    .prompt(&recaption_messages(&c.exemplar, &c.alt), vec![prepared])
-                    .map_err(|e| e.to_string())?;
-                reqs.push(Request { prompt, seed: 0 });
+    // Per pass: the tokens, the preprocessing time and the engine's own breakdown (summed over
+    // batches).
+    let one_pass =
+        |engine: &mut Qwen2Vl| -> Result<(Vec<Vec<u32>>, Duration, GenerationStats), String> {
+            let mut out = Vec::new();
+            let mut prep = Duration::ZERO;
+            let mut stats = GenerationStats::default();
+            for chunk in cases.chunks(batch) {
+                let t = Instant::now();
+                let mut reqs = Vec::new();
+                for c in chunk {
+                    let img = image::open(&c.path).map_err(|e| e.to_string())?;
+                    let prepared = engine
+                        .processor()
+                        .process(&img)
+                        .map_err(|e| e.to_string())?;
+                    let prompt = engine
+                        .prompt(&recaption_messages(&c.exemplar, &c.alt), vec![prepared])
+                        .map_err(|e| e.to_string())?;
+                    reqs.push(Request { prompt, seed: 0 });
+                }
+                prep += t.elapsed();
+                for g in engine.generate(&reqs, &params).map_err(|e| e.to_string())? {
+                    out.push(g.tokens);
+                }
+                add_stats(&mut stats, engine.last_stats());
             }
-            for g in engine.generate(&reqs, &params).map_err(|e| e.to_string())? {
-                out.push(g.tokens);
-            }
-        }
-        Ok(out)
-    };
+            Ok((out, prep, stats))
+        };
     one_pass(&mut engine)?;
     let mut times = Vec::new();
     let mut ours_tokens = Vec::new();
     for _ in 0..repeats {
         let t0 = Instant::now();
-        ours_tokens = one_pass(&mut engine)?;
-        times.push(t0.elapsed().as_secs_f64());
+        let (tokens, prep, stats) = one_pass(&mut engine)?;
+        times.push((t0.elapsed().as_secs_f64(), prep, stats));
+        ours_tokens = tokens;
     }
-    times.sort_by(f64::total_cmp);
-    let ours_s = times[times.len() / 2];
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (ours_s, prep, stats) = times[times.len() / 2].clone();
+    print_breakdown(ours_s, prep, &stats);
     let ours_gen: usize = ours_tokens.iter().map(Vec::len).sum();
     println!(
         "ours ({provider}, {threads} threads): {:.2} images/s, {:.1} tokens/s ({ours_gen} tokens, {ours_s:.2} s per pass)",

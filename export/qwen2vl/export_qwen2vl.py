@@ -181,11 +181,18 @@ class Decoder(nn.Module):
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
-            kr = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-            vr = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-            scores = torch.matmul(q, kr.transpose(2, 3)) * a.scaling + bias
+            # Grouped-query attention without repeating the cache: query head h uses key/value
+            # head h // groups (HF's repeat_interleave), so the queries are regrouped as
+            # [B, kv_heads, groups * S, D] and multiplied with the cache as it is. Repeating k and v
+            # would copy the whole cache twice per layer and step.
+            total_len = k.shape[2]
+            qg = q.reshape(bsz, self.num_kv_heads, groups * seq, self.head_dim)
+            scores = torch.matmul(qg, k.transpose(2, 3)) * a.scaling
+            scores = scores.reshape(bsz, self.num_heads, seq, total_len) + bias
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.matmul(probs, vr).transpose(1, 2).reshape(bsz, seq, -1)
+            probs = probs.reshape(bsz, self.num_kv_heads, groups * seq, total_len)
+            out = torch.matmul(probs, v).reshape(bsz, self.num_heads, seq, self.head_dim)
+            out = out.transpose(1, 2).reshape(bsz, seq, -1)
             hs = residual + a.o_proj(out)
             hs = hs + layer.mlp(layer.post_attention_layernorm(hs))
         hs = self.lm.norm(hs[:, -1:, :])

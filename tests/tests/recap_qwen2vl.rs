@@ -8,6 +8,7 @@
 //! - greedy generation, one request at a time and in left-padded batches of mixed image sizes and
 //!   prompt lengths (rows finish at different steps and leave the batch): tokens equal to HF
 //!   `generate` token for token;
+//! - the prompt step in small chunks gives the same tokens;
 //! - negative control: the same prompts with the images swapped give other tokens (the image
 //!   features reach the decoder), and seeded sampling is reproducible.
 //!
@@ -201,6 +202,29 @@ fn greedy_generation_matches_hf_generate_token_for_token() -> TestResult {
             );
         }
     }
+
+    // The prompt step in chunks: with 5-token chunks every prompt takes several decoder runs (the
+    // last one ragged, image tokens split across chunks), and a batch still gives the HF tokens.
+    engine.set_prefill_chunk(5)?;
+    let reqs: Vec<Request> = batches[0].iter().map(|&i| requests[i].clone()).collect();
+    let got = engine.generate(&reqs, &params)?;
+    let chunk_runs: usize = reqs
+        .iter()
+        .map(|r| r.prompt.input_ids.len().div_ceil(5))
+        .sum();
+    assert_eq!(
+        engine.last_stats().prefill_runs,
+        chunk_runs,
+        "one prefill run per 5-token chunk"
+    );
+    for (k, &i) in batches[0].iter().enumerate() {
+        assert_eq!(
+            got[k].tokens, singles[i],
+            "case {i}: prefill in 5-token chunks"
+        );
+    }
+    engine.set_prefill_chunk(hq_runtime::qwen2vl::engine::DEFAULT_PREFILL_CHUNK)?;
+    assert!(engine.set_prefill_chunk(0).is_err());
 
     // Rows leaving the batch: with a custom end token that some rows produce early, a batch must
     // give each row its single output cut after that token (greedy decoding is prefix-stable), so

@@ -2,12 +2,17 @@
 //! between steps, and greedy or sampled decoding.
 //!
 //! One call to [`Qwen2Vl::generate`] runs a batch of prompts of different lengths and image sizes:
-//! 1. all images go through the vision encoder in one run (patches concatenated, one `grid_thw` row
-//!    per image; the encoder's block-diagonal attention keeps them apart);
-//! 2. prompts are left-padded to the longest, embedded, and each image's features replace its
-//!    `<|image_pad|>` embeddings; M-RoPE positions come from [`rope_index`] per row;
-//! 3. the prompt step runs the decoder with an empty cache; each decode step feeds the previous
-//!    step's `present.*` values back as `past_key_values.*` without copying them into Rust arrays;
+//! 1. each image goes through the vision encoder in its own run (the encoder's attention is
+//!    block-diagonal per image, so a joint run would compute and discard every cross-image score:
+//!    quadratic in the batch's total patch count);
+//! 2. each prompt is embedded and its image features replace its `<|image_pad|>` embeddings; M-RoPE
+//!    positions come from [`rope_index`] per row;
+//! 3. the prompt step (prefill) runs one row at a time without padding, in chunks of
+//!    [`DEFAULT_PREFILL_CHUNK`] tokens (the attention scores of a chunk stay in cache, and the
+//!    causal half above a chunk is never computed); the rows' caches are then laid out as one
+//!    left-padded batch cache. Each decode step feeds the previous step's `present.*` values back
+//!    as `past_key_values.*` without copying them into Rust arrays, and embeds the new tokens from
+//!    a cache of embedding rows (one `embed_tokens` run only for ids not seen before);
 //! 4. a row that emits an end token or reaches `max_new_tokens` leaves the batch at once: its rows of
 //!    the cache and mask are dropped (and leading columns that are padding for every remaining row
 //!    are trimmed), so finished sequences cost nothing afterwards.
@@ -21,10 +26,11 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session as OrtSession, SessionInputValue};
-use ort::value::{DynTensorValueType, DynValue, Tensor};
+use ort::value::{DynTensorValueType, DynValue, Tensor, TensorRef};
 use tokenizers::Tokenizer;
 
 use crate::env::{init, Runtime};
@@ -36,6 +42,9 @@ use crate::qwen2vl::prompt::{Message, Prompt};
 use crate::qwen2vl::rope::rope_index;
 use crate::qwen2vl::sampling::{Sampler, Sampling};
 use crate::qwen2vl::PreparedImage;
+
+/// Prompt tokens per prefill decoder run unless [`Qwen2Vl::set_prefill_chunk`] says otherwise.
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
 /// Shape limits for TensorRT's optimisation profiles (a shape outside them makes TensorRT rebuild
 /// its engine, which takes minutes for a 7B model).
@@ -161,6 +170,71 @@ pub struct Generation {
     pub prompt_tokens: usize,
 }
 
+/// Where the time of the last [`Qwen2Vl::generate`] call went (wall time per phase, summed over
+/// steps), for profiling and the benchmark's breakdown.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Vision encoder run (patches gathered, features read back).
+    pub vision: std::time::Duration,
+    /// Prompt token embedding and image feature scatter.
+    pub prompt_embed: std::time::Duration,
+    /// The prompt (prefill) decoder runs and laying their caches out as one batch.
+    pub prefill: std::time::Duration,
+    /// Prefill decoder runs (one per row and chunk).
+    pub prefill_runs: usize,
+    /// Prompt tokens over all rows (image tokens included, no padding).
+    pub prompt_tokens: usize,
+    /// Decode steps run.
+    pub steps: usize,
+    /// Token choice over all steps.
+    pub sampling: std::time::Duration,
+    /// Dropping finished rows from the cache.
+    pub cache_trim: std::time::Duration,
+    /// Embedding the new tokens (all steps).
+    pub step_embed: std::time::Duration,
+    /// Building masks and positions (all steps).
+    pub step_inputs: std::time::Duration,
+    /// Decoder runs of the decode steps (inputs bound, run, logits read).
+    pub step_decoder: std::time::Duration,
+    /// Turning tokens into text.
+    pub detokenize: std::time::Duration,
+    /// The whole call.
+    pub total: std::time::Duration,
+}
+
+/// Most bytes the embedding row cache holds (4,681 rows of a 7B model's 3,584-wide embedding).
+const EMBED_CACHE_BYTES: usize = 64 << 20;
+
+/// Embedding rows of generated token ids. `embed_tokens` is a pure table lookup, so a row computed
+/// once is reused: a decode step then usually needs no `embed_tokens` run at all (one session run
+/// per step costs more than the lookup itself at small batch sizes).
+struct EmbeddingCache {
+    rows: std::collections::HashMap<i64, Box<[f32]>>,
+    hidden: usize,
+    capacity: usize,
+}
+
+impl EmbeddingCache {
+    fn new(hidden: usize) -> Self {
+        Self {
+            rows: std::collections::HashMap::new(),
+            hidden,
+            capacity: (EMBED_CACHE_BYTES / (hidden.max(1) * 4)).max(64),
+        }
+    }
+
+    /// Adds the rows `[ids.len(), hidden]` of `ids`; a full cache is emptied first (generation
+    /// keeps going; the rows are recomputed on demand).
+    fn insert(&mut self, ids: &[i64], rows: &[f32]) {
+        if self.rows.len() + ids.len() > self.capacity {
+            self.rows.clear();
+        }
+        for (id, row) in ids.iter().zip(rows.chunks_exact(self.hidden)) {
+            self.rows.insert(*id, row.into());
+        }
+    }
+}
+
 /// The inputs of one decoder run.
 struct Step {
     /// `[batch, seq, hidden]` flattened.
@@ -189,6 +263,9 @@ pub struct Qwen2Vl {
     provider: ExecutionProvider,
     eos: Vec<u32>,
     cache_device: Option<CacheDevice>,
+    stats: GenerationStats,
+    prefill_chunk: usize,
+    embed_cache: EmbeddingCache,
 }
 
 impl std::fmt::Debug for Qwen2Vl {
@@ -344,20 +421,26 @@ fn read_f32(value: &DynValue, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((dims, data.to_vec()))
 }
 
-/// Rows `keep` and sequence columns `from..` of a `[batch, heads, seq, dim]` cache value.
-fn gather_cache(value: DynValue, name: &str, keep: &[usize], from: usize) -> Result<DynValue> {
+/// `value` itself when host code can read it, else a copy in host memory (a cache bound to GPU
+/// memory).
+fn to_host(value: DynValue, name: &str) -> Result<DynValue> {
     let out_err = |e: ort::Error| RuntimeError::Output {
         name: name.to_string(),
         message: e.to_string(),
     };
-    // A cache bound to GPU memory is copied to the host first (only when rows leave the batch).
     let tensor = value.downcast::<DynTensorValueType>().map_err(out_err)?;
     let tensor = if tensor.memory_info().is_cpu_accessible() {
         tensor
     } else {
         tensor.to(AllocationDevice::CPU, 0).map_err(out_err)?
     };
-    let value = tensor.into_dyn();
+    Ok(tensor.into_dyn())
+}
+
+/// Rows `keep` and sequence columns `from..` of a `[batch, heads, seq, dim]` cache value.
+fn gather_cache(value: DynValue, name: &str, keep: &[usize], from: usize) -> Result<DynValue> {
+    // A cache bound to GPU memory is copied to the host first (only when rows leave the batch).
+    let value = to_host(value, name)?;
     let (shape, data) = value
         .try_extract_tensor::<f32>()
         .map_err(|e| RuntimeError::Output {
@@ -560,7 +643,26 @@ impl Qwen2Vl {
                     | ExecutionProvider::TensorRt { device_id, .. },
                 ) => Some(CacheDevice::Cuda(i32::try_from(*device_id).unwrap_or(0))),
             },
+            stats: GenerationStats::default(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            embed_cache: EmbeddingCache::new(hidden),
         })
+    }
+
+    /// Where the time of the last [`Self::generate`] call went.
+    pub fn last_stats(&self) -> &GenerationStats {
+        &self.stats
+    }
+
+    /// Sets how many prompt tokens one prefill decoder run takes at most (default
+    /// [`DEFAULT_PREFILL_CHUNK`]). Smaller chunks keep the `[heads, chunk, total]` attention scores in
+    /// cache; the results are the same up to floating-point summation order.
+    pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<()> {
+        if tokens == 0 {
+            return Err(gen_err("the prefill chunk must be at least one token"));
+        }
+        self.prefill_chunk = tokens;
+        Ok(())
     }
 
     /// The checked model directory.
@@ -620,53 +722,52 @@ impl Qwen2Vl {
             .map_err(|e| RuntimeError::Tokenizer(format!("decoding: {e}")))
     }
 
-    /// Runs the vision encoder on every image of `requests` at once: `[tokens, hidden]` rows in
-    /// image order.
+    /// Runs the vision encoder on every image of `requests`: `[tokens, hidden]` rows in image
+    /// order. One run per image: the encoder's attention is block-diagonal (one block per image
+    /// frame), so a run over several images computes and masks away all the cross-image scores
+    /// (quadratic in the total patch count), while one run per image costs only its own block.
     fn image_features(&mut self, requests: &[Request]) -> Result<Vec<f32>> {
-        let images: Vec<&PreparedImage> = requests
-            .iter()
-            .flat_map(|r| r.prompt.images.iter())
-            .collect();
-        if images.is_empty() {
-            return Ok(Vec::new());
-        }
         let patch_dim = self.dir.config.patch_dim();
-        let total: usize = images.iter().map(|im| im.num_patches()).sum();
-        let mut pixels = Vec::with_capacity(total * patch_dim);
-        let mut grid = Vec::with_capacity(images.len() * 3);
-        for im in &images {
+        let hidden = self.dir.config.hidden_size;
+        let mut features = Vec::new();
+        for im in requests.iter().flat_map(|r| r.prompt.images.iter()) {
             if im.patch_dim != patch_dim {
                 return Err(gen_err(format!(
                     "image patches have {} values, the model expects {patch_dim}",
                     im.patch_dim
                 )));
             }
-            pixels.extend_from_slice(&im.pixel_values);
-            grid.extend(im.grid_thw.iter().map(|&g| g as i64));
+            let patches = im.num_patches();
+            let grid: Vec<i64> = im.grid_thw.iter().map(|&g| g as i64).collect();
+            let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+                (
+                    "pixel_values".into(),
+                    TensorRef::from_array_view(([patches, patch_dim], &im.pixel_values[..]))
+                        .map_err(|e| gen_err(format!("creating the pixel input: {e}")))?
+                        .into(),
+                ),
+                ("grid_thw".into(), i64_tensor(vec![1, 3], grid)?.into()),
+            ];
+            let out = self.vision.run(inputs).map_err(ort_err(VISION_ENCODER))?;
+            let value = out
+                .get("image_features")
+                .ok_or_else(|| gen_err("the vision encoder returned no image_features"))?;
+            let (shape, data) =
+                value
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| RuntimeError::Output {
+                        name: "image_features".into(),
+                        message: e.to_string(),
+                    })?;
+            if **shape != [im.num_tokens as i64, hidden as i64] {
+                return Err(gen_err(format!(
+                    "image_features has shape {:?}, expected [{}, {hidden}]",
+                    &**shape, im.num_tokens
+                )));
+            }
+            features.extend_from_slice(data);
         }
-        let inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            (
-                "pixel_values".into(),
-                f32_tensor(vec![total, patch_dim], pixels)?.into(),
-            ),
-            (
-                "grid_thw".into(),
-                i64_tensor(vec![images.len(), 3], grid)?.into(),
-            ),
-        ];
-        let out = self.vision.run(inputs).map_err(ort_err(VISION_ENCODER))?;
-        let value = out
-            .get("image_features")
-            .ok_or_else(|| gen_err("the vision encoder returned no image_features"))?;
-        let (shape, data) = read_f32(value, "image_features")?;
-        let expected: usize = images.iter().map(|im| im.num_tokens).sum();
-        if shape != [expected, self.dir.config.hidden_size] {
-            return Err(gen_err(format!(
-                "image_features has shape {shape:?}, expected [{expected}, {}]",
-                self.dir.config.hidden_size
-            )));
-        }
-        Ok(data)
+        Ok(features)
     }
 
     fn embed_ids(&mut self, ids: Vec<i64>, batch: usize, seq: usize) -> Result<Vec<f32>> {
@@ -686,6 +787,97 @@ impl Qwen2Vl {
             )));
         }
         Ok(data)
+    }
+
+    /// The embeddings `[ids.len(), hidden]` of generated tokens: rows already seen come from the
+    /// cache, the others from one `embed_tokens` run over the distinct new ids.
+    fn embed_generated(&mut self, ids: &[i64]) -> Result<Vec<f32>> {
+        let mut missing: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.embed_cache.rows.contains_key(id))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let n = missing.len();
+            let rows = self.embed_ids(missing.clone(), 1, n)?;
+            self.embed_cache.insert(&missing, &rows);
+        }
+        let hidden = self.dir.config.hidden_size;
+        let mut out = Vec::with_capacity(ids.len() * hidden);
+        for id in ids {
+            let row = match self.embed_cache.rows.get(id) {
+                Some(row) => row,
+                None => return Err(gen_err("internal: an embedding row missing from the cache")),
+            };
+            out.extend_from_slice(row);
+        }
+        Ok(out)
+    }
+
+    /// An empty cache (`past` length 0) for `batch` rows.
+    fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>> {
+        let cfg = &self.dir.config;
+        (0..self.past_names.len())
+            .map(|_| {
+                f32_tensor(
+                    vec![batch, cfg.num_key_value_heads, 0, cfg.head_dim],
+                    Vec::new(),
+                )
+            })
+            .collect()
+    }
+
+    /// Lays the per-row prompt caches (`[1, heads, len_b, dim]` each) out as one left-padded batch
+    /// cache `[batch, heads, seq, dim]`: row b's entries at columns `seq - len_b..`, zeros before
+    /// (those columns are masked out, as HF's left padding is).
+    fn merge_row_caches(
+        &self,
+        rows: Vec<Vec<DynValue>>,
+        lens: &[usize],
+        seq: usize,
+    ) -> Result<Vec<DynValue>> {
+        let cfg = &self.dir.config;
+        let (heads, dim) = (cfg.num_key_value_heads, cfg.head_dim);
+        let batch = rows.len();
+        let mut merged: Vec<Vec<f32>> = (0..self.present_names.len())
+            .map(|_| vec![0f32; batch * heads * seq * dim])
+            .collect();
+        for (b, (row, &len)) in rows.into_iter().zip(lens).enumerate() {
+            if row.len() != merged.len() {
+                return Err(gen_err(
+                    "internal: a row cache with the wrong number of values",
+                ));
+            }
+            for ((value, out), name) in row.into_iter().zip(&mut merged).zip(&self.present_names) {
+                let value = to_host(value, name)?;
+                let (shape, data) =
+                    value
+                        .try_extract_tensor::<f32>()
+                        .map_err(|e| RuntimeError::Output {
+                            name: name.clone(),
+                            message: e.to_string(),
+                        })?;
+                let expected = [1, heads as i64, len as i64, dim as i64];
+                if **shape != expected {
+                    return Err(gen_err(format!(
+                        "{name} has shape {:?}, expected {expected:?}",
+                        &**shape
+                    )));
+                }
+                let pad = seq - len;
+                for h in 0..heads {
+                    let dst = ((b * heads + h) * seq + pad) * dim;
+                    let src = h * len * dim;
+                    out[dst..dst + len * dim].copy_from_slice(&data[src..src + len * dim]);
+                }
+            }
+        }
+        merged
+            .into_iter()
+            .map(|data| f32_tensor(vec![batch, heads, seq, dim], data))
+            .collect()
     }
 
     /// One decoder run: returns the last-position logits `[batch][vocab]` (flattened) and the
@@ -837,6 +1029,8 @@ impl Qwen2Vl {
         params: &GenerationParams,
     ) -> Result<Vec<Generation>> {
         params.sampling.validate()?;
+        let call_start = Instant::now();
+        let mut stats = GenerationStats::default();
         if requests.is_empty() {
             return Ok(Vec::new());
         }
@@ -874,55 +1068,71 @@ impl Qwen2Vl {
                 cfg.spatial_merge_size,
             )?);
         }
+        let t = Instant::now();
         let features = self.image_features(requests)?;
+        stats.vision = t.elapsed();
 
-        let mut ids = vec![i64::from(self.dir.pad_token_id); batch * seq];
-        let mut mask = vec![0i64; batch * seq];
-        let mut positions = vec![0i64; 3 * batch * seq];
-        for (b, r) in requests.iter().enumerate() {
-            let len = r.prompt.input_ids.len();
-            let pad = seq - len;
-            for (k, &t) in r.prompt.input_ids.iter().enumerate() {
-                ids[b * seq + pad + k] = i64::from(t);
-                mask[b * seq + pad + k] = 1;
-                for a in 0..3 {
-                    positions[(a * batch + b) * seq + pad + k] = ropes[b].axes[a][k];
-                }
-            }
-        }
-        let mut embeds = self.embed_ids(ids.clone(), batch, seq)?;
+        // The prompt step, one row at a time (no padding, chunks of `prefill_chunk` tokens: the
+        // attention scores stay small), then the rows' caches are laid out left-padded to `seq`.
+        let image_token = i64::from(cfg.image_token_id);
         let mut feature_rows = features.chunks_exact(hidden);
-        for (b, _) in requests.iter().enumerate() {
-            for k in 0..seq {
-                if ids[b * seq + k] == i64::from(cfg.image_token_id) && mask[b * seq + k] == 1 {
+        let mut logits = Vec::new();
+        let mut row_caches = Vec::with_capacity(batch);
+        for (b, r) in requests.iter().enumerate() {
+            let t = Instant::now();
+            let ids: Vec<i64> = r.prompt.input_ids.iter().map(|&t| i64::from(t)).collect();
+            let len = ids.len();
+            stats.prompt_tokens += len;
+            let mut embeds = self.embed_ids(ids.clone(), 1, len)?;
+            for (k, &id) in ids.iter().enumerate() {
+                if id == image_token {
                     let row = feature_rows
                         .next()
                         .ok_or_else(|| gen_err("fewer image features than image tokens"))?;
-                    embeds[(b * seq + k) * hidden..(b * seq + k + 1) * hidden].copy_from_slice(row);
+                    embeds[k * hidden..(k + 1) * hidden].copy_from_slice(row);
                 }
             }
+            stats.prompt_embed += t.elapsed();
+            let t = Instant::now();
+            let rope = &ropes[b];
+            let mut past = self.empty_past(1)?;
+            let mut row_logits = Vec::new();
+            let mut from = 0;
+            while from < len {
+                let to = (from + self.prefill_chunk).min(len);
+                let mut positions = Vec::with_capacity(3 * (to - from));
+                for axis in &rope.axes {
+                    positions.extend_from_slice(&axis[from..to]);
+                }
+                let (l, p) = self.decode_step(Step {
+                    embeds: embeds[from * hidden..to * hidden].to_vec(),
+                    batch: 1,
+                    seq: to - from,
+                    mask: vec![1; to],
+                    total: to,
+                    positions,
+                    past,
+                })?;
+                row_logits = l;
+                past = p;
+                from = to;
+                stats.prefill_runs += 1;
+            }
+            logits.extend_from_slice(&row_logits);
+            row_caches.push(past);
+            stats.prefill += t.elapsed();
         }
         if feature_rows.next().is_some() {
             return Err(gen_err("more image features than image tokens"));
         }
-
-        let empty_past = (0..self.past_names.len())
-            .map(|_| {
-                f32_tensor(
-                    vec![batch, cfg.num_key_value_heads, 0, cfg.head_dim],
-                    Vec::new(),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let (mut logits, mut past) = self.decode_step(Step {
-            embeds,
-            batch,
-            seq,
-            mask: mask.clone(),
-            total: seq,
-            positions,
-            past: empty_past,
-        })?;
+        let t = Instant::now();
+        let lens: Vec<usize> = requests.iter().map(|r| r.prompt.input_ids.len()).collect();
+        let mut past = self.merge_row_caches(row_caches, &lens, seq)?;
+        let mask: Vec<i64> = lens
+            .iter()
+            .flat_map(|&len| (0..seq).map(move |k| i64::from(k >= seq - len)))
+            .collect();
+        stats.prefill += t.elapsed();
         let vocab = logits.len() / batch;
 
         // Per active row: its request index, its mask row, its next position.
@@ -937,6 +1147,7 @@ impl Qwen2Vl {
         let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
 
         loop {
+            let t = Instant::now();
             let mut keep_slots = Vec::with_capacity(active.len());
             for (slot, &req) in active.iter().enumerate() {
                 let row = &logits[slot * vocab..(slot + 1) * vocab];
@@ -950,9 +1161,11 @@ impl Qwen2Vl {
                     keep_slots.push(slot);
                 }
             }
+            stats.sampling += t.elapsed();
             if keep_slots.is_empty() {
                 break;
             }
+            let t = Instant::now();
             if keep_slots.len() != active.len() {
                 // Finished rows leave; trim columns that are padding for every remaining row.
                 let rows: Vec<&Vec<i64>> = keep_slots.iter().map(|&s| &mask_rows[s]).collect();
@@ -972,12 +1185,16 @@ impl Qwen2Vl {
                     .collect();
                 active = keep_slots.iter().map(|&s| active[s]).collect();
             }
+            stats.cache_trim += t.elapsed();
+            let t = Instant::now();
             let b = active.len();
             let new_ids: Vec<i64> = active
                 .iter()
                 .map(|&r| i64::from(*tokens[r].last().unwrap_or(&0)))
                 .collect();
-            let step_embeds = self.embed_ids(new_ids, b, 1)?;
+            let step_embeds = self.embed_generated(&new_ids)?;
+            stats.step_embed += t.elapsed();
+            let t = Instant::now();
             for row in &mut mask_rows {
                 row.push(1);
             }
@@ -990,6 +1207,8 @@ impl Qwen2Vl {
                 }
                 next_pos[r] += 1;
             }
+            stats.step_inputs += t.elapsed();
+            let t = Instant::now();
             let (l, p) = self.decode_step(Step {
                 embeds: step_embeds,
                 batch: b,
@@ -999,11 +1218,14 @@ impl Qwen2Vl {
                 positions: pos,
                 past,
             })?;
+            stats.step_decoder += t.elapsed();
+            stats.steps += 1;
             logits = l;
             past = p;
         }
 
-        requests
+        let t = Instant::now();
+        let out = requests
             .iter()
             .enumerate()
             .map(|(i, r)| {
@@ -1015,6 +1237,10 @@ impl Qwen2Vl {
                     prompt_tokens: r.prompt.input_ids.len(),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        stats.detokenize = t.elapsed();
+        stats.total = call_start.elapsed();
+        self.stats = stats;
+        Ok(out)
     }
 }

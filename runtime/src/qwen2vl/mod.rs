@@ -24,7 +24,8 @@ pub mod rope;
 pub mod sampling;
 
 pub use engine::{
-    EngineOptions, FinishReason, Generation, GenerationParams, Qwen2Vl, Request, TrtProfile,
+    EngineOptions, FinishReason, Generation, GenerationParams, GenerationStats, Qwen2Vl, Request,
+    TrtProfile,
 };
 pub use model_dir::{ModelConfig, ModelDir, PreprocessConfig};
 pub use preprocess::{smart_resize, ImageProcessor, PreparedImage};
