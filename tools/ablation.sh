@@ -6,13 +6,19 @@
 #
 # Usage: tools/ablation.sh [--corpus DIR] [--out DIR] [--seeds "0 1 2"] [--steps N]
 #                          [--variants "baseline mixed hni stc"] [--config FILE]
+#                          [--jobs N] [--threads N]
 #   --corpus   a corpus written by `hq-data synth` (default out/default)
 #   --out      where the runs, reports, table.md and chart.png go (default out/ablation)
 #   --seeds    one run per variant and seed (default "0")
-#   --steps    optimizer steps per run (default: the config's, 150)
+#   --steps    optimizer steps per run (default: the config's)
 #   --config   hq-train config (default training/configs/ablation.toml)
+#   --jobs     runs trained at the same time (default 1); with --threads 1 and --jobs 2 a
+#              two-core machine trains two variants side by side
+#   --threads  threads per run: libtorch's intra-op threads and the data loader's decode threads
+#              (default 0: the libraries' defaults, one per core)
 # A finished run (its summary.json present) is not trained again, so an interrupted ablation
-# continues where it stopped; an interrupted run resumes from its last checkpoint.
+# continues where it stopped; an interrupted run resumes from its last checkpoint. Each run's
+# log is RUN/train.log.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,6 +28,8 @@ seeds="0"
 steps=""
 variants="baseline mixed hni stc"
 config=training/configs/ablation.toml
+jobs=1
+threads=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
@@ -30,7 +38,9 @@ while [[ $# -gt 0 ]]; do
     --steps) steps="$2"; shift 2 ;;
     --variants) variants="$2"; shift 2 ;;
     --config) config="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --jobs) jobs="$2"; shift 2 ;;
+    --threads) threads="$2"; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "ablation.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -38,34 +48,74 @@ done
   echo "ablation.sh: $corpus is not a corpus (no train/ and eval/); run hq-data synth --out $corpus first" >&2
   exit 2
 }
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "ablation.sh: --jobs $jobs is not a positive integer" >&2; exit 2; }
+[[ "$threads" =~ ^[0-9]+$ ]] || { echo "ablation.sh: --threads $threads is not an integer >= 0" >&2; exit 2; }
 
 source tools/env.sh
 export HQ_NO_PROGRESS="${HQ_NO_PROGRESS:-}"
 cargo build --release --locked -p hq-train --bin hq-train --bin hq-ablation -p hq-eval-cli --bin hq-eval
 
+# Whether a run trained to its last step: summary.json's last_step equals the run's configured
+# steps (an interrupted run's summary stops short).
+finished() {
+  local run="$1" want got
+  [[ -f "$run/summary.json" && -f "$run/config.toml" ]] || return 1
+  want=$(sed -n 's/^steps = \([0-9]*\)$/\1/p' "$run/config.toml" | head -n 1)
+  got=$(sed -n 's/^ *"last_step": \([0-9]*\),\?$/\1/p' "$run/summary.json" | head -n 1)
+  [[ -n "$want" && "$want" == "$got" ]]
+}
+
+# Train (or resume) one variant and seed, then evaluate its final checkpoint with hq-eval (the
+# only evaluation: hq-train gets no --eval-dir, so it does not evaluate the same model twice).
+run_one() {
+  local seed="$1" v="$2"
+  local run="$out/seed-$seed/$v"
+  mkdir -p "$run"
+  if ! finished "$run"; then
+    rm -f "$run/builtin.json"
+    local args=(--config "$config" --train "$corpus/train"
+                --variant "$v" --seed "$seed" --out "$run" --quiet
+                --threads "$threads" --set "run.torch_threads=$threads")
+    [[ -n "$steps" ]] && args+=(--steps "$steps")
+    local started=$SECONDS
+    if [[ -f "$run/checkpoints/latest" ]]; then
+      echo "== $v, seed $seed: resuming $run"
+      target/release/hq-train --resume "$run" "${args[@]}" >>"$run/train.log" 2>&1
+    else
+      echo "== $v, seed $seed: training -> $run"
+      target/release/hq-train "${args[@]}" >>"$run/train.log" 2>&1
+    fi || { echo "ablation.sh: $v, seed $seed failed; see $run/train.log" >&2; tail -n 5 "$run/train.log" >&2; return 1; }
+    echo "$((SECONDS - started))" >"$run/train_seconds"
+    echo "== $v, seed $seed: trained in $((SECONDS - started)) s"
+  fi
+  if [[ ! -f "$run/builtin.json" ]]; then
+    local omp=()
+    [[ "$threads" != 0 ]] && omp=(env "OMP_NUM_THREADS=$threads")
+    "${omp[@]}" target/release/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
+      --device cpu --quiet --name "$v" --threads "$threads" --out "$run/builtin.json" >/dev/null
+  fi
+}
+
 reports=()
+pids=()
+failed=0
 for seed in $seeds; do
   for v in $variants; do
-    run="$out/seed-$seed/$v"
-    if [[ ! -f "$run/summary.json" || -z "$(ls "$run"/eval/step-*.json 2>/dev/null)" ]]; then
-      args=(--config "$config" --train "$corpus/train" --eval-dir "$corpus/eval"
-            --variant "$v" --seed "$seed" --out "$run" --quiet)
-      [[ -n "$steps" ]] && args+=(--steps "$steps")
-      if [[ -f "$run/checkpoints/latest" ]]; then
-        echo "== $v, seed $seed: resuming $run"
-        target/release/hq-train --resume "$run" "${args[@]}"
-      else
-        echo "== $v, seed $seed: training -> $run"
-        target/release/hq-train "${args[@]}"
-      fi
+    reports+=("$v=$seed=$out/seed-$seed/$v/builtin.json")
+    if [[ "$jobs" == 1 ]]; then
+      run_one "$seed" "$v"
+      continue
     fi
-    report="$run/builtin.json"
-    if [[ ! -f "$report" ]]; then
-      target/release/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
-        --device cpu --quiet --name "$v" --out "$report" >/dev/null
-    fi
-    reports+=("$v=$seed=$report")
+    while [[ "$(jobs -rp | wc -l)" -ge "$jobs" ]]; do
+      wait -n || failed=1
+    done
+    run_one "$seed" "$v" &
+    pids+=($!)
   done
 done
+for p in "${pids[@]}"; do
+  wait "$p" || failed=1
+done
+[[ "$failed" == 0 ]] || { echo "ablation.sh: some runs failed (see above); finished runs are kept, run again to continue" >&2; exit 1; }
 
 target/release/hq-ablation --out "$out/table.md" --png "$out/chart.png" "${reports[@]}"

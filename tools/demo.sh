@@ -4,18 +4,40 @@
 # HQ-CLIP ablation on it: baseline vs mixed vs +HNI vs +STC trained on the CPU with the same seed
 # and budget, each evaluated with `hq-eval builtin`, a table printed and a PNG chart written.
 # Usage: tools/demo.sh [OUT_DIR]   (default: out/default; the ablation goes to OUT_DIR/ablation)
-# Environment: HQ_ABLATION_SEEDS="0 1 2" for several seeds (mean and spread in the table).
+# Environment:
+#   HQ_ABLATION_SEEDS="0 1 2"  several seeds (mean and spread in the table; default "0")
+#   HQ_ABLATION_JOBS=2         runs trained side by side (default 1)
+#   HQ_ABLATION_THREADS=1      threads per run (default 0: one per core); on a two-core machine
+#                              JOBS=2 THREADS=1 finishes the four variants sooner
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/env.sh
 out="${1:-out/default}"
 cargo build --release --locked -p hq-data --bin hq-data
+# A corpus written by another generator version (other texts for the same seed) is regenerated,
+# and the ablation trained on it is moved aside (it would otherwise count as finished).
+want=$(sed -n 's/^pub const GENERATOR_VERSION: &str = "\(.*\)";$/\1/p' data/src/synth/mod.rs)
+have=""
 if [[ -f "$out/corpus.json" ]]; then
+  have=$(sed -n 's/^  "generator": "\(.*\)",$/\1/p' "$out/corpus.json" | head -n 1)
+fi
+if [[ -n "$have" && "$have" == "$want" ]]; then
   echo "== corpus: reusing $out (delete it to regenerate)"
   target/release/hq-data stats "$out"
 else
-  target/release/hq-data synth --out "$out"
+  if [[ -f "$out/corpus.json" ]]; then
+    echo "== corpus: $out was written by generator ${have:-unknown}, this is $want: regenerating it"
+    if [[ -d "$out/ablation" ]]; then
+      old="$out/ablation-${have:-old}-$(date +%s)"
+      echo "== the ablation trained on the old corpus is moved to $old"
+      mv "$out/ablation" "$old"
+    fi
+    target/release/hq-data synth --out "$out" --force
+  else
+    target/release/hq-data synth --out "$out"
+  fi
 fi
-echo "== ablation: baseline vs mixed vs +HNI vs +STC (CPU, a few minutes)"
-bash tools/ablation.sh --corpus "$out" --out "$out/ablation" --seeds "${HQ_ABLATION_SEEDS:-0}"
+echo "== ablation: baseline vs mixed vs +HNI vs +STC (CPU, a few minutes per variant)"
+bash tools/ablation.sh --corpus "$out" --out "$out/ablation" --seeds "${HQ_ABLATION_SEEDS:-0}" \
+  --jobs "${HQ_ABLATION_JOBS:-1}" --threads "${HQ_ABLATION_THREADS:-0}"
 echo "== table: $out/ablation/table.md, chart: $out/ablation/chart.png"

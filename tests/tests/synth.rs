@@ -457,3 +457,61 @@ fn an_existing_corpus_is_kept_unless_forced() {
     };
     assert!(synth::write_corpus(&bad, &dir.path().join("x"), &WriteOptions::default()).is_err());
 }
+
+/// Mixed training draws ONE segment of d+ per sample (method.md), so every segment must be about
+/// the image, the way the paper's recaptioner writes: each names an object (most also its colour)
+/// and is true of the scene on its own; d- differs from d+ in at least one segment (the hard
+/// negative HNI draws) and every changed segment is false on its own.
+#[test]
+fn every_description_segment_identifies_its_image() {
+    use hq_data::synth::scene::{Color, Shape};
+    use hq_data::text::segment::segments;
+    let cfg = small_config(5);
+    let (mut segs_total, mut with_colour) = (0usize, 0usize);
+    let mut distinct = HashSet::new();
+    for i in 0..2000 {
+        let g = synth::train_sample(&cfg, i).expect("sample");
+        let r = g.sample.refined.as_ref().expect("refined texts");
+        let pos = segments(&r.long_positive);
+        assert!(pos.len() >= 3, "{}", r.long_positive);
+        for seg in &pos {
+            let words: Vec<String> = seg
+                .split_whitespace()
+                .map(|w| {
+                    w.trim_matches(|c: char| !c.is_alphanumeric())
+                        .to_lowercase()
+                })
+                .collect();
+            assert!(
+                words.iter().any(|w| Shape::from_noun(w).is_some()),
+                "segment names no object: {seg:?} in {}",
+                r.long_positive
+            );
+            with_colour += usize::from(words.iter().any(|w| Color::from_name(w).is_some()));
+            segs_total += 1;
+            let (bad, checked) = check_text(&g.scene, seg);
+            assert!(bad.is_empty() && checked > 0, "{seg:?}: {bad:?}");
+            distinct.insert(seg.to_lowercase());
+        }
+        let changed: Vec<&str> = segments(&r.long_negative)
+            .into_iter()
+            .filter(|s| !pos.contains(s))
+            .collect();
+        assert!(!changed.is_empty(), "d- = d+: {}", r.long_negative);
+        for seg in changed {
+            assert!(
+                !check_text(&g.scene, seg).0.is_empty(),
+                "changed segment {seg:?} is true ({:?})",
+                g.perturbations
+            );
+        }
+    }
+    let f = with_colour as f64 / segs_total as f64;
+    assert!(f > 0.7, "only {f:.2} of the segments name a colour");
+    // Segments are specific: far more distinct texts than there are clause kinds.
+    assert!(
+        distinct.len() * 3 > segs_total,
+        "{} distinct of {segs_total}",
+        distinct.len()
+    );
+}

@@ -1,7 +1,15 @@
 //! The oracle's texts, written from the ground truth: the long positive description (LVLM style:
-//! "The image shows ..., the background is ..., there are two objects in total."), the hard negative
-//! description (the same wording describing a slightly changed scene), positive tags and negative
-//! tags; plus short captions for the retrieval set and a checker that reads these texts back.
+//! "The image shows a small red triangle above a large blue circle, the circle is blue and the
+//! triangle is red. The blue circle and the red triangle sit on a plain grey background, there are
+//! two objects in total: a blue circle and a red triangle."), the hard negative description (the
+//! same wording describing a slightly changed scene), positive tags and negative tags; plus short
+//! captions for the retrieval set and a checker that reads these texts back.
+//!
+//! Like the paper's recaptioner, every clause of a description is about the image: each one names
+//! the objects it speaks of (by shape, and by colour in most), so the ONE segment that mixed
+//! training draws from d+ always identifies its image among others (there is no filler clause
+//! such as "the style is simple and flat"). The clauses after the opener (place, attribute
+//! binding, background, count) come in a random order.
 //!
 //! A hard negative is built by perturbing the [`SceneDesc`] (recolour, reshape, swap attributes
 //! between objects, flip the relation, change a count, size, texture, the background or a lone
@@ -48,27 +56,52 @@ const OPENERS: [&str; 5] = [
     "This picture shows",
 ];
 
-const EXTRAS: [&str; 6] = [
-    "the style is simple and flat",
-    "the edges look crisp and clean",
-    "the composition is minimal",
-    "it looks like a simple computer-generated graphic",
-    "the colors are bright and flat",
-    "the scene is well lit with no shadows",
+/// The clauses after the opener. Every one of them names the objects it talks about, the way the
+/// paper's recaptioner writes (every sentence of d+ is about the image): training draws ONE
+/// segment of d+, so a clause that names no object ("the style is simple and flat") would be a
+/// caption that matches every image of the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClauseKind {
+    /// Where things are: the relation between two groups, or a lone object's zone (none for one
+    /// group of several objects).
+    Place,
+    /// Which colour (and size, texture) each shape has: `the triangle is red and the circle is
+    /// blue`, the binding of attributes to objects.
+    Attributes,
+    /// The background, with the objects standing on it.
+    Background,
+    /// How many objects, listed.
+    Count,
+}
+
+const CLAUSE_KINDS: [ClauseKind; 4] = [
+    ClauseKind::Place,
+    ClauseKind::Attributes,
+    ClauseKind::Background,
+    ClauseKind::Count,
 ];
 
 /// The wording choices of one description, drawn once per sample and reused for its negative.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Phrasing {
     opener: usize,
-    /// Two groups: 0 relation inline, 1 "A and B" + relation clause, 2 "B and A" + relation clause.
+    /// Two groups: 0 relation inline, 1 "A and B" (listings in sorted order) + relation clause,
+    /// 2 "B and A" (listings in reverse sorted order) + relation clause.
     pair_style: u8,
     /// State the relation clause from the object's side (`B is below A`).
     inverse_clause: bool,
+    /// Refer back to objects by colour and shape (`the red circle`) rather than by shape alone
+    /// (`the circle`) in the place and background clauses; the colour is always said when both
+    /// groups have the same shape.
+    color_refs: bool,
+    /// The attribute clause states the size too (`the circle is small and red`).
+    attr_size: bool,
     bg_style: u8,
     count_style: u8,
-    bg_before_count: bool,
-    extra: Option<usize>,
+    /// The count clause says `shapes` rather than `objects`.
+    count_shapes: bool,
+    /// Order of the clauses after the opener: a permutation of indices into [`CLAUSE_KINDS`].
+    order: [u8; 4],
     /// Separator before clause i+1: true for ". ", false for ", ".
     full_stops: [bool; 6],
 }
@@ -77,20 +110,20 @@ impl Phrasing {
     pub fn random<R: Rng + ?Sized>(rng: &mut R) -> Phrasing {
         let mut full_stops = [false; 6];
         for s in &mut full_stops {
-            *s = rng.gen_bool(0.2);
+            *s = rng.gen_bool(0.3);
         }
+        let mut order = [0u8, 1, 2, 3];
+        order.shuffle(rng);
         Phrasing {
             opener: rng.gen_range(0..OPENERS.len()),
             pair_style: rng.gen_range(0..3),
             inverse_clause: rng.gen_bool(0.3),
-            bg_style: rng.gen_range(0..2),
+            color_refs: rng.gen_bool(0.7),
+            attr_size: rng.gen_bool(0.5),
+            bg_style: rng.gen_range(0..3),
             count_style: rng.gen_range(0..3),
-            bg_before_count: rng.gen_bool(0.7),
-            extra: if rng.gen_bool(0.4) {
-                Some(rng.gen_range(0..EXTRAS.len()))
-            } else {
-                None
-            },
+            count_shapes: rng.gen_bool(0.4),
+            order,
             full_stops,
         }
     }
@@ -115,16 +148,30 @@ pub fn noun_phrase(g: &Group) -> String {
     )
 }
 
-/// Shortest way to refer back to group `i`: `the circle`, or `the red circles` when the other group
-/// has the same shape.
-fn referring(desc: &SceneDesc, i: usize) -> String {
+/// `a red circle`, `an orange star`, `three blue squares`: the short form used in listings.
+fn short_noun_phrase(g: &Group) -> String {
+    let det = match g.count {
+        1 if g.color.name().starts_with(['a', 'e', 'i', 'o', 'u']) => "an".to_string(),
+        1 => "a".to_string(),
+        n => number_word(n),
+    };
+    format!("{det} {} {}", g.color.name(), g.shape.noun(g.count))
+}
+
+/// Whether another group has group `i`'s shape (then the shape alone does not say which is meant).
+fn shape_shared(desc: &SceneDesc, i: usize) -> bool {
     let g = desc.groups[i];
-    let ambiguous = desc
-        .groups
+    desc.groups
         .iter()
         .enumerate()
-        .any(|(j, o)| j != i && o.shape == g.shape);
-    if ambiguous {
+        .any(|(j, o)| j != i && o.shape == g.shape)
+}
+
+/// Refer back to group `i`: `the red circle` (with `color`, or when the other group has the same
+/// shape) or `the circle`.
+fn referring(desc: &SceneDesc, i: usize, color: bool) -> String {
+    let g = desc.groups[i];
+    if color || shape_shared(desc, i) {
         format!("the {} {}", g.color.name(), g.shape.noun(g.count))
     } else {
         format!("the {}", g.shape.noun(g.count))
@@ -139,117 +186,195 @@ fn copula(g: &Group) -> &'static str {
     }
 }
 
-fn background_clause(desc: &SceneDesc, style: u8) -> String {
+/// The groups in the order a description names them: subject first when there is a relation.
+fn group_order(desc: &SceneDesc) -> Vec<usize> {
+    match desc.relation {
+        Some((s, _, o)) if desc.groups.len() == 2 => vec![s, o],
+        _ => (0..desc.groups.len()).collect(),
+    }
+}
+
+/// `the triangle is small and red`, `the red circles are large`: what group `i` looks like, the
+/// object named by its shape (by colour too when the shape is shared, then the colour is not
+/// repeated). Always says at least one attribute.
+fn attribute_clause(desc: &SceneDesc, i: usize, with_size: bool) -> String {
+    let g = desc.groups[i];
+    let color_in_ref = shape_shared(desc, i);
+    let mut words: Vec<&str> = Vec::new();
+    if with_size || color_in_ref {
+        words.push(g.size.name());
+    }
+    if g.texture != Texture::Solid {
+        words.push(g.texture.name());
+    }
+    if !color_in_ref {
+        words.push(g.color.name());
+    }
+    format!(
+        "{} {} {}",
+        referring(desc, i, false),
+        copula(&g),
+        words.join(" and ")
+    )
+}
+
+/// The background as a noun phrase: `a plain grey background`, `a grey and white striped
+/// background`, `a black background with white dots`.
+fn background_np(desc: &SceneDesc) -> String {
     let c1 = desc.bg_colors.first().map(|c| c.name()).unwrap_or("white");
     let c2 = desc.bg_colors.get(1).map(|c| c.name()).unwrap_or(c1);
-    if style == 0 {
-        let what = match desc.pattern {
-            Pattern::Plain => format!("plain {c1}"),
-            Pattern::Striped => format!("striped in {c1} and {c2}"),
-            Pattern::Checkered => format!("checkered in {c1} and {c2}"),
-            Pattern::Dotted => format!("{c1} with {c2} dots"),
-        };
-        format!("the background is {what}")
-    } else {
-        let what = match desc.pattern {
-            Pattern::Plain => format!("a plain {c1} background"),
-            Pattern::Striped => format!("a {c1} and {c2} striped background"),
-            Pattern::Checkered => format!("a {c1} and {c2} checkered background"),
-            Pattern::Dotted => format!("a {c1} background with {c2} dots"),
-        };
-        format!("everything is set against {what}")
+    match desc.pattern {
+        Pattern::Plain => format!("a plain {c1} background"),
+        Pattern::Striped => format!("a {c1} and {c2} striped background"),
+        Pattern::Checkered => format!("a {c1} and {c2} checkered background"),
+        Pattern::Dotted => format!("a {c1} background with {c2} dots"),
     }
 }
 
-fn count_clause(total: u32, style: u8) -> String {
+/// Parts joined with `and` in sorted order. Listings that say nothing about which group is which
+/// (`the red star and the blue ring sit on ...`) are written in one order whatever the groups'
+/// order, so a negative that only swaps the groups' order does not look like a changed clause
+/// while saying the same thing.
+fn sorted_and(mut parts: Vec<String>, reverse: bool) -> String {
+    parts.sort();
+    if reverse {
+        parts.reverse();
+    }
+    parts.join(" and ")
+}
+
+fn background_clause(desc: &SceneDesc, ph: &Phrasing) -> String {
+    let order = group_order(desc);
+    let objs = sorted_and(
+        order
+            .iter()
+            .map(|&i| referring(desc, i, ph.color_refs))
+            .collect(),
+        ph.pair_style == 2,
+    );
+    let singular = matches!(order.as_slice(), [i] if desc.groups[*i].count == 1);
+    let c1 = desc.bg_colors.first().map(|c| c.name()).unwrap_or("white");
+    let c2 = desc.bg_colors.get(1).map(|c| c.name()).unwrap_or(c1);
+    match ph.bg_style % 3 {
+        0 => format!(
+            "{objs} {} set against {}",
+            if singular { "is" } else { "are" },
+            background_np(desc)
+        ),
+        1 => {
+            let what = match desc.pattern {
+                Pattern::Plain => format!("plain {c1}"),
+                Pattern::Striped => format!("striped in {c1} and {c2}"),
+                Pattern::Checkered => format!("checkered in {c1} and {c2}"),
+                Pattern::Dotted => format!("{c1} with {c2} dots"),
+            };
+            format!("the background behind {objs} is {what}")
+        }
+        _ => format!(
+            "{objs} {} on {}",
+            if singular { "sits" } else { "sit" },
+            background_np(desc)
+        ),
+    }
+}
+
+fn count_clause(desc: &SceneDesc, ph: &Phrasing) -> String {
+    let total = desc.total();
     let n = number_word(total);
-    let noun = if total == 1 { "object" } else { "objects" };
-    match (style, total) {
-        (0, 1) => "there is only one object".to_string(),
-        (0, _) => format!("there are {n} {noun} in total"),
-        (1, 1) => "one object is visible in total".to_string(),
-        (1, _) => format!("{n} {noun} are visible in total"),
-        _ => format!("the image contains {n} {noun} in total"),
+    let noun = match (ph.count_shapes, total) {
+        (false, 1) => "object",
+        (false, _) => "objects",
+        (true, 1) => "shape",
+        (true, _) => "shapes",
+    };
+    let be = if total == 1 { "is" } else { "are" };
+    let list = sorted_and(
+        group_order(desc)
+            .iter()
+            .map(|&i| short_noun_phrase(&desc.groups[i]))
+            .collect(),
+        ph.pair_style == 2,
+    );
+    match ph.count_style % 3 {
+        0 => format!("there {be} {n} {noun} in total: {list}"),
+        1 => format!("the image contains {n} {noun}: {list}"),
+        _ => format!("{n} {noun} {be} visible: {list}"),
     }
 }
 
-/// Write the long description of `desc` with the choices of `ph`.
-pub fn describe(desc: &SceneDesc, ph: &Phrasing) -> String {
+/// The clauses of the long description of `desc` with the choices of `ph`, opener first.
+pub fn describe_clauses(desc: &SceneDesc, ph: &Phrasing) -> Vec<String> {
     let opener = OPENERS[ph.opener % OPENERS.len()];
     let mut clauses: Vec<String> = Vec::new();
+    let mut place: Option<String> = None;
     match (desc.groups.as_slice(), desc.relation) {
         ([g], _) => {
             clauses.push(format!("{opener} {}", noun_phrase(g)));
             if let (Some(z), 1) = (desc.zone, g.count) {
-                clauses.push(format!(
+                place = Some(format!(
                     "{} is near the {} of the image",
-                    referring(desc, 0),
+                    referring(desc, 0, ph.color_refs),
                     z.phrase()
                 ));
             }
         }
         ([_, _], Some((s, rel, o))) => {
             let (gs, go) = (&desc.groups[s], &desc.groups[o]);
-            let rel_clause = if ph.inverse_clause {
+            place = Some(if ph.inverse_clause {
                 format!(
                     "{} {} {} {}",
-                    referring(desc, o),
+                    referring(desc, o, ph.color_refs),
                     copula(go),
                     rel.inverse().phrase(),
-                    referring(desc, s)
+                    referring(desc, s, ph.color_refs)
                 )
             } else {
                 format!(
                     "{} {} {} {}",
-                    referring(desc, s),
+                    referring(desc, s, ph.color_refs),
                     copula(gs),
                     rel.phrase(),
-                    referring(desc, o)
+                    referring(desc, o, ph.color_refs)
                 )
-            };
-            match ph.pair_style {
-                0 => clauses.push(format!(
+            });
+            clauses.push(match ph.pair_style {
+                0 => format!(
                     "{opener} {} {} {}",
                     noun_phrase(gs),
                     rel.phrase(),
                     noun_phrase(go)
-                )),
-                1 => {
-                    clauses.push(format!(
-                        "{opener} {} and {}",
-                        noun_phrase(gs),
-                        noun_phrase(go)
-                    ));
-                    clauses.push(rel_clause);
-                }
-                _ => {
-                    clauses.push(format!(
-                        "{opener} {} and {}",
-                        noun_phrase(go),
-                        noun_phrase(gs)
-                    ));
-                    clauses.push(rel_clause);
-                }
-            }
+                ),
+                _ => format!(
+                    "{opener} {}",
+                    sorted_and(vec![noun_phrase(gs), noun_phrase(go)], ph.pair_style == 2)
+                ),
+            });
         }
         (groups, _) => {
             let nps: Vec<String> = groups.iter().map(noun_phrase).collect();
             clauses.push(format!("{opener} {}", nps.join(" and ")));
         }
     }
-    let bg = background_clause(desc, ph.bg_style);
-    let count = count_clause(desc.total(), ph.count_style);
-    if ph.bg_before_count {
-        clauses.push(bg);
-        clauses.push(count);
-    } else {
-        clauses.push(count);
-        clauses.push(bg);
+    for &k in &ph.order {
+        match CLAUSE_KINDS[k as usize % CLAUSE_KINDS.len()] {
+            ClauseKind::Place => clauses.extend(place.take()),
+            ClauseKind::Attributes => clauses.push(sorted_and(
+                group_order(desc)
+                    .iter()
+                    .map(|&i| attribute_clause(desc, i, ph.attr_size))
+                    .collect(),
+                ph.pair_style == 2,
+            )),
+            ClauseKind::Background => clauses.push(background_clause(desc, ph)),
+            ClauseKind::Count => clauses.push(count_clause(desc, ph)),
+        }
     }
-    if let Some(e) = ph.extra {
-        clauses.push(EXTRAS[e % EXTRAS.len()].to_string());
-    }
-    join_clauses(&clauses, &ph.full_stops)
+    clauses
+}
+
+/// Write the long description of `desc` with the choices of `ph`.
+pub fn describe(desc: &SceneDesc, ph: &Phrasing) -> String {
+    join_clauses(&describe_clauses(desc, ph), &ph.full_stops)
 }
 
 fn capitalise(s: &str) -> String {
@@ -299,14 +424,14 @@ pub enum Perturbation {
 
 impl Perturbation {
     const WEIGHTED: [(Perturbation, u32); 12] = [
-        (Perturbation::Recolor, 3),
+        (Perturbation::Recolor, 4),
         (Perturbation::Reshape, 3),
-        (Perturbation::SwapColors, 3),
+        (Perturbation::SwapColors, 5),
         (Perturbation::SwapShapes, 2),
         (Perturbation::SwapSizes, 1),
-        (Perturbation::FlipRelation, 4),
+        (Perturbation::FlipRelation, 5),
         (Perturbation::ChangeCount, 2),
-        (Perturbation::Resize, 2),
+        (Perturbation::Resize, 1),
         (Perturbation::Retexture, 1),
         (Perturbation::BackgroundPattern, 1),
         (Perturbation::BackgroundColor, 1),
@@ -476,37 +601,29 @@ pub fn perturb<R: Rng + ?Sized>(d: &SceneDesc, p: Perturbation, rng: &mut R) -> 
     (n.groups_distinct() && n.canonical() != d.canonical()).then_some(n)
 }
 
-/// A hard-negative scene: one perturbation, sometimes two of different kinds. Returns the changed
-/// description and the perturbations applied.
+/// A hard-negative scene: ONE perturbation (a minimal edit: a colour, shape, size, count or place
+/// changed, two attributes or the relation swapped, the background changed), weighted towards the
+/// binding errors ARO measures (swapped colours, flipped relations) and recolourings. Returns the
+/// changed description and the perturbation applied (a list, for the metadata's format).
 pub fn hard_negative<R: Rng + ?Sized>(
     d: &SceneDesc,
     rng: &mut R,
 ) -> (SceneDesc, Vec<Perturbation>) {
-    let choose =
-        |rng: &mut R, exclude: Option<Perturbation>, d: &SceneDesc| -> Option<Perturbation> {
-            let opts: Vec<(Perturbation, u32)> = Perturbation::WEIGHTED
-                .iter()
-                .copied()
-                .filter(|(p, _)| Some(*p) != exclude && p.applicable(d))
-                .collect();
-            opts.choose_weighted(rng, |(_, w)| *w).ok().map(|(p, _)| *p)
-        };
+    let choose = |rng: &mut R, d: &SceneDesc| -> Option<Perturbation> {
+        let opts: Vec<(Perturbation, u32)> = Perturbation::WEIGHTED
+            .iter()
+            .copied()
+            .filter(|(p, _)| p.applicable(d))
+            .collect();
+        opts.choose_weighted(rng, |(_, w)| *w).ok().map(|(p, _)| *p)
+    };
     for _ in 0..32 {
-        let Some(p1) = choose(rng, None, d) else {
+        let Some(p1) = choose(rng, d) else {
             break;
         };
         let Some(n1) = perturb(d, p1, rng) else {
             continue;
         };
-        if rng.gen_bool(0.25) {
-            if let Some(p2) = choose(rng, Some(p1), &n1) {
-                if let Some(n2) = perturb(&n1, p2, rng) {
-                    if n2.canonical() != d.canonical() {
-                        return (n2, vec![p1, p2]);
-                    }
-                }
-            }
-        }
         return (n1, vec![p1]);
     }
     // Unreachable for generated scenes (a background colour can always change); keep a safe answer.
@@ -606,6 +723,14 @@ pub fn negative_tags<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Vec<String> {
     let mut cands: Vec<String> = Vec::new();
+    // Swapped bindings (`blue circle, red square` for a red circle and a blue square): the
+    // hardest negatives, the ones ARO's attribute test asks about.
+    if let [a, b] = scene.groups.as_slice() {
+        if a.color != b.color {
+            cands.push(format!("{} {}", b.color.name(), a.shape.name()));
+            cands.push(format!("{} {}", a.color.name(), b.shape.name()));
+        }
+    }
     for g in &scene.groups {
         let c = Color::random(rng);
         cands.push(format!("{} {}", c.name(), g.shape.name()));
@@ -627,11 +752,12 @@ pub fn negative_tags<R: Rng + ?Sized>(
     if let Some(r) = scene.relation {
         let (s, o) = (scene.groups[r.subject], scene.groups[r.object]);
         if s.shape != o.shape {
+            // Subject and object swapped (ARO's relation test).
             cands.push(format!(
                 "{} {} {}",
-                s.shape.name(),
-                r.relation.inverse().name(),
-                o.shape.name()
+                o.shape.name(),
+                r.relation.name(),
+                s.shape.name()
             ));
         }
     }
@@ -736,9 +862,12 @@ pub fn short_captions<R: Rng + ?Sized>(scene: &Scene, rng: &mut R, n: usize) -> 
         parts.push(format!("{} background", desc.pattern.name()));
         parts.join(", ")
     };
+    let ph = Phrasing::random(rng);
+    let clauses = describe_clauses(&desc, &ph);
     let mut all = vec![
         format!("{subject} on {bg_adj} background"),
-        describe(&desc, &Phrasing::random(rng)),
+        // Two clauses: a whole description would not fit a 32-token context.
+        join_clauses(&clauses[..clauses.len().min(2)], &ph.full_stops),
         tag_style,
         capitalise(&format!(
             "{} {} in total, {subject}",
@@ -895,10 +1024,58 @@ fn relation_between(words: &[String]) -> Option<Relation> {
     }
 }
 
+/// An attribute word of an object.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attribute {
+    Color(Color),
+    Size(Size),
+    Texture(Texture),
+}
+
+impl Attribute {
+    fn parse(w: &str) -> Option<Attribute> {
+        Color::from_name(w)
+            .map(Attribute::Color)
+            .or_else(|| Size::from_name(w).map(Attribute::Size))
+            .or_else(|| Texture::from_name(w).map(Attribute::Texture))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Attribute::Color(c) => c.name(),
+            Attribute::Size(s) => s.name(),
+            Attribute::Texture(t) => t.name(),
+        }
+    }
+}
+
+/// The attributes of `is|are small and red [and ...]` at the start of `words` (the words after a
+/// noun phrase); empty when they do not start that way. An `and` not followed by an attribute
+/// ends the list (`... is red and the circle is blue`).
+fn predicated_attributes(words: &[String]) -> Vec<Attribute> {
+    let mut out = Vec::new();
+    if !matches!(words.first().map(String::as_str), Some("is" | "are")) {
+        return out;
+    }
+    let mut k = 1;
+    while let Some(w) = words.get(k) {
+        if let Some(a) = Attribute::parse(w) {
+            out.push(a);
+            k += 1;
+        } else if w == "and" && words.get(k + 1).and_then(|n| Attribute::parse(n)).is_some() {
+            k += 1;
+        } else {
+            break;
+        }
+    }
+    out
+}
+
 /// Statements of `text` that contradict `scene`, as readable reasons, and how many statements were
 /// checked. Understands the generator's own phrasing: noun phrases (`two small red circles`,
-/// `the circle`), relations between consecutive noun phrases, `near the <zone> of the image`,
-/// `<n> objects`, and the background clause.
+/// `the circle`), relations between consecutive noun phrases, attributes predicated of a noun
+/// phrase (`the circle is small and red`), `near the <zone> of the image`, `<n> objects` (or
+/// `shapes`), and the background clause.
 pub fn check_text(scene: &Scene, text: &str) -> (Vec<String>, usize) {
     let mut bad = Vec::new();
     let mut checked = 0;
@@ -940,7 +1117,7 @@ pub fn check_text(scene: &Scene, text: &str) -> (Vec<String>, usize) {
             }
         }
         for (i, t) in toks.iter().enumerate() {
-            if (t == "object" || t == "objects") && i > 0 {
+            if matches!(t.as_str(), "object" | "objects" | "shape" | "shapes") && i > 0 {
                 if let Some(n) = parse_number(&toks[i - 1]) {
                     checked += 1;
                     if n != scene.total_objects() {
@@ -973,6 +1150,36 @@ pub fn check_text(scene: &Scene, text: &str) -> (Vec<String>, usize) {
                         b.describe()
                     ));
                 }
+            }
+        }
+        // `the triangle is small and red`: attributes predicated of a noun phrase (not in a
+        // background clause, where `the background behind the circle is striped` speaks of the
+        // background).
+        let about_background = toks.iter().any(|t| t == "background");
+        for np in nps.iter().filter(|_| !about_background) {
+            let attrs = predicated_attributes(&toks[np.end + 1..]);
+            if attrs.is_empty() {
+                continue;
+            }
+            checked += 1;
+            let holds = matching(np).iter().any(|&i| {
+                let g = &scene.groups[i];
+                attrs.iter().all(|a| match a {
+                    Attribute::Color(c) => g.color == *c,
+                    Attribute::Size(s) => g.size == *s,
+                    Attribute::Texture(t) => g.texture == *t,
+                })
+            });
+            if !holds {
+                bad.push(format!(
+                    "{} is not {}",
+                    np.describe(),
+                    attrs
+                        .iter()
+                        .map(Attribute::name)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ));
             }
         }
         if let Some(np) = nps.first() {
@@ -1087,6 +1294,29 @@ mod tests {
                 t.long_positive,
                 t.long_negative
             );
+            // Every training segment of d+ names an object and is true on its own; d- differs
+            // from d+ in at least one segment, and each changed segment is false on its own.
+            let pos_segs = crate::text::segment::segments(&t.long_positive);
+            assert!(pos_segs.len() >= 3, "{}", t.long_positive);
+            for seg in &pos_segs {
+                assert!(
+                    tokens(seg).iter().any(|w| Shape::from_noun(w).is_some()),
+                    "segment names no object: {seg:?}"
+                );
+                let (bad, n) = check_text(&scene, seg);
+                assert!(bad.is_empty() && n >= 1, "{seg:?}: {bad:?}");
+            }
+            let changed: Vec<&str> = crate::text::segment::segments(&t.long_negative)
+                .into_iter()
+                .filter(|s| !pos_segs.contains(s))
+                .collect();
+            assert!(!changed.is_empty(), "{}", t.long_negative);
+            for seg in changed {
+                assert!(
+                    !check_text(&scene, seg).0.is_empty(),
+                    "{seg:?} holds ({perts:?})"
+                );
+            }
             for tag in &t.tags_positive {
                 assert_ne!(tag_holds(&scene, tag), Some(false), "{tag}");
             }
@@ -1139,17 +1369,35 @@ mod tests {
             opener: 0,
             pair_style: 0,
             inverse_clause: false,
-            bg_style: 0,
+            color_refs: true,
+            attr_size: false,
+            bg_style: 1,
             count_style: 0,
-            bg_before_count: true,
-            extra: None,
-            full_stops: [false; 6],
+            count_shapes: false,
+            order: [1, 0, 2, 3],
+            full_stops: [false, true, false, false, false, false],
         };
         assert_eq!(
             describe(&scene.desc(), &ph),
-            "The image shows a small red triangle above a large blue circle, the background is \
-             striped in grey and white, there are two objects in total."
+            "The image shows a small red triangle above a large blue circle, the circle is blue \
+             and the triangle is red. The red triangle is above the blue circle, the background \
+             behind the blue circle and the red triangle is striped in grey and white, there are \
+             two objects in total: a blue circle and a red triangle."
         );
+        // Every clause names an object, and the checker reads each one.
+        for clause in describe_clauses(&scene.desc(), &ph) {
+            let (bad, n) = check_text(&scene, &clause);
+            assert!(bad.is_empty() && n >= 2, "{clause}: {bad:?}, {n} checked");
+        }
+        let (bad, _) = check_text(&scene, "The triangle is blue and the circle is red.");
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        let (bad, _) = check_text(
+            &scene,
+            "The triangle is small and red and the circle is large.",
+        );
+        assert!(bad.is_empty(), "{bad:?}");
+        let (bad, _) = check_text(&scene, "There are three shapes in total.");
+        assert_eq!(bad.len(), 1, "{bad:?}");
         let (bad, _) = check_text(&scene, "A small blue triangle above a large red circle.");
         assert_eq!(bad.len(), 3, "{bad:?}");
         let (bad, _) = check_text(&scene, "The circle is above the triangle.");

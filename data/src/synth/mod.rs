@@ -59,7 +59,7 @@ pub use scene::Scene;
 pub use stats::CorpusStats;
 
 /// Version of the generator; bumped whenever the same seed would give different bytes.
-pub const GENERATOR_VERSION: &str = "hq-synth-1";
+pub const GENERATOR_VERSION: &str = "hq-synth-2";
 
 /// Name of the manifest written at the corpus root.
 pub const MANIFEST_NAME: &str = "corpus.json";
