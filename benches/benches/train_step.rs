@@ -18,10 +18,14 @@
 //!   open_clip's model and `ClipLoss`).
 //!
 //! Criterion measures our two cases; then a paired table times steps of all four (ours and
-//! open_clip, plain and with extras) alternately, best of `HQ_TRAIN_STEP_REPEATS` (default 5)
-//! rounds of `HQ_TRAIN_STEP_STEPS` (default 5) steps each, wall clock, and prints samples/s and the
+//! open_clip, plain and with extras) alternately (our plain and extras rounds interleaved), best of
+//! `HQ_TRAIN_STEP_REPEATS` (default 5) rounds of `HQ_TRAIN_STEP_STEPS` (default 5) steps each, wall
+//! clock, twice over, and prints samples/s and the
 //! ratios: ours / open_clip (target >= 1.0) and hq-clip / clip on our side (extras cost, target
-//! <= 10%). `HQ_SKIP_PYTHON_BENCH=1` skips the open_clip side.
+//! <= 10%). `HQ_SKIP_PYTHON_BENCH=1` skips the open_clip side; `HQ_TRAIN_STEP_PAIRED_ONLY=1`
+//! skips the criterion part; `HQ_TRAIN_STEP_TRIM=0` runs our text tower on all 77 positions, as
+//! open_clip does, instead of trimming to the batch's longest caption (`TextTransformer::forward`);
+//! `HQ_TRAIN_STEP_COMPARE_TRIM=1` times both in the same rounds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,6 +47,39 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// `HQ_TRAIN_STEP_CPU_TIME=1`: one libtorch thread, our rates per second of the thread's CPU time
+/// (Linux `/proc/thread-self/schedstat`) instead of wall clock: a machine shared with other jobs
+/// slows the wall clock but hardly the CPU time, so our clip / hq-clip ratio survives the load
+/// (the open_clip side stays wall clock).
+fn cpu_time() -> bool {
+    std::env::var("HQ_TRAIN_STEP_CPU_TIME").is_ok_and(|v| v == "1")
+}
+
+/// Seconds this thread has run on a CPU.
+fn thread_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns * 1e-9)
+}
+
+/// `HQ_TRAIN_STEP_COMPARE_TRIM=1` also times our step with the text tower on all context positions
+/// (as before trimming), in the same paired rounds.
+fn compare_trim() -> bool {
+    std::env::var("HQ_TRAIN_STEP_COMPARE_TRIM").is_ok_and(|v| v == "1")
+}
+
+/// `HQ_TRAIN_STEP_TRIM=0` runs our text tower on all context positions (as open_clip does) instead
+/// of trimming to the batch's longest caption.
+fn text_trim() -> bool {
+    std::env::var("HQ_TRAIN_STEP_TRIM").map_or(true, |v| v != "0")
+}
+
+/// `HQ_TRAIN_STEP_PAIRED_ONLY=1` skips the criterion part (slow for big presets) and prints only
+/// the paired table.
+fn paired_only() -> bool {
+    std::env::var("HQ_TRAIN_STEP_PAIRED_ONLY").is_ok_and(|v| v == "1")
 }
 
 fn workspace_root() -> PathBuf {
@@ -120,10 +157,11 @@ struct Trainer {
     _vs: VarStore,
 }
 
-fn trainer(cfg: &ClipConfig, full: bool) -> Trainer {
+fn trainer(cfg: &ClipConfig, full: bool, trim: bool) -> Trainer {
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
-    let model = Clip::new(vs.root(), cfg).expect("model");
+    let mut model = Clip::new(vs.root(), cfg).expect("model");
+    model.text.set_trim(trim);
     let stc = StcHead::new(vs.root(), cfg.embed_dim, cfg.embed_dim, TAGS).expect("stc head");
     let mut params = model.state_dict();
     if full {
@@ -171,20 +209,40 @@ impl Trainer {
         .expect("train step");
     }
 
-    /// Samples/s over `steps` steps, best of `repeats`.
-    fn rate(&mut self, batch: &[Batch], steps: usize, repeats: usize) -> f64 {
-        self.step(batch);
+    /// Samples/s over one round of `steps` steps (per second of this thread's CPU time with
+    /// `HQ_TRAIN_STEP_CPU_TIME=1`).
+    fn round(&mut self, batch: &[Batch], steps: usize) -> f64 {
         let n = batch.iter().map(Batch::len).sum::<usize>() * steps;
-        (0..repeats)
-            .map(|_| {
-                let t = Instant::now();
-                for _ in 0..steps {
-                    self.step(batch);
-                }
-                n as f64 / t.elapsed().as_secs_f64()
-            })
-            .fold(0.0, f64::max)
+        let t = Instant::now();
+        let cpu = thread_cpu_seconds();
+        for _ in 0..steps {
+            self.step(batch);
+        }
+        match (cpu_time(), cpu, thread_cpu_seconds()) {
+            (true, Some(a), Some(b)) => n as f64 / (b - a),
+            _ => n as f64 / t.elapsed().as_secs_f64(),
+        }
     }
+}
+
+/// Samples/s of each trainer, best of `repeats` rounds of `steps` steps each, the trainers' rounds
+/// alternated so that changing load hits all alike.
+fn paired_rates(
+    trainers: &mut [&mut Trainer],
+    batch: &[Batch],
+    steps: usize,
+    repeats: usize,
+) -> Vec<f64> {
+    for t in trainers.iter_mut() {
+        t.step(batch);
+    }
+    let mut best = vec![0f64; trainers.len()];
+    for _ in 0..repeats {
+        for (b, t) in best.iter_mut().zip(trainers.iter_mut()) {
+            *b = b.max(t.round(batch, steps));
+        }
+    }
+    best
 }
 
 /// open_clip's rates (samples/s) for `clip` and `hq-clip`, from the Python script.
@@ -251,15 +309,22 @@ fn main() {
     let repeats = env_usize("HQ_TRAIN_STEP_REPEATS", 5);
     let cfg = ClipConfig::preset(&preset).expect("preset");
     let batch = vec![make_batch(&cfg, n)];
+    if cpu_time() {
+        tch::set_num_threads(1);
+    }
     println!(
-        "train step: {preset}, batch {n}, K = {TAGS} tags, N- = 1, libtorch threads {}",
-        tch::get_num_threads()
+        "train step: {preset}, batch {n}, K = {TAGS} tags, N- = 1, libtorch threads {}, text \
+         positions trimmed: {}",
+        tch::get_num_threads(),
+        text_trim()
     );
-    let mut plain = trainer(&cfg, false);
-    let mut full = trainer(&cfg, true);
+    let mut plain = trainer(&cfg, false, text_trim());
+    let mut full = trainer(&cfg, true, text_trim());
+    let mut untrimmed =
+        compare_trim().then(|| (trainer(&cfg, false, false), trainer(&cfg, true, false)));
 
     let mut c = Criterion::default().sample_size(10).configure_from_args();
-    {
+    if !paired_only() {
         let mut g = c.benchmark_group("train_step");
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function("ours/clip", |b| b.iter(|| plain.step(&batch)));
@@ -269,12 +334,21 @@ fn main() {
 
     // Paired table: alternate the sides so drifting load hits both alike.
     let mut ours = (0f64, 0f64);
+    let mut ours_untrimmed = (0f64, 0f64);
     let mut theirs: Option<(f64, f64)> = None;
     let py = python();
     let dir = tempfile::tempdir().expect("tempdir");
     for _ in 0..2 {
-        ours.0 = ours.0.max(plain.rate(&batch, steps, repeats));
-        ours.1 = ours.1.max(full.rate(&batch, steps, repeats));
+        let mut trainers = vec![&mut plain, &mut full];
+        if let Some((p, f)) = &mut untrimmed {
+            trainers.push(p);
+            trainers.push(f);
+        }
+        let r = paired_rates(&mut trainers, &batch, steps, repeats);
+        ours = (ours.0.max(r[0]), ours.1.max(r[1]));
+        if r.len() == 4 {
+            ours_untrimmed = (ours_untrimmed.0.max(r[2]), ours_untrimmed.1.max(r[3]));
+        }
         if let Some(py) = &py {
             if let Some((a, b)) = reference(py, &preset, &batch[0], dir.path(), steps, repeats) {
                 theirs = Some(match theirs {
@@ -301,6 +375,16 @@ fn main() {
         ours.1,
         ours.0
     );
+    if untrimmed.is_some() {
+        let (p, f) = ours_untrimmed;
+        println!(
+            "Ours with the text tower on all context positions: clip {p:.1}, hq-clip {f:.1} \
+             samples/s, extras cost {:.1}%; trimming speeds clip {:.2}x, hq-clip {:.2}x",
+            100.0 * (p / f - 1.0),
+            ours.0 / p,
+            ours.1 / f
+        );
+    }
     if let Some(t) = theirs {
         println!(
             "HQ-CLIP extras cost on the open_clip side (same extras in PyTorch): {:.1}%",

@@ -90,6 +90,44 @@ fn our_outputs(model: &Clip, inputs: &BTreeMap<String, Tensor>) -> BTreeMap<Stri
     })
 }
 
+/// Our text tower runs only the positions up to the batch's last end token (open_clip always runs
+/// the full context); a batch holding a full-length row is not trimmed, so each row is also
+/// encoded alone, trimmed to its own end token, and compared with open_clip's full-context
+/// `text_embeds`. Returns the max abs difference.
+fn trimmed_rows_diff(
+    model: &Clip,
+    inputs: &BTreeMap<String, Tensor>,
+    reference: &BTreeMap<String, Tensor>,
+) -> f64 {
+    let text = inputs.get("text").expect("inputs hold text");
+    let theirs = reference
+        .get("text_embeds")
+        .expect("reference holds text_embeds");
+    let (n, ctx) = text.size2().expect("text is [N, L]");
+    let mut worst = 0f64;
+    let mut trimmed_rows = 0;
+    for i in 0..n {
+        let row = text.narrow(0, i, 1);
+        let used = model.text.used_positions(&row).expect("used positions");
+        trimmed_rows += usize::from(used < ctx);
+        let ours = tch::no_grad(|| model.encode_text(&row)).expect("encode_text");
+        let d = (ours - theirs.narrow(0, i, 1))
+            .abs()
+            .max()
+            .double_value(&[]);
+        worst = worst.max(d);
+    }
+    let t = &model.config().text_cfg;
+    if t.no_causal_mask || t.pool_type == hq_train::model::TextPool::Last {
+        return worst; // these configs never trim
+    }
+    assert!(
+        trimmed_rows > 0,
+        "no row was trimmed: the check tested nothing"
+    );
+    worst
+}
+
 /// Max abs difference per output; panics on a missing output or a shape mismatch.
 fn compare(
     what: &str,
@@ -151,8 +189,11 @@ fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
         panic!("{name}: loading open_clip's checkpoint: {e}");
     }
     let ours = our_outputs(&model, &inputs);
-    let d1 = compare(&format!("{name} open_clip -> ours"), &ours, &reference);
+    let mut d1 = compare(&format!("{name} open_clip -> ours"), &ours, &reference);
     eprintln!("{name}: open_clip checkpoint in our model, max abs diff per output: {d1:?}");
+    let trimmed = trimmed_rows_diff(&model, &inputs, &reference);
+    eprintln!("{name}: each text row alone (trimmed to its end token) vs open_clip: {trimmed:.3e}");
+    d1.insert("text_embeds (rows alone, trimmed)".into(), trimmed);
     drop(model);
 
     // Our random init -> open_clip.

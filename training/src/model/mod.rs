@@ -39,6 +39,7 @@ pub use config::{
 };
 pub use layers::{l2_normalize, NamedTensors};
 pub use stc::StcHead;
+pub use text::LengthGroup;
 
 #[cfg(test)]
 mod tests {
