@@ -83,22 +83,6 @@ struct Case {
     exemplar: Exemplar,
 }
 
-fn add_stats(sum: &mut GenerationStats, s: &GenerationStats) {
-    sum.vision += s.vision;
-    sum.prompt_embed += s.prompt_embed;
-    sum.prefill += s.prefill;
-    sum.prefill_runs += s.prefill_runs;
-    sum.prompt_tokens += s.prompt_tokens;
-    sum.steps += s.steps;
-    sum.sampling += s.sampling;
-    sum.cache_trim += s.cache_trim;
-    sum.step_embed += s.step_embed;
-    sum.step_inputs += s.step_inputs;
-    sum.step_decoder += s.step_decoder;
-    sum.detokenize += s.detokenize;
-    sum.total += s.total;
-}
-
 /// Where one pass of ours went (the median pass).
 fn print_breakdown(pass_s: f64, prep: Duration, s: &GenerationStats) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -222,7 +206,7 @@ fn run() -> Result<(), String> {
                 for g in engine.generate(&reqs, &params).map_err(|e| e.to_string())? {
                     out.push(g.tokens);
                 }
-                add_stats(&mut stats, engine.last_stats());
+                stats += engine.last_stats();
             }
             Ok((out, prep, stats))
         };

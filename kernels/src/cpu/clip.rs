@@ -823,7 +823,7 @@ multiversion!(fn grad_worker => grad_impl(p: &Problem, spec: &GradSpec, blocks: 
 
 /// Splits `nblk` row blocks into one contiguous range per worker; `work` (multiply-adds of the
 /// pass) decides how many workers are worth it.
-fn ranges(nblk: usize, work: usize) -> Vec<Range<usize>> {
+pub(super) fn ranges(nblk: usize, work: usize) -> Vec<Range<usize>> {
     let workers = par::workers_for(work).clamp(1, nblk.max(1));
     let base = nblk / workers;
     let extra = nblk % workers;

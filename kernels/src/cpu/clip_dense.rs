@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use super::clip::{multiversion, ColStats, Lse, RowOut, RowSlices, BC, BR};
+use super::clip::{multiversion, ranges, ColStats, Lse, RowOut, RowSlices, BC, BR};
 use super::par;
 #[cfg(target_arch = "x86_64")]
 use super::simd::Avx512Kernel;
@@ -37,21 +37,6 @@ pub(crate) struct DenseOut {
     pub gate: Vec<f32>,
     /// dL/ds, when gradients were asked for.
     pub dscale: Option<f64>,
-}
-
-/// Row blocks of BR rows split into one range per worker, `work` element operations in all.
-fn worker_ranges(n: usize, work: usize) -> Vec<Range<usize>> {
-    let nblk = n.div_ceil(BR);
-    let workers = par::workers_for(work).clamp(1, nblk.max(1));
-    let (base, extra) = (nblk / workers, nblk % workers);
-    let mut out = Vec::with_capacity(workers);
-    let mut start = 0;
-    for w in 0..workers {
-        let len = base + usize::from(w < extra);
-        out.push(start * BR..((start + len) * BR).min(n));
-        start += len;
-    }
-    out
 }
 
 /// Splits the rows `rows` of an n-wide matrix into per-range mutable slices.
@@ -157,13 +142,14 @@ pub(crate) fn symmetric(
     grads: bool,
 ) -> DenseOut {
     debug_assert_eq!(s_mat.len(), n * n);
-    // About 20 flops per element (exp and the folds), per pass.
-    let rs = worker_ranges(n, 20 * n * n);
-    let mut rows = RowOut::new(n);
-    let blocks: Vec<Range<usize>> = rs
+    // Row blocks per worker as the tiled kernel splits them (about 20 flops per element per
+    // pass: exp and the folds), and the rows they cover.
+    let blocks = ranges(n.div_ceil(BR), 20 * n * n);
+    let rs: Vec<Range<usize>> = blocks
         .iter()
-        .map(|r| r.start / BR..r.end.div_ceil(BR))
+        .map(|b| b.start * BR..(b.end * BR).min(n))
         .collect();
+    let mut rows = RowOut::new(n);
     let jobs: Vec<_> = split_matrix(s_mat, &rs, n)
         .into_iter()
         .zip(rs.iter().cloned())

@@ -202,6 +202,25 @@ pub struct GenerationStats {
     pub total: std::time::Duration,
 }
 
+impl std::ops::AddAssign<&GenerationStats> for GenerationStats {
+    /// Sums two passes' statistics (benchmarks add up several calls).
+    fn add_assign(&mut self, s: &GenerationStats) {
+        self.vision += s.vision;
+        self.prompt_embed += s.prompt_embed;
+        self.prefill += s.prefill;
+        self.prefill_runs += s.prefill_runs;
+        self.prompt_tokens += s.prompt_tokens;
+        self.steps += s.steps;
+        self.sampling += s.sampling;
+        self.cache_trim += s.cache_trim;
+        self.step_embed += s.step_embed;
+        self.step_inputs += s.step_inputs;
+        self.step_decoder += s.step_decoder;
+        self.detokenize += s.detokenize;
+        self.total += s.total;
+    }
+}
+
 /// Most bytes the embedding row cache holds (4,681 rows of a 7B model's 3,584-wide embedding).
 const EMBED_CACHE_BYTES: usize = 64 << 20;
 
@@ -406,8 +425,8 @@ fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> Result<DynValue> {
         .map_err(|e| gen_err(format!("creating a float input: {e}")))
 }
 
-/// Copies a value's f32 data and shape out of ONNX Runtime.
-fn read_f32(value: &DynValue, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+/// A host-readable value's shape and f32 data, borrowed from ONNX Runtime.
+fn view_f32<'v>(value: &'v DynValue, name: &str) -> Result<(Vec<usize>, &'v [f32])> {
     let (shape, data) = value
         .try_extract_tensor::<f32>()
         .map_err(|e| RuntimeError::Output {
@@ -418,6 +437,12 @@ fn read_f32(value: &DynValue, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         .iter()
         .map(|&d| usize::try_from(d).unwrap_or(0))
         .collect();
+    Ok((dims, data))
+}
+
+/// Copies a value's f32 data and shape out of ONNX Runtime.
+fn read_f32(value: &DynValue, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (dims, data) = view_f32(value, name)?;
     Ok((dims, data.to_vec()))
 }
 
@@ -441,16 +466,7 @@ fn to_host(value: DynValue, name: &str) -> Result<DynValue> {
 fn gather_cache(value: DynValue, name: &str, keep: &[usize], from: usize) -> Result<DynValue> {
     // A cache bound to GPU memory is copied to the host first (only when rows leave the batch).
     let value = to_host(value, name)?;
-    let (shape, data) = value
-        .try_extract_tensor::<f32>()
-        .map_err(|e| RuntimeError::Output {
-            name: name.to_string(),
-            message: e.to_string(),
-        })?;
-    let d: Vec<usize> = shape
-        .iter()
-        .map(|&x| usize::try_from(x).unwrap_or(0))
-        .collect();
+    let (d, data) = view_f32(&value, name)?;
     if d.len() != 4 {
         return Err(gen_err(format!("{name} has rank {}, expected 4", d.len())));
     }
@@ -752,17 +768,11 @@ impl Qwen2Vl {
             let value = out
                 .get("image_features")
                 .ok_or_else(|| gen_err("the vision encoder returned no image_features"))?;
-            let (shape, data) =
-                value
-                    .try_extract_tensor::<f32>()
-                    .map_err(|e| RuntimeError::Output {
-                        name: "image_features".into(),
-                        message: e.to_string(),
-                    })?;
-            if **shape != [im.num_tokens as i64, hidden as i64] {
+            let (shape, data) = view_f32(value, "image_features")?;
+            if shape != [im.num_tokens, hidden] {
                 return Err(gen_err(format!(
-                    "image_features has shape {:?}, expected [{}, {hidden}]",
-                    &**shape, im.num_tokens
+                    "image_features has shape {shape:?}, expected [{}, {hidden}]",
+                    im.num_tokens
                 )));
             }
             features.extend_from_slice(data);
@@ -852,18 +862,11 @@ impl Qwen2Vl {
             }
             for ((value, out), name) in row.into_iter().zip(&mut merged).zip(&self.present_names) {
                 let value = to_host(value, name)?;
-                let (shape, data) =
-                    value
-                        .try_extract_tensor::<f32>()
-                        .map_err(|e| RuntimeError::Output {
-                            name: name.clone(),
-                            message: e.to_string(),
-                        })?;
-                let expected = [1, heads as i64, len as i64, dim as i64];
-                if **shape != expected {
+                let (shape, data) = view_f32(&value, name)?;
+                let expected = [1, heads, len, dim];
+                if shape != expected {
                     return Err(gen_err(format!(
-                        "{name} has shape {:?}, expected {expected:?}",
-                        &**shape
+                        "{name} has shape {shape:?}, expected {expected:?}"
                     )));
                 }
                 let pad = seq - len;
@@ -990,35 +993,23 @@ fn last_logits(
     batch: usize,
     seq: usize,
 ) -> Result<Vec<f32>> {
-    {
-        let logits_value = out
-            .get("logits")
-            .ok_or_else(|| gen_err("the decoder returned no logits"))?;
-        let (shape, data) =
-            logits_value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| RuntimeError::Output {
-                    name: "logits".into(),
-                    message: e.to_string(),
-                })?;
-        let d: Vec<usize> = shape
-            .iter()
-            .map(|&x| usize::try_from(x).unwrap_or(0))
-            .collect();
-        if d.len() != 3 || d[0] != batch || d[1] == 0 {
-            return Err(gen_err(format!(
-                "logits has shape {d:?}, expected [{batch}, 1 or {seq}, vocab]"
-            )));
-        }
-        let (positions_out, vocab) = (d[1], d[2]);
-        // The exporter writes the last position only; onnx-community's files write all of them.
-        let mut logits = Vec::with_capacity(batch * vocab);
-        for b in 0..batch {
-            let start = (b * positions_out + positions_out - 1) * vocab;
-            logits.extend_from_slice(&data[start..start + vocab]);
-        }
-        Ok(logits)
+    let value = out
+        .get("logits")
+        .ok_or_else(|| gen_err("the decoder returned no logits"))?;
+    let (d, data) = view_f32(value, "logits")?;
+    if d.len() != 3 || d[0] != batch || d[1] == 0 {
+        return Err(gen_err(format!(
+            "logits has shape {d:?}, expected [{batch}, 1 or {seq}, vocab]"
+        )));
     }
+    let (positions_out, vocab) = (d[1], d[2]);
+    // The exporter writes the last position only; onnx-community's files write all of them.
+    let mut logits = Vec::with_capacity(batch * vocab);
+    for b in 0..batch {
+        let start = (b * positions_out + positions_out - 1) * vocab;
+        logits.extend_from_slice(&data[start..start + vocab]);
+    }
+    Ok(logits)
 }
 
 impl Qwen2Vl {

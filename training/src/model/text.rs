@@ -173,13 +173,25 @@ impl TextTransformer {
     /// leading positions (one group of every row at `L` positions where trimming does not apply).
     pub fn length_groups(&self, text: &Tensor) -> Result<Vec<LengthGroup>> {
         let (n, l) = text.size2()?;
-        if n == 0 || !self.can_trim() || !self.trim {
+        self.plan_groups(&self.pool_index(text)?, n, l, self.trim)
+    }
+
+    /// The groups for `n` rows of `l` positions whose pooled positions are `pool_index`: one
+    /// group of every row at `l` positions unless trimming is on and applies.
+    fn plan_groups(
+        &self,
+        pool_index: &Tensor,
+        n: i64,
+        l: i64,
+        trim: bool,
+    ) -> Result<Vec<LengthGroup>> {
+        if n == 0 || !trim || !self.can_trim() {
             return Ok(vec![LengthGroup {
                 rows: (0..n).collect(),
                 positions: l,
             }]);
         }
-        Ok(length_groups(&pooled_lengths(&self.pool_index(text)?)?))
+        Ok(length_groups(&pooled_lengths(pool_index)?))
     }
 
     /// Transformer and final LayerNorm on embedded tokens `x` (`[N, positions, width]`); returns
@@ -224,14 +236,7 @@ impl TextTransformer {
         let l = size[1];
         // Pool indices come from the full rows; trimming keeps every one of them.
         let idx = self.pool_index(&ids)?;
-        let groups = if !trim || !self.can_trim() || size[0] == 0 {
-            vec![LengthGroup {
-                rows: Vec::new(), // all rows, in order
-                positions: l,
-            }]
-        } else {
-            length_groups(&pooled_lengths(&idx)?)
-        };
+        let groups = self.plan_groups(&idx, size[0], l, trim)?;
         let used = groups.iter().map(|g| g.positions).max().unwrap_or(l);
         let ids = if used < l {
             ids.f_narrow(1, 0, used)?
