@@ -212,16 +212,40 @@ fn greedy_generation_matches_hf_generate_token_for_token() -> TestResult {
         .iter()
         .map(|r| r.prompt.input_ids.len().div_ceil(5))
         .sum();
+    // Every prompt starts with the chat template's system turn: the first row stores its whole
+    // 5-token chunks before the image, the later rows start from them (prompt-prefix reuse).
+    let reused = engine.last_stats().prefix_reused_tokens;
+    assert!(
+        reused >= 5 * (reqs.len() - 1),
+        "prefix reuse: {reused} tokens"
+    );
+    assert_eq!(reused % 5, 0, "reuse is in whole chunks");
     assert_eq!(
         engine.last_stats().prefill_runs,
-        chunk_runs,
-        "one prefill run per 5-token chunk"
+        chunk_runs - reused / 5,
+        "one prefill run per 5-token chunk not reused"
     );
     for (k, &i) in batches[0].iter().enumerate() {
         assert_eq!(
             got[k].tokens, singles[i],
-            "case {i}: prefill in 5-token chunks"
+            "case {i}: prefill in 5-token chunks, shared prefix reused"
         );
+    }
+    // The same without reuse: the same tokens, nothing reused.
+    let mut plain = Qwen2Vl::load(
+        &tiny.onnx,
+        &EngineOptions {
+            prefix_cache_mib: Some(0),
+            ..opts.clone()
+        },
+    )?;
+    plain.set_prefill_chunk(5)?;
+    let got_plain = plain.generate(&reqs, &params)?;
+    assert_eq!(plain.last_stats().prefix_reused_tokens, 0);
+    assert_eq!(plain.prefix_cache_bytes(), 0);
+    assert_eq!(plain.last_stats().prefill_runs, chunk_runs);
+    for (a, b) in got.iter().zip(&got_plain) {
+        assert_eq!(a.tokens, b.tokens, "prefix reuse changes no token");
     }
     engine.set_prefill_chunk(hq_runtime::qwen2vl::engine::DEFAULT_PREFILL_CHUNK)?;
     assert!(engine.set_prefill_chunk(0).is_err());

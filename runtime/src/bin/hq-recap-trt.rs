@@ -121,6 +121,10 @@ struct RecapArgs {
     /// preprocessor_config.json). Vision tokens dominate the cost.
     #[arg(long)]
     max_pixels: Option<u64>,
+    /// Host memory (MiB) for reusing the key/value cache of prompt prefixes shared across
+    /// samples (the instruction and exemplar); 0 turns reuse off. Outputs are the same either way.
+    #[arg(long, default_value_t = hq_runtime::qwen2vl::engine::DEFAULT_PREFIX_CACHE_MIB)]
+    prefix_cache_mib: usize,
     /// Decompression-bomb limit: images with more pixels are refused before decoding.
     #[arg(long, default_value_t = hq_data::shards::DEFAULT_MAX_PIXELS)]
     max_image_pixels: u64,
@@ -257,6 +261,7 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
         max_pixels: args.max_pixels,
         min_pixels: None,
         device_cache: None,
+        prefix_cache_mib: Some(args.prefix_cache_mib),
     };
     eprintln!(
         "hq-recap-trt: model {} on {}, worker {shard_index}/{num_shards}, {} inputs in total",

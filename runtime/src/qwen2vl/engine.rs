@@ -10,7 +10,9 @@
 //! 3. the prompt step (prefill) runs one row at a time without padding, in chunks of
 //!    [`DEFAULT_PREFILL_CHUNK`] tokens (the attention scores of a chunk stay in cache, and the
 //!    causal half above a chunk is never computed); the rows' caches are then laid out as one
-//!    left-padded batch cache. Each decode step feeds the previous step's `present.*` values back
+//!    left-padded batch cache. A prompt whose leading chunks were seen before (the shared
+//!    instruction and exemplar of recaption prompts) starts its prefill from their stored cache
+//!    (`prefix_cache`; bit-for-bit the same result, see there). Each decode step feeds the previous step's `present.*` values back
 //!    as `past_key_values.*` without copying them into Rust arrays, and embeds the new tokens from
 //!    a cache of embedding rows (one `embed_tokens` run only for ids not seen before);
 //! 4. a row that emits an end token or reaches `max_new_tokens` leaves the batch at once: its rows of
@@ -37,6 +39,7 @@ use crate::env::{init, Runtime};
 use crate::error::{Result, RuntimeError};
 use crate::provider::ExecutionProvider;
 use crate::qwen2vl::model_dir::{ModelDir, DECODER, EMBED_TOKENS, VISION_ENCODER};
+use crate::qwen2vl::prefix_cache::PrefixCache;
 use crate::qwen2vl::preprocess::ImageProcessor;
 use crate::qwen2vl::prompt::{Message, Prompt};
 use crate::qwen2vl::rope::rope_index;
@@ -45,6 +48,10 @@ use crate::qwen2vl::PreparedImage;
 
 /// Prompt tokens per prefill decoder run unless [`Qwen2Vl::set_prefill_chunk`] says otherwise.
 pub const DEFAULT_PREFILL_CHUNK: usize = 128;
+
+/// Prompt-prefix cache budget (MiB) unless [`EngineOptions::prefix_cache_mib`] says otherwise. A
+/// 7B model's cache is ~56 KiB per token, so this holds a few thousand prefix tokens.
+pub const DEFAULT_PREFIX_CACHE_MIB: usize = 256;
 
 /// Shape limits for TensorRT's optimisation profiles (a shape outside them makes TensorRT rebuild
 /// its engine, which takes minutes for a 7B model).
@@ -93,6 +100,9 @@ pub struct EngineOptions {
     /// for CUDA and TensorRT, off on the CPU (where it changes nothing); `Some(true)` on the CPU
     /// runs the same binding code path, which is how it is tested without a GPU.
     pub device_cache: Option<bool>,
+    /// Memory (MiB, host) for the key/value cache of prompt prefixes reused across prompts
+    /// (`None`: [`DEFAULT_PREFIX_CACHE_MIB`]; `Some(0)` turns reuse off).
+    pub prefix_cache_mib: Option<usize>,
 }
 
 /// Where the bound key/value cache lives.
@@ -184,6 +194,8 @@ pub struct GenerationStats {
     pub prefill_runs: usize,
     /// Prompt tokens over all rows (image tokens included, no padding).
     pub prompt_tokens: usize,
+    /// Of those, tokens whose prefill was skipped by reusing a stored prompt prefix.
+    pub prefix_reused_tokens: usize,
     /// Decode steps run.
     pub steps: usize,
     /// Token choice over all steps.
@@ -210,6 +222,7 @@ impl std::ops::AddAssign<&GenerationStats> for GenerationStats {
         self.prefill += s.prefill;
         self.prefill_runs += s.prefill_runs;
         self.prompt_tokens += s.prompt_tokens;
+        self.prefix_reused_tokens += s.prefix_reused_tokens;
         self.steps += s.steps;
         self.sampling += s.sampling;
         self.cache_trim += s.cache_trim;
@@ -285,6 +298,7 @@ pub struct Qwen2Vl {
     stats: GenerationStats,
     prefill_chunk: usize,
     embed_cache: EmbeddingCache,
+    prefix_cache: PrefixCache,
 }
 
 impl std::fmt::Debug for Qwen2Vl {
@@ -639,6 +653,11 @@ impl Qwen2Vl {
         dec_out.extend(present_names.iter().map(String::as_str));
         check(&decoder, DECODER, &dec_in, &dec_out)?;
 
+        let prefix_cache = PrefixCache::new(
+            opts.prefix_cache_mib.unwrap_or(DEFAULT_PREFIX_CACHE_MIB) << 20,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         Ok(Self {
             dir,
             tokenizer,
@@ -662,6 +681,7 @@ impl Qwen2Vl {
             stats: GenerationStats::default(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             embed_cache: EmbeddingCache::new(hidden),
+            prefix_cache,
         })
     }
 
@@ -672,13 +692,22 @@ impl Qwen2Vl {
 
     /// Sets how many prompt tokens one prefill decoder run takes at most (default
     /// [`DEFAULT_PREFILL_CHUNK`]). Smaller chunks keep the `[heads, chunk, total]` attention scores in
-    /// cache; the results are the same up to floating-point summation order.
+    /// cache; the results are the same up to floating-point summation order. Stored prompt
+    /// prefixes are dropped (reuse is in whole chunks).
     pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<()> {
         if tokens == 0 {
             return Err(gen_err("the prefill chunk must be at least one token"));
         }
+        if tokens != self.prefill_chunk {
+            self.prefix_cache.clear();
+        }
         self.prefill_chunk = tokens;
         Ok(())
+    }
+
+    /// Host memory held by stored prompt prefixes (bytes).
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefix_cache.bytes()
     }
 
     /// The checked model directory.
@@ -837,6 +866,58 @@ impl Qwen2Vl {
                 )
             })
             .collect()
+    }
+
+    /// The longest stored prefix of a row's prompt `ids` within its first `limit` tokens: its
+    /// length and its cache as `past_key_values` (length 0 and an empty cache when none).
+    fn reused_prefix(&mut self, ids: &[i64], limit: usize) -> Result<(usize, Vec<DynValue>)> {
+        let (len, values) = self.prefix_cache.lookup(ids, limit, self.prefill_chunk);
+        if len == 0 {
+            return Ok((0, self.empty_past(1)?));
+        }
+        let cfg = &self.dir.config;
+        let shape = vec![1, cfg.num_key_value_heads, len, cfg.head_dim];
+        let past = values
+            .into_iter()
+            .map(|v| f32_tensor(shape.clone(), v))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((len, past))
+    }
+
+    /// Stores the whole prefill chunks of a row's plain-id prefix (its first `limit` tokens) from
+    /// its finished prompt cache `past` (`[1, heads, len, dim]` per value), unless the first
+    /// `reused` tokens already came from the store and nothing longer is to be had. Returns the
+    /// cache (read back to host memory when it was stored from).
+    fn store_prefix(
+        &mut self,
+        ids: &[i64],
+        limit: usize,
+        reused: usize,
+        past: Vec<DynValue>,
+    ) -> Result<Vec<DynValue>> {
+        let store = limit / self.prefill_chunk * self.prefill_chunk;
+        if !self.prefix_cache.enabled() || store <= reused {
+            return Ok(past);
+        }
+        let host = past
+            .into_iter()
+            .zip(&self.present_names)
+            .map(|(v, name)| to_host(v, name))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = &self.dir.config;
+        let expected = [1, cfg.num_key_value_heads, ids.len(), cfg.head_dim];
+        let mut views = Vec::with_capacity(host.len());
+        for (value, name) in host.iter().zip(&self.present_names) {
+            let (shape, data) = view_f32(value, name)?;
+            if shape != expected {
+                return Err(gen_err(format!(
+                    "{name} has shape {shape:?}, expected {expected:?}"
+                )));
+            }
+            views.push(data);
+        }
+        self.prefix_cache.insert(ids, store, ids.len(), &views);
+        Ok(host)
     }
 
     /// Lays the per-row prompt caches (`[1, heads, len_b, dim]` each) out as one left-padded batch
@@ -1086,9 +1167,16 @@ impl Qwen2Vl {
             stats.prompt_embed += t.elapsed();
             let t = Instant::now();
             let rope = &ropes[b];
-            let mut past = self.empty_past(1)?;
+            // Plain-id prefix: up to the first image token, and at least one token left to run.
+            let limit = ids
+                .iter()
+                .position(|&id| id == image_token)
+                .unwrap_or(len)
+                .min(len - 1);
+            let (reused, mut past) = self.reused_prefix(&ids, limit)?;
+            stats.prefix_reused_tokens += reused;
+            let mut from = reused;
             let mut row_logits = Vec::new();
-            let mut from = 0;
             while from < len {
                 let to = (from + self.prefill_chunk).min(len);
                 let mut positions = Vec::with_capacity(3 * (to - from));
@@ -1110,6 +1198,7 @@ impl Qwen2Vl {
                 stats.prefill_runs += 1;
             }
             logits.extend_from_slice(&row_logits);
+            let past = self.store_prefix(&ids, limit, reused, past)?;
             row_caches.push(past);
             stats.prefill += t.elapsed();
         }

@@ -12,12 +12,14 @@
 //! - [`rope`]: M-RoPE 3-D position ids.
 //! - [`sampling`]: greedy and seeded temperature / top-p sampling.
 //! - [`engine`]: [`Qwen2Vl`], batched generation with the key/value cache.
+//! - `prefix_cache`: the key/value cache of prompt prefixes shared across rows and calls.
 //!
 //! The engine is tested token for token against HF transformers' `generate` on a tiny random
 //! Qwen2-VL (`tests/tests/recap_qwen2vl.rs`).
 
 pub mod engine;
 pub mod model_dir;
+mod prefix_cache;
 pub mod preprocess;
 pub mod prompt;
 pub mod rope;
