@@ -420,7 +420,12 @@ fn main() {
     plain.lr = 0.0;
     let mut ends = [0f64; 3];
     for _ in 0..2 {
-        let r = paired_rates(&mut [&mut plain, &mut fresh, &mut full], &batch, steps, repeats);
+        let r = paired_rates(
+            &mut [&mut plain, &mut fresh, &mut full],
+            &batch,
+            steps,
+            repeats,
+        );
         for (e, v) in ends.iter_mut().zip(r) {
             *e = e.max(v);
         }
