@@ -228,16 +228,14 @@ impl Trainer {
 
     /// Trains on `batch` until at least `fraction` of its HNI gates are open (or `max_steps`
     /// pass): the negatives of open rows are the ones the step encodes, so this is the step's
-    /// cost late in training. Returns the open fraction reached.
-    fn open_gates(&mut self, batch: &[Batch], fraction: f64, max_steps: usize) -> f64 {
-        let mut open = 0.0;
+    /// cost late in training.
+    fn open_gates(&mut self, batch: &[Batch], fraction: f64, max_steps: usize) {
         for _ in 0..max_steps {
-            open = self.step_at(batch, 2e-3).hni_gate_open;
-            if open >= fraction {
+            self.gate_open = self.step_at(batch, 2e-3).hni_gate_open;
+            if self.gate_open >= fraction {
                 break;
             }
         }
-        open
     }
 
     /// Samples/s over one round of `steps` steps (per second of this thread's CPU time with

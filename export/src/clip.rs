@@ -536,14 +536,19 @@ impl<'a> Tower<'a> {
             &[&ctx],
             vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
         )?; // [B, T, H, D]
+        let ctx = self.merge_rows(prefix, &ctx, w)?; // [B * T, W]
+        self.linear(&format!("{prefix}.out_proj"), &ctx)
+    }
+
+    /// The attention context reshaped to rows of width `w` (`[-1, w]`).
+    fn merge_rows(&mut self, prefix: &str, ctx: &str, w: usize) -> Result<String> {
         let rows = self.ints(&format!("const.shape_rows_{w}"), &[-1, w as i64])?;
-        let ctx = self.op(
+        self.op(
             "Reshape",
             &format!("{prefix}.context.merge"),
-            &[&ctx, &rows],
+            &[ctx, &rows],
             vec![],
-        )?; // [B * T, W]
-        self.linear(&format!("{prefix}.out_proj"), &ctx)
+        )
     }
 
     /// The attention of the last block when only the first token's output is used (class-token
@@ -590,14 +595,8 @@ impl<'a> Tower<'a> {
             vec![],
         )?; // [B, H, 1, D]
         let ctx = self.scaled_dot_product(prefix, &q, &kv[0], &kv[1], None)?; // [B, H, 1, D]
-        let rows = self.ints(&format!("const.shape_rows_{w}"), &[-1, w as i64])?;
-        // With one query the head-major [B, H, 1, D] is already [B, W] in memory.
-        let ctx = self.op(
-            "Reshape",
-            &format!("{prefix}.context.merge"),
-            &[&ctx, &rows],
-            vec![],
-        )?;
+                                                                              // With one query the head-major [B, H, 1, D] is already [B, W] in memory.
+        let ctx = self.merge_rows(prefix, &ctx, w)?;
         self.linear(&format!("{prefix}.out_proj"), &ctx)
     }
 

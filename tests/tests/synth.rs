@@ -465,7 +465,7 @@ fn an_existing_corpus_is_kept_unless_forced() {
 #[test]
 fn every_description_segment_identifies_its_image() {
     use hq_data::synth::scene::{Color, Shape};
-    use hq_data::text::segment::segments;
+    use hq_data::text::segment::{changed_segments, segments};
     let cfg = small_config(5);
     let (mut segs_total, mut with_colour) = (0usize, 0usize);
     let mut distinct = HashSet::new();
@@ -493,10 +493,7 @@ fn every_description_segment_identifies_its_image() {
             assert!(bad.is_empty() && checked > 0, "{seg:?}: {bad:?}");
             distinct.insert(seg.to_lowercase());
         }
-        let changed: Vec<&str> = segments(&r.long_negative)
-            .into_iter()
-            .filter(|s| !pos.contains(s))
-            .collect();
+        let changed = changed_segments(&r.long_positive, &r.long_negative);
         assert!(!changed.is_empty(), "d- = d+: {}", r.long_negative);
         for seg in changed {
             assert!(

@@ -68,16 +68,6 @@ struct Features {
     tag_logits: Option<Tensor>,
 }
 
-impl Features {
-    fn detach(&self) -> Features {
-        Features {
-            image: self.image.detach(),
-            text: self.text.detach(),
-            tag_logits: self.tag_logits.as_ref().map(Tensor::detach),
-        }
-    }
-}
-
 /// The parts of a step's batch the losses need besides features.
 struct Targets {
     has_negative: Option<Tensor>,
@@ -333,15 +323,11 @@ pub fn accumulate_gradients(
         let live_neg = maybe_autocast(obj.autocast, || {
             negative_features(model, b, &local_open[j], device)
         })?;
-        let detached: Vec<Features> = cached.iter().map(Features::detach).collect();
-        let mut refs: Vec<&Features> = detached.iter().collect();
+        // The cached features were computed without gradients: only micro-batch j's are live.
+        let mut refs: Vec<&Features> = cached.iter().collect();
         refs[j] = &live;
         let all = concat(&refs)?;
-        let detached_neg: Vec<Option<Tensor>> = cached_neg
-            .iter()
-            .map(|t| t.as_ref().map(Tensor::detach))
-            .collect();
-        let negs: Vec<&Tensor> = detached_neg
+        let negs: Vec<&Tensor> = cached_neg
             .iter()
             .enumerate()
             .filter_map(|(i, t)| {
@@ -429,25 +415,27 @@ pub fn train_step(
 mod tests {
     use super::*;
     use crate::model::ClipConfig;
+    use hq_data::text::tokenizer::ClipTokenizer;
     use tch::nn::VarStore;
 
     const K: i64 = 40;
 
-    fn tokens(n: usize, ctx: usize, seed: u64) -> Tensor {
-        let mut v = vec![0i64; n * ctx];
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        for (i, row) in v.chunks_mut(ctx).enumerate() {
-            let len = 3 + (i * 5) % 11;
-            row[0] = 49406;
-            for t in row.iter_mut().take(len + 1).skip(1) {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                *t = 256 + (s % 40000) as i64;
-            }
-            row[len + 1] = 49407;
-        }
-        Tensor::from_slice(&v).view([n as i64, ctx as i64])
+    /// `n` captions of different lengths, tokenized as the loader does.
+    fn tokens(n: usize, ctx: usize, negative: bool) -> Tensor {
+        const COLOURS: [&str; 4] = ["red", "green", "blue", "yellow"];
+        const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
+        let tokenizer = ClipTokenizer::from_bundled()
+            .and_then(|t| t.with_context_length(ctx))
+            .expect("bundled tokenizer");
+        let texts: Vec<String> = (0..n)
+            .map(|i| {
+                let (c, s) = (COLOURS[i % 4], SHAPES[(i / 4 + usize::from(negative)) % 3]);
+                let tail = " on a striped background, next to a small dotted ring".repeat(i % 3);
+                format!("a {c} {s}{tail}")
+            })
+            .collect();
+        let flat = tokenizer.tokenize_batch_flat(&texts).expect("tokenize");
+        Tensor::from_slice(&flat).view([n as i64, ctx as i64])
     }
 
     /// Rows `range` of a batch of `n` samples with N- = 2, every third one without negatives.
@@ -456,8 +444,8 @@ mod tests {
         let side = cfg.vision_cfg.image_size.height();
         tch::manual_seed(7);
         let images = Tensor::randn([n as i64, 3, side, side], (Kind::Float, Device::Cpu));
-        let texts = tokens(n, ctx, 1);
-        let negatives = tokens(2 * n, ctx, 2);
+        let texts = tokens(n, ctx, false);
+        let negatives = tokens(2 * n, ctx, true);
         let has: Vec<bool> = (0..n).map(|i| i % 3 != 1).collect();
         let (a, b) = (range.start as i64, range.len() as i64);
         let mut offsets = vec![0i64];

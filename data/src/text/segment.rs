@@ -13,6 +13,26 @@ fn is_boundary_char(c: char) -> bool {
     matches!(c, '.' | ',' | ';' | '!' | '?' | '\n' | '\r')
 }
 
+/// The segments of `negative` that are not segments of `positive` (compared lower-cased with
+/// whitespace collapsed), in order: the clauses a hard-negative description changed, since it is
+/// the positive one with a few clauses perturbed.
+pub fn changed_segments<'n>(positive: &str, negative: &'n str) -> Vec<&'n str> {
+    let positive: std::collections::HashSet<String> =
+        segments(positive).into_iter().map(normalised).collect();
+    segments(negative)
+        .into_iter()
+        .filter(|s| !positive.contains(&normalised(s)))
+        .collect()
+}
+
+/// Lower-case with whitespace collapsed, for comparing segments.
+fn normalised(s: &str) -> String {
+    s.split_whitespace()
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Split a description into its segments, in order.
 pub fn segments(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
@@ -56,6 +76,17 @@ pub fn draw_segment<'a, R: Rng + ?Sized>(text: &'a str, rng: &mut R) -> Option<&
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn changed_segments_ignore_case_and_spacing() {
+        let pos = "A red circle, it is above a blue square. The background is plain.";
+        let neg = "a  RED circle, it is below a blue square. The background is plain.";
+        assert_eq!(
+            changed_segments(pos, neg),
+            vec!["it is below a blue square"]
+        );
+        assert!(changed_segments(pos, pos).is_empty());
+    }
 
     #[test]
     fn splits_on_the_lvlm_punctuation() {

@@ -655,7 +655,6 @@ impl Qwen2Vl {
 
         let prefix_cache = PrefixCache::new(
             opts.prefix_cache_mib.unwrap_or(DEFAULT_PREFIX_CACHE_MIB) << 20,
-            cfg.num_key_value_heads,
             cfg.head_dim,
         );
         Ok(Self {
@@ -1172,7 +1171,7 @@ impl Qwen2Vl {
                 .iter()
                 .position(|&id| id == image_token)
                 .unwrap_or(len)
-                .min(len - 1);
+                .min(len.saturating_sub(1));
             let (reused, mut past) = self.reused_prefix(&ids, limit)?;
             stats.prefix_reused_tokens += reused;
             let mut from = reused;

@@ -26,26 +26,33 @@ impl Entry {
     }
 }
 
+/// The first `len` positions of a cache value `[heads, stored, dim]`, as `[heads, len, dim]`.
+fn first_positions(value: &[f32], stored: usize, len: usize, dim: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(value.len() / stored * len);
+    for head in value.chunks_exact(stored * dim) {
+        out.extend_from_slice(&head[..len * dim]);
+    }
+    out
+}
+
 /// The cache: prefixes by longest match, evicted least-recently-used beyond a byte budget.
 pub(crate) struct PrefixCache {
     entries: Vec<Entry>,
     budget: usize,
     used: usize,
     clock: u64,
-    /// Key/value heads and head width of one value (its layout `[heads, len, dim]`).
-    heads: usize,
+    /// Head width of one value (its layout `[heads, len, dim]`).
     dim: usize,
 }
 
 impl PrefixCache {
     /// An empty cache holding at most `budget` bytes (0 disables it).
-    pub(crate) fn new(budget: usize, heads: usize, dim: usize) -> Self {
+    pub(crate) fn new(budget: usize, dim: usize) -> Self {
         Self {
             entries: Vec::new(),
             budget,
             used: 0,
             clock: 0,
-            heads,
             dim,
         }
     }
@@ -93,19 +100,11 @@ impl PrefixCache {
         self.clock += 1;
         let entry = &mut self.entries[e];
         entry.last_used = self.clock;
-        let stored = entry.ids.len();
-        let (heads, dim) = (self.heads, self.dim);
+        let (stored, dim) = (entry.ids.len(), self.dim);
         let values = entry
             .values
             .iter()
-            .map(|v| {
-                let mut out = Vec::with_capacity(heads * len * dim);
-                for h in 0..heads {
-                    let src = h * stored * dim;
-                    out.extend_from_slice(&v[src..src + len * dim]);
-                }
-                out
-            })
+            .map(|v| first_positions(v, stored, len, dim))
             .collect();
         (len, values)
     }
@@ -126,17 +125,9 @@ impl PrefixCache {
         {
             return;
         }
-        let (heads, dim) = (self.heads, self.dim);
         let values: Vec<Vec<f32>> = values
             .iter()
-            .map(|v| {
-                let mut out = Vec::with_capacity(heads * len * dim);
-                for h in 0..heads {
-                    let src = h * row_len * dim;
-                    out.extend_from_slice(&v[src..src + len * dim]);
-                }
-                out
-            })
+            .map(|v| first_positions(v, row_len, len, self.dim))
             .collect();
         self.clock += 1;
         let entry = Entry {
@@ -192,7 +183,7 @@ mod tests {
     #[test]
     fn longest_chunk_aligned_prefix_is_returned_sliced_per_head() {
         let (heads, dim) = (2, 3);
-        let mut c = PrefixCache::new(1 << 20, heads, dim);
+        let mut c = PrefixCache::new(1 << 20, dim);
         let ids: Vec<i64> = (0..20).collect();
         let (a, b) = (row(0, heads, 20, dim), row(1, heads, 20, dim));
         c.insert(&ids, 16, 20, &[&a, &b]);
@@ -219,7 +210,7 @@ mod tests {
     fn covered_prefixes_are_not_stored_twice_and_the_budget_evicts_lru() {
         let (heads, dim) = (1, 2);
         let size = |len: usize| len * heads * dim * 4 + len * 8;
-        let mut c = PrefixCache::new(2 * size(8), heads, dim);
+        let mut c = PrefixCache::new(2 * size(8), dim);
         let v = row(0, heads, 8, dim);
         let a: Vec<i64> = (0..8).collect();
         c.insert(&a, 4, 8, &[&v]);
@@ -236,7 +227,7 @@ mod tests {
         assert_eq!(c.lookup(&b, 8, 1).0, 0);
         assert_eq!(c.lookup(&a, 8, 1).0, 8);
         assert_eq!(c.lookup(&d, 8, 1).0, 8);
-        let mut off = PrefixCache::new(0, heads, dim);
+        let mut off = PrefixCache::new(0, dim);
         off.insert(&a, 8, 8, &[&v]);
         assert_eq!(off.lookup(&a, 8, 1).0, 0);
         c.clear();

@@ -26,8 +26,8 @@
 //! when both are unavailable the sample has no negatives and the batch's `has_negative` mask is
 //! false for it, so the HNI loss skips it.
 
-use hq_data::text::segment::{draw_segment, segments};
-use hq_data::{RefinedTexts, Sample};
+use hq_data::text::segment::{changed_segments, draw_segment};
+use hq_data::Sample;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -76,26 +76,6 @@ pub struct ChosenTexts {
     pub source: TextSource,
     /// Exactly `policy.negatives` entries, or none when the sample has no negatives.
     pub negatives: Vec<(String, NegativeSource)>,
-}
-
-/// Lower-case with whitespace collapsed, for comparing segments.
-fn norm_text(s: &str) -> String {
-    s.split_whitespace()
-        .map(str::to_lowercase)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The segments of d- that are not segments of d+ (the changed clauses), in order.
-pub fn changed_negative_segments(refined: &RefinedTexts) -> Vec<&str> {
-    let positive: std::collections::HashSet<String> = segments(&refined.long_positive)
-        .into_iter()
-        .map(norm_text)
-        .collect();
-    segments(&refined.long_negative)
-        .into_iter()
-        .filter(|s| !positive.contains(&norm_text(s)))
-        .collect()
 }
 
 /// The negative tags as one string, `"tag1, tag2, ..."`; `None` without any non-empty tag.
@@ -167,7 +147,7 @@ impl TextPolicy {
         };
         let mut negatives = Vec::new();
         if let (Some(r), true) = (refined, self.negatives > 0) {
-            let segs = changed_negative_segments(r);
+            let segs = changed_segments(&r.long_positive, &r.long_negative);
             let tags = joined_tags(&r.tags_negative);
             if !segs.is_empty() || tags.is_some() {
                 for _ in 0..self.negatives {
@@ -195,7 +175,7 @@ impl TextPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hq_data::ImageBytes;
+    use hq_data::{ImageBytes, RefinedTexts};
     use rand::SeedableRng;
 
     fn sample(raw: &str, refined: Option<RefinedTexts>) -> Sample {
@@ -226,7 +206,10 @@ mod tests {
     #[test]
     fn changed_segments_and_joined_tags() {
         let r = refined();
-        assert_eq!(changed_negative_segments(&r), vec!["A green circle"]);
+        assert_eq!(
+            changed_segments(&r.long_positive, &r.long_negative),
+            vec!["A green circle"]
+        );
         assert_eq!(
             joined_tags(&r.tags_negative).as_deref(),
             Some("green circle, yellow square")
