@@ -1,6 +1,9 @@
 //! The training loop (`hq_train::run`) on tiny generated corpora, a small CLIP (hq-tiny's widths,
 //! 2 layers, 32 px images, 32-token context) on the CPU:
-//! - a short run lowers the loss and writes checkpoints, metrics, plots and a summary;
+//! - a short run lowers the loss and writes checkpoints, metrics, plots and a summary; the
+//!   metrics' TensorBoard mirror, read by TensorBoard's own loader (tests/python/
+//!   tensorboard_read.py, which checks every record's CRCs), holds the same numbers, also after
+//!   a resume;
 //! - `--resume` is bit-exact: K steps straight equal K/2 + resume + K/2, loss for loss and weight
 //!   for weight (with gradient accumulation and every loss part on);
 //! - a corrupt checkpoint is refused with an error naming the file; so is a resume with other
@@ -46,6 +49,76 @@ fn python() -> Option<PathBuf> {
             p.display()
         );
         None
+    }
+}
+
+/// The scalars of the TensorBoard event files in `logdir` as TensorBoard's own loader reads them
+/// (tests/python/tensorboard_read.py): `{"files": N, "scalars": {tag: [[step, value, wall], ..]}}`.
+fn tensorboard_scalars(py: &Path, logdir: &Path) -> Value {
+    let script = workspace_root().join("tests/python/tensorboard_read.py");
+    let out = Command::new(py)
+        .arg(&script)
+        .arg(logdir)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "tensorboard_read.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("tensorboard_read.py prints JSON")
+}
+
+/// Every number of every metrics record is in the TensorBoard mirror at its step, as an f32, in
+/// one event file, and nothing else is.
+fn assert_tensorboard_mirrors(py: &Path, run: &Path) {
+    let tb = tensorboard_scalars(py, &run.join("tb"));
+    assert_eq!(tb["files"], 1, "one event file: {tb}");
+    let records = hq_train::metrics::read_records(&run.join("metrics.jsonl")).expect("metrics");
+    let mut want: std::collections::BTreeMap<String, Vec<(u64, f32)>> = Default::default();
+    for r in &records {
+        let step = r["step"].as_u64().expect("step");
+        assert!(r["time"].as_f64().is_some(), "record without time: {r}");
+        for (tag, v) in hq_train::tensorboard::record_scalars(r) {
+            want.entry(tag).or_default().push((step, v as f32));
+        }
+    }
+    let got: std::collections::BTreeMap<String, Vec<(u64, f32)>> = tb["scalars"]
+        .as_object()
+        .expect("scalars")
+        .iter()
+        .map(|(tag, events)| {
+            let events = events
+                .as_array()
+                .expect("events")
+                .iter()
+                .map(|e| {
+                    (
+                        e[0].as_u64().expect("step"),
+                        e[1].as_f64().expect("value") as f32,
+                    )
+                })
+                .collect();
+            (tag.clone(), events)
+        })
+        .collect();
+    assert!(want.contains_key("train/loss"), "{:?}", want.keys());
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (tag, w) in &want {
+        let g = &got[tag];
+        let steps = |v: &[(u64, f32)]| v.iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(steps(g), steps(w), "{tag}: steps");
+        // The same f32, up to one ulp: serde_json's default float parsing (reading the log
+        // back here) may be one f64 ulp off what was written, which can flip an f32 rounding.
+        for ((s, a), (_, b)) in g.iter().zip(w) {
+            assert!(
+                (a - b).abs() <= f32::EPSILON * b.abs(),
+                "{tag} at step {s}: TensorBoard {a} vs metrics.jsonl {b}"
+            );
+        }
     }
 }
 
@@ -168,6 +241,10 @@ fn a_short_run_lowers_the_loss_and_writes_its_outputs() {
     let records = hq_train::metrics::read_records(&out.join("metrics.jsonl")).expect("metrics");
     let train_steps = records.iter().filter(|r| r["kind"] == "train").count();
     assert_eq!(train_steps, 40);
+    // The TensorBoard mirror, read by TensorBoard itself, holds the same numbers.
+    if let Some(py) = python() {
+        assert_tensorboard_mirrors(&py, &out);
+    }
     let eval = summary.eval.expect("final evaluation");
     assert!(eval.iter().any(|(k, _)| k == "builtin/mean"), "{eval:?}");
     // The checkpoint's CLIP weights are open_clip's names only; the encoder loads them.
@@ -243,6 +320,11 @@ fn resume_continues_bit_for_bit() {
         .map(|r| r["step"].as_u64().expect("step"))
         .collect();
     assert_eq!(steps_logged, vec![1, 2, 3, 4, 6]);
+    // So does its TensorBoard mirror: rewritten from the cut log on resume, one file, no step
+    // of the interrupted session twice.
+    if let Some(py) = python() {
+        assert_tensorboard_mirrors(&py, &dir.path().join("cut"));
+    }
 
     // A resume with a setting that changes the run is refused, naming it.
     let mut other = cut_cfg.clone();

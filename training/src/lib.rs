@@ -11,7 +11,8 @@
 //! - [`optim`], [`schedule`]: AdamW with savable state; warm-up + cosine learning rate.
 //! - [`step`]: one optimizer step of the HQ-CLIP objective (gradient accumulation included).
 //! - [`train`]: a whole run ([`run`]): checkpoints, resume, metrics, evaluation, plots.
-//! - [`metrics`]: `metrics.jsonl` and the PNG curves.
+//! - [`metrics`]: `metrics.jsonl` and the PNG curves; [`tensorboard`]: its mirror as TensorBoard
+//!   event files.
 //! - [`ablation`]: the ablation table and chart over variants and seeds.
 //! - [`precision`]: bf16 autocast on CUDA.
 //! - [`model`]: CLIP with open_clip's architecture and state-dict names (configs, presets,
@@ -30,6 +31,7 @@ pub mod optim;
 pub mod precision;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod train;
 
 pub use config::{TrainConfig, Variant};

@@ -3,7 +3,8 @@
 //! skipped samples), and the loss and learning-rate curves drawn from it as PNGs at the end.
 //!
 //! On resume the file is cut back to the checkpoint's step (atomically), so the log of a resumed
-//! run equals the uninterrupted run's.
+//! run equals the uninterrupted run's. Every record gets a `time` (Unix seconds) and is mirrored to
+//! a TensorBoard event file in `tb/` beside the log ([`crate::tensorboard`]).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use serde_json::Value;
 
+use crate::tensorboard::EventFile;
 use crate::TrainError;
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -21,10 +23,23 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-/// Appends JSON lines to `metrics.jsonl`.
+/// Appends JSON lines to `metrics.jsonl` and their scalars to the TensorBoard mirror.
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
+    events: EventFile,
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Where the TensorBoard mirror of the metrics log at `path` lives: `tb/` beside it.
+pub fn tensorboard_dir(path: &Path) -> PathBuf {
+    path.parent().unwrap_or(Path::new(".")).join("tb")
 }
 
 impl MetricsLog {
@@ -32,34 +47,41 @@ impl MetricsLog {
     /// record of a later step.
     pub fn open(path: impl AsRef<Path>, keep_up_to: Option<u64>) -> Result<Self, TrainError> {
         let path = path.as_ref().to_path_buf();
-        match keep_up_to {
-            Some(step) if path.exists() => {
-                let kept: String = read_records(&path)?
-                    .into_iter()
-                    .filter(|r| r.get("step").and_then(Value::as_u64).unwrap_or(0) <= step)
-                    .map(|r| format!("{r}\n"))
-                    .collect();
-                hq_data::atomic::write_atomic(&path, kept.as_bytes())?;
-            }
-            Some(_) => {}
-            None => hq_data::atomic::write_atomic(&path, b"")?,
+        let kept: Vec<Value> = match keep_up_to {
+            Some(step) if path.exists() => read_records(&path)?
+                .into_iter()
+                .filter(|r| r.get("step").and_then(Value::as_u64).unwrap_or(0) <= step)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if keep_up_to.is_none() || path.exists() {
+            let text: String = kept.iter().map(|r| format!("{r}\n")).collect();
+            hq_data::atomic::write_atomic(&path, text.as_bytes())?;
         }
+        let events = EventFile::mirror(&tensorboard_dir(&path), &kept, unix_now())?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| io(&path, e))?;
-        Ok(MetricsLog { path, file })
+        Ok(MetricsLog { path, file, events })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Appends `record` (an object gets a `time` field) and mirrors it to TensorBoard.
     pub fn write(&mut self, record: &Value) -> Result<(), TrainError> {
+        let now = unix_now();
+        let mut record = record.clone();
+        if let Some(m) = record.as_object_mut() {
+            m.entry("time").or_insert(Value::from(now));
+        }
         writeln!(self.file, "{record}")
             .and_then(|_| self.file.flush())
-            .map_err(|e| io(&self.path, e))
+            .map_err(|e| io(&self.path, e))?;
+        self.events.append(&record, now)
     }
 }
 
@@ -206,6 +228,16 @@ mod tests {
             .map(|r| r["step"].as_u64().expect("step"))
             .collect();
         assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+        // The TensorBoard mirror was rewritten from the cut log: one file, the file-version
+        // record and one event per kept or new record (steps 5 and 6 of the first session gone).
+        let files: Vec<PathBuf> = std::fs::read_dir(tensorboard_dir(&path))
+            .expect("tb dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let events =
+            crate::tensorboard::read_records(&std::fs::read(&files[0]).expect("read events"));
+        assert_eq!(events.len(), 1 + 5);
         let pngs = plot_curves(&path, &dir.path().join("plots")).expect("plot");
         for p in pngs {
             let bytes = std::fs::read(&p).expect("png");

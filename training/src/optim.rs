@@ -189,11 +189,12 @@ impl AdamW {
                 let _ = p
                     .exp_avg_sq
                     .f_addcmul_(&grad, &(grad.f_mul_scalar(1.0 - beta2)?))?;
-                let denom = p
-                    .exp_avg_sq
-                    .f_sqrt()?
-                    .f_div_scalar(bias_correction2_sqrt)?
-                    .f_add_scalar(eps)?;
+                // One temporary for the denominator, scaled and shifted in place (same values
+                // as out-of-place ops; fewer large allocations, whose page faults showed up in
+                // profiles of small models).
+                let mut denom = p.exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
+                let _ = denom.f_add_scalar_(eps)?;
                 let _ = param.f_addcdiv_(&p.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
             }
             Ok(())

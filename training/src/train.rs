@@ -6,6 +6,7 @@
 //! ```text
 //! config.toml            the resolved settings of the run
 //! metrics.jsonl          train / eval / skips records (see crate::metrics)
+//! tb/events.out.tfevents.*   the same records as TensorBoard scalars (see crate::tensorboard)
 //! checkpoints/step-NNNNNNNN/, checkpoints/latest   (see crate::checkpoint)
 //! eval/step-NNNNNNNN.json                           built-in held-out evaluation reports
 //! plots/loss.png, plots/lr.png

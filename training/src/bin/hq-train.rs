@@ -19,7 +19,8 @@ use hq_train::{RunRequest, TrainConfig, Variant};
                   [model] [data] [loss] [optim] [run]; `--print-config` shows every key), the named \
                   flags below, and --set section.key=value. Contradictory or missing settings are \
                   refused with the setting's name and what to change.\n\n\
-                  The run directory (--out) receives config.toml, metrics.jsonl, checkpoints/ \
+                  The run directory (--out) receives config.toml, metrics.jsonl, tb/ (the same \
+                  metrics as TensorBoard event files: tensorboard --logdir RUN/tb), checkpoints/ \
                   (atomic, checksummed; --resume continues bit for bit on the CPU), eval/, plots/ \
                   (loss.png, lr.png) and summary.json.\n\n\
                   Example: hq-train --train out/default/train --eval-dir out/default/eval \
