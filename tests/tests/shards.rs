@@ -997,18 +997,8 @@ fn python() -> Option<String> {
 }
 
 fn reference(py: &str, args: &[&str]) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/shards_reference.py");
-    let out = Command::new(py)
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "shards_reference.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("reference JSON")
+    let out = hq_tests::run_python_script(Path::new(py), "shards_reference.py", args);
+    serde_json::from_str(&out).expect("reference JSON")
 }
 
 /// Our view of a sample in the reference script's JSON shape.

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use hq_data::shards::{ReadOptions, ShardReader, ShardWriter, ShardWriterOptions};
@@ -26,7 +25,6 @@ use hq_data::synth::{self, SynthConfig, WriteOptions};
 use hq_data::text::segment::segments;
 use hq_data::text::tokenizer::ClipTokenizer;
 use hq_data::Sample;
-use hq_tests::workspace_root;
 use hq_train::data::transform::{random_resized_crop_params, Normalizer, DEFAULT_CROP_RATIO};
 use hq_train::data::{
     build_tag_vocab, Batch, DataLoader, ImageTransform, LoaderConfig, LoaderState, TextPolicy,
@@ -40,37 +38,14 @@ use serde_json::{json, Value};
 // helpers
 
 fn python() -> Option<PathBuf> {
-    let p = match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    };
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "no Python at {} (source tools/env.sh): skipping the open_clip comparison",
-            p.display()
-        );
-        None
-    }
+    hq_tests::python_if_present("the open_clip comparison")
 }
 
 fn reference(py: &Path, manifest: &Value, dir: &Path) -> Value {
     let mpath = dir.join("manifest.json");
     std::fs::write(&mpath, manifest.to_string()).expect("write manifest");
-    let script = workspace_root().join("tests/python/train_transform_reference.py");
-    let out = Command::new(py)
-        .arg(&script)
-        .arg(&mpath)
-        .arg(dir)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "train_transform_reference.py failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout =
+        hq_tests::run_python_script(py, "train_transform_reference.py", [mpath.as_path(), dir]);
     serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("reference JSON")
 }
 

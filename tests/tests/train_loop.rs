@@ -15,13 +15,11 @@
 //!   steps with a changing learning rate and both parameter groups.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use hq_data::shards::{ReadOptions, ShardReader, ShardWriter, ShardWriterOptions};
 use hq_data::synth::{self, SynthConfig, WriteOptions};
 use hq_data::Sample;
-use hq_tests::workspace_root;
 use hq_train::config::TrainConfig;
 use hq_train::model::ClipConfig;
 use hq_train::optim::{AdamW, AdamWConfig};
@@ -37,36 +35,14 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn python() -> Option<PathBuf> {
-    let p = match std::env::var_os("HQ_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join(".venv/bin/python"),
-    };
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "no Python at {} (source tools/env.sh): skipped",
-            p.display()
-        );
-        None
-    }
+    hq_tests::python_if_present("the comparison with the Python reference")
 }
 
 /// The scalars of the TensorBoard event files in `logdir` as TensorBoard's own loader reads them
 /// (tests/python/tensorboard_read.py): `{"files": N, "scalars": {tag: [[step, value, wall], ..]}}`.
 fn tensorboard_scalars(py: &Path, logdir: &Path) -> Value {
-    let script = workspace_root().join("tests/python/tensorboard_read.py");
-    let out = Command::new(py)
-        .arg(&script)
-        .arg(logdir)
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "tensorboard_read.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("tensorboard_read.py prints JSON")
+    let out = hq_tests::run_python_script(py, "tensorboard_read.py", [logdir]);
+    serde_json::from_str(&out).expect("tensorboard_read.py prints JSON")
 }
 
 /// Every number of every metrics record is in the TensorBoard mirror at its step, as an f32, in
@@ -617,18 +593,7 @@ fn adamw_matches_torch() {
     let inp = dir.path().join("in.json");
     let outp = dir.path().join("out.json");
     std::fs::write(&inp, spec.to_string()).expect("write");
-    let script = workspace_root().join("tests/python/train_adamw_reference.py");
-    let status = Command::new(&py)
-        .arg(&script)
-        .arg(&inp)
-        .arg(&outp)
-        .output()
-        .expect("python");
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    hq_tests::run_python_script(&py, "train_adamw_reference.py", [&inp, &outp]);
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(&outp).expect("out")).expect("json");
     let moments: std::collections::HashMap<String, Tensor> =

@@ -54,10 +54,8 @@ impl MetricsLog {
                 .collect(),
             _ => Vec::new(),
         };
-        if keep_up_to.is_none() || path.exists() {
-            let text: String = kept.iter().map(|r| format!("{r}\n")).collect();
-            hq_data::atomic::write_atomic(&path, text.as_bytes())?;
-        }
+        let text: String = kept.iter().map(|r| format!("{r}\n")).collect();
+        hq_data::atomic::write_atomic(&path, text.as_bytes())?;
         let events = EventFile::mirror(&tensorboard_dir(&path), &kept, unix_now())?;
         let file = OpenOptions::new()
             .create(true)
@@ -236,7 +234,7 @@ mod tests {
             .collect();
         assert_eq!(files.len(), 1, "{files:?}");
         let events =
-            crate::tensorboard::read_records(&std::fs::read(&files[0]).expect("read events"));
+            crate::tensorboard::read_payloads(&std::fs::read(&files[0]).expect("read events"));
         assert_eq!(events.len(), 1 + 5);
         let pngs = plot_curves(&path, &dir.path().join("plots")).expect("plot");
         for p in pngs {

@@ -198,12 +198,10 @@ impl EventFile {
     /// The framed event of `record` (its `time` field as wall time, else `now`), or nothing for a
     /// record without a step or without numbers.
     fn encode(record: &Value, now: f64) -> Vec<u8> {
-        let (Some(step), scalars) = (
-            record.get("step").and_then(Value::as_u64),
-            record_scalars(record),
-        ) else {
+        let Some(step) = record.get("step").and_then(Value::as_u64) else {
             return Vec::new();
         };
+        let scalars = record_scalars(record);
         if scalars.is_empty() {
             return Vec::new();
         }
@@ -226,7 +224,7 @@ impl EventFile {
 
 /// Test support: the framed payloads of an event file's bytes, both CRCs of every record checked.
 #[cfg(test)]
-pub(crate) fn read_records(bytes: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn read_payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -295,7 +293,7 @@ mod tests {
             vec![f.path().to_path_buf()],
             "the stale file is gone"
         );
-        let payloads = read_records(&std::fs::read(f.path()).expect("read"));
+        let payloads = read_payloads(&std::fs::read(f.path()).expect("read"));
         assert_eq!(payloads.len(), 3, "file version + two scalar events");
         assert!(payloads[0].ends_with(FILE_VERSION.as_bytes()));
         let expect = scalars_event(101.0, 2, &[("train/loss".into(), 0.25)]);
