@@ -21,10 +21,20 @@ DataComp runs it) and `zeroshot_retrieval.evaluate(recall_k_list=[1, 5, 10])` pl
       `torch.topk(m, k, dim=1)` indices (every k in 1, 2, 5, 10 up to the width) and
       `m.argmax(dim=1)` of every matrix in IN, on the CPU: {name: {"argmax": [...], "k": [[...]]}}.
 
-  The modes that evaluate also write "_ties": {DIR: rows whose best scores tie exactly}, counted
-  on the logits / retrieval scores CLIP_benchmark computed (a row counts when two of its best
-  min(6, width) scores are equal), so a test of tie handling can tell that ties did occur; and
-  "_slack": {DIR: {metric: bound}}, how much a metric can move when scores closer than
+  Scores of identical inputs are made identical before CLIP_benchmark ranks them (see
+  `equalise`): a classifier column bit-identical to an earlier one (duplicate class names) gets
+  that column's logits, an image or a caption whose model input equals an earlier one's gets that
+  one's scores. A float32 GEMM need not round identical columns alike (MKL's non-Intel and SSE4.2
+  paths do not, measured 1-8 ulps), so without this the tie sets would test MKL's blocking instead
+  of the tie order; with it CLIP_benchmark's own topk, argmax and balanced accuracy still decide
+  every metric, on any CPU.
+
+  The modes that evaluate also write "_ties": {DIR: rows whose best scores tie exactly} and
+  "_rows": {DIR: rows ranked}, counted on the logits / retrieval scores CLIP_benchmark ranked (a
+  row counts when two of its best min(6, width) scores are equal; retrieval counts its text and
+  its image rows once each), so a test of tie handling can require the designed count;
+  "_equalised": {DIR: scores that `equalise` changed} (0 where the GEMM happened to round
+  duplicates alike); and "_slack": {DIR: {metric: bound}}, how much a metric can move when scores closer than
   NEAR (see there; "_near_eps" holds it) swap order - what two float32 implementations of one trained
   model may legitimately disagree on (see `instrument`).
   aro CONFIG.json|linear CKPT.safetensors|PROJ.safetensors OUT.json ARO_DIR KIND[,KIND...]
@@ -32,7 +42,9 @@ DataComp runs it) and `zeroshot_retrieval.evaluate(recall_k_list=[1, 5, 10])` pl
       ARO's procedure (dataset_zoo/aro_datasets.py + the authors' notebook) on an ARO-layout folder
       with the open_clip model: PIL crop to bbox, normalised embeddings, argmax over
       [false, true], macro accuracy over relations (minus the symmetric list) or attribute pairs
-      (>= 25 cases; KIND attribution_min1 counts every pair).
+      (>= 25 cases; KIND attribution_min1 counts every pair). Each kind's result also has
+      "_slack" ({metric: bound, "_near_eps": NEAR}): the share of cases whose true-vs-false margin,
+      computed with a float64 copy of the model, is within NEAR (ARO's argmax could go either way).
 """
 
 import copy
@@ -62,7 +74,7 @@ class LinearClip(torch.nn.Module):
         self.e_txt = e_txt
 
     def encode_image(self, images):
-        return images.reshape(images.shape[0], -1).float() @ self.w_img.T
+        return images.reshape(images.shape[0], -1).to(self.w_img.dtype) @ self.w_img.T
 
     def encode_text(self, tokens):
         return self.e_txt[tokens].sum(dim=1)
@@ -75,10 +87,12 @@ def clean(v):
 
 
 TIES = {}
+ROWS = {}
+EQUALISED = {}
 SLACK = {}
 # Scores closer than NEAR (in cosine similarity; x100 for the logits) may come out in either
 # order from two float32 implementations of the same model. NEAR is measured where a float64
-# copy of the model is available (SHADOW, mode `pretrained`): 4 x (the largest L2 error of a
+# copy of the model is available (SHADOW, modes `openclip` and `pretrained`): 4 x (the largest L2 error of a
 # normalised float32 image embedding + that of a text embedding, against float64), which bounds
 # the error of a cosine twice over (ours and the reference's); never below NEAR_FLOOR, the
 # rounding of a float32 dot product.
@@ -86,10 +100,35 @@ NEAR_FLOOR = 1e-6
 SHADOW = None
 
 
+def near_from(err_image, err_text):
+    """NEAR from the largest L2 errors of normalised float32 image and text embeddings."""
+    return max(NEAR_FLOOR, 4 * (err_image + err_text))
+
+
 def tied_rows(scores):
     """Rows of `scores` with two equal values among their best min(6, width)."""
     top = scores.float().topk(min(6, scores.shape[1]), dim=1)[0]
     return int(((top[:, 1:] == top[:, :-1]).any(dim=1)).sum())
+
+
+def first_of_equal(rows):
+    """For each row of a 2-D tensor, the index of the first row bit-identical to it."""
+    first, seen = [], {}
+    for i, r in enumerate(rows):
+        key = r.contiguous().numpy().tobytes()
+        first.append(seen.setdefault(key, i))
+    return first
+
+
+def equalise(scores, row_first, col_first):
+    """`scores` with each column j replaced by column col_first[j] and then each row i by row
+    row_first[i] (the first of its identical inputs), and how many values that changed."""
+    out = scores.clone()
+    cols = torch.tensor(col_first)
+    out = out[:, cols]
+    out = out[torch.tensor(row_first)]
+    changed = int((~((out == scores) | (out.isnan() & scores.isnan()))).sum())
+    return out, changed
 
 
 def flippable(values, best, k, eps):
@@ -113,36 +152,56 @@ def ap_column(scores, truth):
 
 
 def instrument(d, model):
-    """Wrap CLIP_benchmark's `accuracy`, `average_precision_per_class` and `batchify` (retrieval)
-    to see the scores it ranks: count rows with exactly tied best scores (TIES), and bound per
-    metric how far two float32 implementations may differ through near-ties (SLACK: the sum of
-    the metric's weights of the samples whose outcome turns on a margin <= NEAR)."""
-    orig = zsc.accuracy, zsc.average_precision_per_class, zsr.batchify
+    """Wrap the model's encoders (to record its inputs) and CLIP_benchmark's `run_classification`,
+    `accuracy`, `average_precision_per_class` and `batchify` (retrieval) to see the scores it
+    ranks: give identical inputs identical scores (`equalise`, counted in EQUALISED), count rows
+    with exactly tied best scores (TIES, of ROWS), and bound per metric how far two float32
+    implementations may differ through near-ties (SLACK: the sum of the metric's weights of the
+    samples whose outcome turns on a margin <= NEAR)."""
+    orig = (zsc.accuracy, zsc.average_precision_per_class, zsr.batchify,
+            zsc.run_classification)
     slack = SLACK.setdefault(d, {})
     calls = [0]
     err = {"image": 0.0, "text": 0.0}
+    # Every model input in call order, so `equalise` can tell identical images and captions.
+    inputs = {"image": [], "text": []}
+    firsts = {}
     encoders = {}
-    if SHADOW is not None:
-        for kind in ("image", "text"):
-            name = f"encode_{kind}"
-            encoders[name] = getattr(model, name)
+    for kind in ("image", "text"):
+        name = f"encode_{kind}"
+        encoders[name] = getattr(model, name)
 
-            def shadowed(x, _name=name, _kind=kind):
-                out = encoders[_name](x)
+        def recorded(x, _name=name, _kind=kind):
+            inputs[_kind].append(x.detach().reshape(x.shape[0], -1).clone())
+            out = encoders[_name](x)
+            if SHADOW is not None:
                 x64 = x.double() if x.is_floating_point() else x
                 exact = F.normalize(getattr(SHADOW, _name)(x64), dim=-1)
                 diff = (F.normalize(out.double(), dim=-1) - exact).norm(dim=-1).max()
                 err[_kind] = max(err[_kind], float(diff))
-                return out
-            setattr(model, name, shadowed)
+            return out
+        setattr(model, name, recorded)
+
+    def first_of_inputs(kind):
+        if kind not in firsts:
+            firsts[kind] = first_of_equal(torch.cat(inputs[kind]))
+        return firsts[kind]
+
+    def run_classification(model_, classifier, dataloader, device, amp=True):
+        inputs["image"].clear()
+        logits, target = orig[3](model_, classifier, dataloader, device, amp=amp)
+        logits, changed = equalise(logits, first_of_inputs("image"), first_of_equal(classifier.T))
+        EQUALISED[d] = EQUALISED.get(d, 0) + changed
+        return logits, target
 
     def near_eps():
-        eps = max(NEAR_FLOOR, 4 * (err["image"] + err["text"]))
+        eps = near_from(err["image"], err["text"])
         slack["_near_eps"] = eps
         return eps
 
     def accuracy(output, target, topk=(1,)):
         TIES[d] = TIES.get(d, 0) + tied_rows(output)
+        ROWS[d] = ROWS.get(d, 0) + output.shape[0]
         lg = output.double()
         n, classes = lg.shape
         t = lg[torch.arange(n), target]
@@ -176,8 +235,17 @@ def instrument(d, model):
         k = kwargs["k"]
         name = "image" if calls[0] % 2 == 0 else "text"
         calls[0] += 1
+        # Image retrieval ranks images per text, text retrieval texts per image.
+        rows, cols = ("text", "image") if name == "image" else ("image", "text")
+        row_first, col_first = first_of_inputs(rows), first_of_inputs(cols)
+        if tuple(X.shape) != (len(row_first), len(col_first)):
+            sys.exit(f"{d}: {name} retrieval scores {tuple(X.shape)} do not match the "
+                     f"{len(row_first)} {rows} and {len(col_first)} {cols} inputs recorded")
+        X, changed = equalise(X, row_first, col_first)
         if k == 1:
+            EQUALISED[d] = EQUALISED.get(d, 0) + changed
             TIES[d] = TIES.get(d, 0) + tied_rows(X)
+            ROWS[d] = ROWS.get(d, 0) + X.shape[0]
         x = X.double()
         best = torch.where(Y, x, torch.full_like(x, -float("inf"))).max(dim=1)[0]
         near = flippable(x, best, min(k, x.shape[1]), near_eps())
@@ -186,11 +254,12 @@ def instrument(d, model):
             slack["mean_recall@1"] = 0.5 * (slack["image_retrieval_recall@1"] + slack["text_retrieval_recall@1"])
         return orig[2](func, X, Y, batch_size, device, *args, **kwargs)
 
-    zsc.accuracy, zsc.average_precision_per_class, zsr.batchify = \
-        accuracy, average_precision_per_class, batchify
+    (zsc.accuracy, zsc.average_precision_per_class, zsr.batchify,
+     zsc.run_classification) = accuracy, average_precision_per_class, batchify, run_classification
 
     def restore():
-        zsc.accuracy, zsc.average_precision_per_class, zsr.batchify = orig
+        (zsc.accuracy, zsc.average_precision_per_class, zsr.batchify,
+         zsc.run_classification) = orig
         for name in encoders:
             delattr(model, name)
     return restore
@@ -226,6 +295,7 @@ def eval_transform(size):
 
 
 def main():
+    global SHADOW
     mode = sys.argv[1]
     if mode == "linear":
         proj, out, dirs = sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -245,6 +315,8 @@ def main():
         tok = open_clip.get_tokenizer(name)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
+        global SHADOW
+        SHADOW = copy.deepcopy(model).double()
         with torch.no_grad():
             res = {d: evaluate_dir(model, eval_transform(size), tok, d) for d in dirs}
     elif mode == "pretrained":
@@ -256,7 +328,6 @@ def main():
         tok = open_clip.get_tokenizer(name)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        global SHADOW
         SHADOW = copy.deepcopy(model).double()
         with torch.no_grad():
             res = {d: evaluate_dir(model, eval_transform(size), tok, d) for d in dirs}
@@ -278,6 +349,8 @@ def main():
         sys.exit(f"unknown mode {mode}")
     if mode in ("linear", "openclip", "pretrained"):
         res["_ties"] = TIES
+        res["_rows"] = ROWS
+        res["_equalised"] = EQUALISED
         res["_slack"] = SLACK
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
@@ -293,6 +366,7 @@ def aro(cfg, ckpt, d, kind):
         # CKPT is the linear model's PROJ file (see `linear`).
         p = load_file(ckpt)
         model = LinearClip(p["w_img"], p["e_txt"])
+        shadow = LinearClip(p["w_img"].double(), p["e_txt"].double())
         preprocess = eval_transform(int(p["image_size"].item()))
         tok = open_clip.get_tokenizer("ViT-B-32")
     else:
@@ -300,6 +374,7 @@ def aro(cfg, ckpt, d, kind):
         name = os.path.splitext(os.path.basename(cfg))[0]
         model = open_clip.create_model(name, device="cpu", precision="fp32").eval()
         model.load_state_dict(load_file(ckpt), strict=True)
+        shadow = copy.deepcopy(model).double()
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         preprocess = eval_transform(size)
@@ -307,7 +382,7 @@ def aro(cfg, ckpt, d, kind):
     ann = "visual_genome_relation.json" if kind == "relation" else "visual_genome_attribution.json"
     with open(os.path.join(d, ann)) as f:
         data = json.load(f)
-    correct = []
+    correct, margins, err = [], [], {"image": 0.0, "text": 0.0}
     for i in range(0, len(data), BATCH):
         batch = data[i:i + BATCH]
         imgs = []
@@ -321,18 +396,29 @@ def aro(cfg, ckpt, d, kind):
         scores = torch.einsum("bd,bkd->bk", ie, te).numpy()[:, None, :]
         preds = np.argmax(np.squeeze(scores, axis=1), axis=-1)
         correct.extend((preds == 1).tolist())
+        # The same decisions in float64, and the float32 embeddings' distance from them (NEAR).
+        ie64 = F.normalize(shadow.encode_image(torch.stack(imgs).double()), dim=-1)
+        te64 = F.normalize(shadow.encode_text(tok(caps)), dim=-1).reshape(len(batch), 2, -1)
+        err["image"] = max(err["image"], float((ie.double() - ie64).norm(dim=-1).max()))
+        err["text"] = max(err["text"], float((te.double() - te64).norm(dim=-1).max()))
+        s64 = torch.einsum("bd,bkd->bk", ie64, te64)
+        margins.extend((s64[:, 1] - s64[:, 0]).abs().tolist())
     correct = np.array(correct)
+    eps = near_from(err["image"], err["text"])
+    near = np.array(margins) <= eps
     if kind == "relation":
         groups = np.array([t["relation_name"] for t in data])
-        records = [(g, correct[groups == g].mean()) for g in np.unique(groups)
-                   if (groups == g).sum() > 0 and g not in ARO_SYMMETRIC]
+        kept = [g for g in np.unique(groups) if (groups == g).sum() > 0 and g not in ARO_SYMMETRIC]
     else:
         groups = np.array([f"{t['attributes'][0]}_{t['attributes'][1]}" for t in data])
         min_count = 1 if kind == "attribution_min1" else 25
-        records = [(g, correct[groups == g].mean()) for g in np.unique(groups)
-                   if (groups == g).sum() >= min_count]
+        kept = [g for g in np.unique(groups) if (groups == g).sum() >= min_count]
+    records = [(g, correct[groups == g].mean()) for g in kept]
     macro = float(np.mean([a for _, a in records])) if records else None
-    return {"accuracy": float(correct.mean()), "macro_accuracy": macro}
+    # What decisions within float32 noise (margin <= eps) could move, as in `instrument`.
+    slack = {"_near_eps": eps, "accuracy": float(near.mean()),
+             "macro_accuracy": float(np.mean([near[groups == g].mean() for g in kept])) if kept else 0.0}
+    return {"accuracy": float(correct.mean()), "macro_accuracy": macro, "_slack": slack}
 
 
 if __name__ == "__main__":

@@ -10,13 +10,19 @@
 //!    The same test runs tie sets where the scores tie exactly: duplicate class names (7 classes:
 //!    `acc1`/`acc5` from `topk(5)`'s tie order, mean per-class recall from `argmax`'s; 3 classes:
 //!    `topk(1)`; 330 classes: torch's partial-sort path) and retrieval with identical images and
-//!    shared captions. The reference reports how many rows tied, so the sets cannot go slack.
+//!    shared captions. Ties hold by construction on the reference's side, not by a GEMM's luck:
+//!    the script gives identical inputs (bit-identical classifier columns, identical images and
+//!    token rows) identical scores before CLIP_benchmark ranks them, because MKL rounds identical
+//!    columns of one SGEMM 1-8 ulps apart on its non-Intel (AMD) and SSE4.2 paths. The reference
+//!    reports the rows that tied, and the test requires all of them, as designed.
 //! 2. `topk_and_argmax_tie_order_match_torch`: `torch.topk` / `argmax` indices on tie-heavy
 //!    matrices (widths 1-700, k 1-10, NaN) against `hq_eval::metrics::torch_topk` / `argmax_rows`.
 //! 3. `openclip_random_init_end_to_end`: open_clip random-initialises the `hq-tiny` CLIP and
 //!    evaluates it with CLIP_benchmark on built-in held-out sets (`hq-data synth`, PNG); hq-train
 //!    loads the saved safetensors and `hq-eval` evaluates the same folders. ARO sets are compared
 //!    with ARO's procedure re-run in Python (PIL crop, argmax over [false, true], macro accuracy).
+//!    Two float32 implementations (ours through tch, CLIP_benchmark through PyTorch, each on the
+//!    MKL path of this CPU) agree up to near-ties, as in 4.: bounded, and required to be small.
 //! 4. `trained_model_matches_clip_benchmark`: `hq_train::run` trains a small CLIP for 120 steps on
 //!    a generated corpus (contrastive loss to about 0.7 x chance, colour accuracy well above
 //!    chance), `hq-export` writes it in open_clip's layout, open_clip loads it with
@@ -29,7 +35,8 @@
 //!    The linear test also checks ARO on a folder with real boxes (fractional, partly outside the
 //!    image) against ARO's procedure re-run in Python with the same linear model.
 //!
-//! Every metric must agree to 1e-6 (the same predictions). Runtime: about 60-90 s on 2 cores
+//! Every metric must agree to 1e-6 (the same predictions), up to the near-tie slack where two
+//! float32 models are compared (3., 4. and the linear test's ARO). Runtime: about 60-90 s on 2 cores
 //! (the four tests run in parallel; the trained one is the longest, training about half of it).
 
 use std::collections::BTreeMap;
@@ -216,8 +223,9 @@ const TIED_SEVEN: &[&str] = &[
 /// Fewer than 5 classes: `acc1` from `topk(1)`.
 const TIED_THREE: &[&str] = &["blue thing", "red object", "blue thing"];
 
-/// Write a webdataset set: `n` samples over `shards` shards.
-fn write_set(dir: &Path, n: usize, shards: usize, labels: Labels, seed: u64) {
+/// Write a webdataset set: `n` samples over `shards` shards. Returns how many score rows
+/// CLIP_benchmark ranks on it: one per image, plus one per caption for retrieval.
+fn write_set(dir: &Path, n: usize, shards: usize, labels: Labels, seed: u64) -> usize {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     std::fs::create_dir_all(dir.join("test")).unwrap_or_else(|e| panic!("{e}"));
     let write = |name: &str, text: &str| {
@@ -259,6 +267,7 @@ fn write_set(dir: &Path, n: usize, shards: usize, labels: Labels, seed: u64) {
         "a tiny blue square",
     ];
     let mut previous: Option<(Vec<u8>, &str)> = None;
+    let mut captions = 0;
     for s in 0..shards {
         let file = std::fs::File::create(dir.join(format!("test/{s}.tar")))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -303,12 +312,14 @@ fn write_set(dir: &Path, n: usize, shards: usize, labels: Labels, seed: u64) {
                             c.join(" ")
                         })
                         .collect();
+                    captions += caps.len();
                     tar_add(&mut b, &format!("{key}.txt"), caps.join("\n").as_bytes());
                 }
                 Labels::TiedCaptions => {
                     let caps: Vec<&str> = (0..rng.gen_range(1..=3))
                         .map(|_| pool[rng.gen_range(0..pool.len())])
                         .collect();
+                    captions += caps.len();
                     tar_add(&mut b, &format!("{key}.txt"), caps.join("\n").as_bytes());
                 }
             }
@@ -317,6 +328,7 @@ fn write_set(dir: &Path, n: usize, shards: usize, labels: Labels, seed: u64) {
             .and_then(|mut f| f.flush())
             .unwrap_or_else(|e| panic!("{e}"));
     }
+    n + captions
 }
 
 /// An ARO-layout folder (both annotation files over the same images).
@@ -371,11 +383,7 @@ fn write_aro(dir: &Path, n: usize, seed: u64) {
     }
 }
 
-fn compare(ours: &TaskOutput, reference: &serde_json::Value, what: &str) {
-    compare_within(ours, reference, None, what);
-}
-
-/// [`compare`], each metric allowed to differ by its `slack` besides [`TOLERANCE`] (the
+/// Every metric of `ours` against the reference's to [`TOLERANCE`], each allowed to differ by its `slack` besides [`TOLERANCE`] (the
 /// reference's bound on what near-tied scores can move, see `_slack` in the script).
 fn compare_within(
     ours: &TaskOutput,
@@ -388,7 +396,8 @@ fn compare_within(
         .unwrap_or_else(|| panic!("{what}: reference is not an object: {reference}"));
     assert!(!obj.is_empty(), "{what}: no reference metrics");
     let mut report = BTreeMap::new();
-    for (name, r) in obj {
+    // Keys with a leading underscore are the reference's bookkeeping (`_slack`), not metrics.
+    for (name, r) in obj.iter().filter(|(name, _)| !name.starts_with('_')) {
         let o = ours.metrics.get(name).copied().unwrap_or_else(|| {
             panic!("{what}: we have no metric {name}; ours: {:?}", ours.metrics)
         });
@@ -408,7 +417,20 @@ fn compare_within(
         }
         report.insert(name.clone(), o);
     }
-    eprintln!("{what}: {} metrics equal: {report:?}", obj.len());
+    eprintln!("{what}: {} metrics equal: {report:?}", report.len());
+}
+
+/// Requires the reference's near-tie slack (`slack`, {metric: bound, "_near_eps": eps}) to be
+/// small: else the set would not test the model, most of its decisions being float32 noise.
+fn assert_small_slack(slack: &serde_json::Value, what: &str) {
+    let near: BTreeMap<String, f64> = serde_json::from_value(slack.clone())
+        .unwrap_or_else(|e| panic!("{what}: slack {slack}: {e}"));
+    eprintln!("{what}: near-tie slack {near:?}");
+    for (metric, v) in near {
+        // `_near_eps` is the measured float32 noise of a cosine (about 1e-6 to 1e-5).
+        let limit = if metric == "_near_eps" { 1e-4 } else { 0.15 };
+        assert!(v <= limit, "{what}: {metric}: near-tie slack {v}");
+    }
 }
 
 fn quiet() -> RunOptions {
@@ -429,13 +451,19 @@ fn parity_sets(root: &Path) -> Vec<PathBuf> {
         ("wds_retrieval_test", Labels::Captions, 70, 2),
     ];
     write_sets(root, sets, 100)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
 }
 
 /// Sets with exactly tied scores (the linear model's): duplicate class names (7 classes: the
 /// tie order of `topk(5)` decides acc1 and acc5, `argmax`'s the mean per-class recall; 3
 /// classes: `topk(1)`; 330 classes, each name three times: `topk(5)` by partial sort, as torch
-/// switches at 64 k <= n) and retrieval with duplicate images and shared captions.
-fn tie_sets(root: &Path) -> Vec<PathBuf> {
+/// switches at 64 k <= n) and retrieval with duplicate images and shared captions. Each with
+/// the number of rows that tie by design: all of them (every row's best min(6, width) scores
+/// include two duplicates: 7 classes in 5 names, 3 in 2, 330 in 110; images in identical pairs,
+/// captions from a pool of six).
+fn tie_sets(root: &Path) -> Vec<(PathBuf, usize)> {
     let many: &'static [&'static str] = Box::leak(
         (0..330)
             .map(|i| &*Box::leak(format!("object number {}", i % 110).into_boxed_str()))
@@ -451,17 +479,18 @@ fn tie_sets(root: &Path) -> Vec<PathBuf> {
     write_sets(root, sets, 200)
 }
 
+/// Writes each set (seeds from `seed` up); each folder with its count of ranked rows.
 fn write_sets<const N: usize>(
     root: &Path,
     sets: [(&str, Labels, usize, usize); N],
     seed: u64,
-) -> Vec<PathBuf> {
+) -> Vec<(PathBuf, usize)> {
     sets.into_iter()
         .enumerate()
         .map(|(i, (name, labels, n, shards))| {
             let d = root.join(name);
-            write_set(&d, n, shards, labels, seed + i as u64);
-            d
+            let rows = write_set(&d, n, shards, labels, seed + i as u64);
+            (d, rows)
         })
         .collect()
 }
@@ -531,11 +560,11 @@ fn evaluate_and_compare(
     outputs
 }
 
-/// Rows with exactly tied best scores that CLIP_benchmark saw in folder `d`.
-fn reference_ties(reference: &serde_json::Value, d: &Path) -> u64 {
-    reference["_ties"][d.display().to_string()]
+/// The reference's count `what` (`_ties`, `_rows`, `_equalised`) for folder `d`.
+fn reference_count(reference: &serde_json::Value, what: &str, d: &Path) -> u64 {
+    reference[what][d.display().to_string()]
         .as_u64()
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("{}: the reference reports no {what}", d.display()))
 }
 
 #[test]
@@ -562,17 +591,31 @@ fn linear_model_matches_clip_benchmark() {
         ("image_size", tch::Tensor::from_slice(&[SIZE as i64])),
     ];
     tch::Tensor::write_safetensors(&tensors, &proj).unwrap_or_else(|e| panic!("{e}"));
-    let all: Vec<PathBuf> = dirs.iter().chain(&ties).cloned().collect();
+    let all: Vec<PathBuf> = dirs
+        .iter()
+        .cloned()
+        .chain(ties.iter().map(|(d, _)| d.clone()))
+        .collect();
     let reference = reference_for(
         &["linear".as_ref(), proj.as_os_str()],
         &root.join("reference.json"),
         &all,
     );
-    // The tie sets must really tie on the reference's side (else they test nothing).
-    for d in &ties {
-        let n = reference_ties(&reference, d);
-        eprintln!("{}: {n} rows with tied best scores", d.display());
-        assert!(n >= 10, "{}: only {n} tied rows", d.display());
+    // The tie sets must tie on the reference's side exactly as designed: every row ranked, none
+    // lost to a GEMM that rounds duplicates apart (the script equalises their scores, and says
+    // how many it had to change: 0 on MKL's AVX-512 path, hundreds on its non-Intel path).
+    for (d, designed) in &ties {
+        let (tied, rows) = (
+            reference_count(&reference, "_ties", d),
+            reference_count(&reference, "_rows", d),
+        );
+        let equalised = reference_count(&reference, "_equalised", d);
+        eprintln!(
+            "{}: {tied} of {rows} rows tie ({equalised} duplicate scores equalised)",
+            d.display()
+        );
+        assert_eq!(rows, *designed as u64, "{}: rows ranked", d.display());
+        assert_eq!(tied, rows, "{}: rows with tied best scores", d.display());
     }
 
     // ARO layout with real boxes: fractional (.5, rounded half to even like Python's round),
@@ -607,7 +650,9 @@ fn linear_model_matches_clip_benchmark() {
         )
         .unwrap_or_else(|e| panic!("aro: {e}"));
         assert_eq!(ours.samples, 70);
-        compare(&ours, reference, &format!("ARO {kind:?}"));
+        let what = format!("ARO {kind:?}");
+        assert_small_slack(&reference["_slack"], &what);
+        compare_within(&ours, reference, Some(&reference["_slack"]), &what);
     }
     evaluate_and_compare(&mut model, &all, &reference, None, Agreement::Exact);
 }
@@ -754,7 +799,9 @@ fn compare_aro_builtin(
     for (set, kind, py_kind) in sets {
         let ours = evaluate_aro(model, &eval.join("aro").join(set), kind, 1, &quiet(), set)
             .unwrap_or_else(|e| panic!("{set}: {e}"));
-        compare(&ours, &reference[py_kind], set);
+        let slack = &reference[py_kind]["_slack"];
+        assert_small_slack(slack, set);
+        compare_within(&ours, &reference[py_kind], Some(slack), set);
     }
 }
 
@@ -788,7 +835,19 @@ fn openclip_random_init_end_to_end() {
         hq_train::model::ClipConfig::from_json_file(&config).unwrap_or_else(|e| panic!("{e}"));
     let mut model = hq_train::TchEncoder::from_checkpoint(&ckpt, Some(&cfg), tch::Device::Cpu)
         .unwrap_or_else(|e| panic!("load {}: {e}", ckpt.display()));
-    evaluate_and_compare(&mut model, &dirs, &reference, Some(64), Agreement::Exact);
+    for d in &dirs {
+        assert_small_slack(
+            &reference["_slack"][d.display().to_string()],
+            &d.display().to_string(),
+        );
+    }
+    evaluate_and_compare(
+        &mut model,
+        &dirs,
+        &reference,
+        Some(64),
+        Agreement::UpToNearTies,
+    );
     compare_aro_builtin(
         &mut model,
         &eval,
@@ -944,15 +1003,10 @@ fn trained_model_matches_clip_benchmark() {
     // the sets would not test the trained model). Shape is the largest: at 32 px the model has
     // not learned it and its 8 class logits bunch together.
     for d in &dirs {
-        let slack = &reference["_slack"][d.display().to_string()];
-        let near: BTreeMap<String, f64> = serde_json::from_value(slack.clone())
-            .unwrap_or_else(|e| panic!("{}: slack {slack}: {e}", d.display()));
-        eprintln!("{}: near-tie slack {near:?}", d.display());
-        for (metric, v) in near {
-            // `_near_eps` is the measured float32 noise of a cosine (about 1e-6 to 1e-5).
-            let limit = if metric == "_near_eps" { 1e-4 } else { 0.15 };
-            assert!(v <= limit, "{}: {metric}: near-tie slack {v}", d.display());
-        }
+        assert_small_slack(
+            &reference["_slack"][d.display().to_string()],
+            &d.display().to_string(),
+        );
     }
     let outputs =
         evaluate_and_compare(&mut model, &dirs, &reference, None, Agreement::UpToNearTies);
@@ -963,8 +1017,8 @@ fn trained_model_matches_clip_benchmark() {
         "colour accuracy {colour}: the model is not trained"
     );
     // No ARO here: a barely trained model scores a caption and its word-swapped twin within
-    // float32 noise of each other (one of 64 relation cases came out differently), and ARO's
-    // procedure has no near-tie bound; the linear and random-init tests cover ARO.
+    // float32 noise of each other (one of 64 relation cases came out differently), more than the
+    // slack check admits; the linear and random-init tests cover ARO.
     eprintln!(
         "trained-model parity in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -524,8 +524,9 @@ mod tests {
     }
 
     /// The objective written out plainly: every sample's negatives encoded, the gate applied as
-    /// the mask of method.md. Returns the total loss and the number of live HNI rows.
-    fn reference(model: &Clip, stc: &StcHead, b: &Batch, obj: &Objective) -> (f64, usize) {
+    /// the mask of method.md. Returns the total loss, the number of live HNI rows and how far
+    /// the closest gate decision is from flipping (`min |x_i.y_j - x_i.y_i|`, j != i, in f64).
+    fn reference(model: &Clip, stc: &StcHead, b: &Batch, obj: &Objective) -> (f64, usize, f64) {
         let raw = model.encode_image(&b.images).expect("test setup");
         let x = l2_normalize(&raw).expect("test setup");
         let y =
@@ -538,6 +539,12 @@ mod tests {
         let clip = hq_kernels::clip_loss(&x, &y, &scale).expect("test setup");
         let gate = &clip.gate * b.has_negative.to_kind(Kind::Float);
         let live = gate.sum(Kind::Float).double_value(&[]) as usize;
+        let p = x
+            .to_kind(Kind::Double)
+            .matmul(&y.to_kind(Kind::Double).tr());
+        let own = p.diagonal(0, 0, 1).unsqueeze(1);
+        let diagonal = Tensor::eye(n, (Kind::Double, Device::Cpu)) * 1e9;
+        let margin = ((&p - &own).abs() + diagonal).min().double_value(&[]);
         let hni = hq_kernels::hni_loss(&x, &y, &neg, &scale, 0, Some(&gate)).expect("test setup");
         let tags =
             TagTargets::new(b.tag_offsets.clone(), b.tag_indices.clone()).expect("test setup");
@@ -546,7 +553,7 @@ mod tests {
             / K as f64;
         let total = clip.loss + hni * obj.hni_weight + stc * obj.stc_weight;
         total.backward();
-        (total.double_value(&[]), live)
+        (total.double_value(&[]), live, margin)
     }
 
     /// Encoding only the open rows' negatives, and splitting the step into micro-batches, give
@@ -566,10 +573,12 @@ mod tests {
             let mut params = model.state_dict();
             params.extend(stc.state_dict());
             let whole = batch(&cfg, n);
-            let (want, live) = reference(&model, &stc, &whole, &obj);
+            let (want, live, margin) = reference(&model, &stc, &whole, &obj);
             let want_grads = grads(&params);
-            // Only informative when some rows are live and some are not.
-            if live == 0 || live >= 8 {
+            // Only informative when some rows are live and some are not; and fair only when no
+            // gate is within float32 noise of flipping (micro-batches of 5 and 7 rows run other
+            // GEMM shapes than the batch of 12, rounded by whichever MKL path this CPU takes).
+            if live == 0 || live >= 8 || margin < 1e-4 {
                 continue;
             }
             mixed_gates_seen = true;

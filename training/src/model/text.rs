@@ -516,7 +516,14 @@ mod tests {
                 let (f_full, g_full) = run(false);
                 let scale = f_full.abs().max().double_value(&[]).max(1.0);
                 let d = max_abs(&f_trim, &f_full);
-                assert!(d <= 1e-6 * scale, "{pool:?}: features differ by {d}");
+                // Other GEMM shapes round otherwise: measured up to 5.0e-7 of the scale on MKL's
+                // AVX-512, AVX2, SSE4.2 and non-Intel paths (tools/cpu-paths.sh), which is 4-8
+                // ulps; 1e-5 leaves room for other CPUs while a wrong mask or position would
+                // move features by O(1).
+                assert!(
+                    d <= 1e-5 * scale,
+                    "{pool:?}: features differ by {d} (scale {scale})"
+                );
                 for ((name, _), (a, b)) in params.iter().zip(g_trim.iter().zip(g_full.iter())) {
                     let scale = b.abs().max().double_value(&[]).max(1e-3);
                     let d = max_abs(a, b);
