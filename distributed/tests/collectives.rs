@@ -1,0 +1,291 @@
+//! hq-dist across real processes on loopback: this test binary re-runs itself as the ranks (the
+//! `worker` test does the rank's part when `HQ_DIST_WORKER` is set, and nothing otherwise).
+//!
+//! - Every collective with known values on 2 ranks, through libtorch's Gloo: all-reduce (sum,
+//!   average, max, min; f32, f64, i64), all-gather, broadcast, barrier, the store. Exact values
+//!   (small integers), so a shim whose headers do not match libtorch's layout fails here.
+//! - Faults: a rank that dies before a collective makes the other fail within its timeout; a port
+//!   in use, a master nobody serves, and ranks that disagree on WORLD_SIZE are clear errors.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use hq_dist::{launch, Backend, ProcessGroup, ReduceOp, Rendezvous};
+use tch::{Kind, Tensor};
+
+const WORKER: &str = "HQ_DIST_WORKER";
+
+/// Starts `world` ranks of this binary's `worker` test in `mode`, with per-rank extra variables,
+/// and returns each rank's output (not waiting more than `limit` in all).
+fn run_ranks(
+    mode: &str,
+    world: usize,
+    extra: impl Fn(usize) -> Vec<(String, String)>,
+    limit: Duration,
+) -> Vec<Output> {
+    let port = launch::free_port().expect("port");
+    let exe = std::env::current_exe().expect("test binary");
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--exact", "worker", "--nocapture", "--test-threads", "1"])
+                .env(WORKER, mode)
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            for (k, v) in extra(rank) {
+                cmd.env(k, v);
+            }
+            cmd.spawn().expect("spawn rank")
+        })
+        .collect();
+    let started = Instant::now();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    assert!(
+        started.elapsed() < limit,
+        "ranks took {:?} (limit {limit:?})",
+        started.elapsed()
+    );
+    outputs
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The rank's side; a no-op unless this process was started as a rank.
+#[test]
+fn worker() {
+    let Ok(mode) = std::env::var(WORKER) else {
+        return;
+    };
+    let timeout = Duration::from_millis(
+        std::env::var("HQ_DIST_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000),
+    );
+    let rdv = Rendezvous::from_env().expect("env").expect("launched");
+    let joined = ProcessGroup::new(&rdv, Backend::Gloo, timeout);
+    match mode.as_str() {
+        "collectives" => collectives(&joined.expect("join")),
+        "die_before_all_reduce" => {
+            let pg = joined.expect("join");
+            if pg.rank() == 1 {
+                std::process::exit(3);
+            }
+            let started = Instant::now();
+            let mut t = Tensor::ones([4], (Kind::Float, tch::Device::Cpu));
+            let err = pg
+                .all_reduce(&mut t, ReduceOp::Sum)
+                .expect_err("peer is dead");
+            println!("ERROR after {:?}: {err}", started.elapsed());
+        }
+        "join_only" => match joined {
+            Ok(_) => println!("JOINED"),
+            Err(e) => println!("ERROR: {e}"),
+        },
+        other => panic!("unknown worker mode {other}"),
+    }
+}
+
+fn collectives(pg: &ProcessGroup) {
+    let (r, w) = (pg.rank() as f64, pg.world_size() as f64);
+    assert_eq!(pg.world_size(), 2);
+    let cpu = tch::Device::Cpu;
+    // Rank r holds (r + 1) * [1, 2, ..., 8].
+    let mine = |kind: Kind| Tensor::arange_start(1, 9, (kind, cpu)) * (pg.rank() as i64 + 1);
+    let base = Tensor::arange_start(1, 9, (Kind::Double, cpu));
+    let total = (1.0 + w) * w / 2.0; // sum over ranks of (r + 1)
+    for kind in [Kind::Float, Kind::Double, Kind::Int64] {
+        let mut t = mine(kind);
+        pg.all_reduce(&mut t, ReduceOp::Sum).expect("sum");
+        assert!(
+            t.to_kind(Kind::Double).equal(&(&base * total)),
+            "sum {kind:?}: {t}"
+        );
+        let mut t = mine(kind);
+        pg.all_reduce(&mut t, ReduceOp::Max).expect("max");
+        assert!(t.to_kind(Kind::Double).equal(&(&base * w)), "max {kind:?}");
+        let mut t = mine(kind);
+        pg.all_reduce(&mut t, ReduceOp::Min).expect("min");
+        assert!(t.to_kind(Kind::Double).equal(&base), "min {kind:?}");
+    }
+    let mut t = mine(Kind::Float);
+    pg.all_reduce(&mut t, ReduceOp::Average).expect("average");
+    assert!(
+        t.to_kind(Kind::Double).equal(&(&base * (total / w))),
+        "average: {t}"
+    );
+
+    // All-gather of a 2-D tensor: every rank's, in rank order.
+    let m = mine(Kind::Float).view([2, 4]);
+    let all = pg.all_gather(&m).expect("all_gather");
+    assert_eq!(all.len(), 2);
+    for (k, g) in all.iter().enumerate() {
+        let want = (&base * (k as f64 + 1.0)).to_kind(Kind::Float).view([2, 4]);
+        assert!(g.equal(&want), "all_gather[{k}]: {g}");
+    }
+
+    // Broadcast from the last rank.
+    let mut b = Tensor::full([3], 100.0 * (r + 1.0), (Kind::Float, cpu));
+    pg.broadcast(&mut b, 1).expect("broadcast");
+    assert!(
+        b.equal(&Tensor::full([3], 200.0, (Kind::Float, cpu))),
+        "broadcast {b}"
+    );
+    assert!(pg.broadcast(&mut b, 2).is_err(), "root outside the group");
+
+    // Non-contiguous tensors are refused, not silently copied.
+    let mut nc = Tensor::zeros([4, 4], (Kind::Float, cpu)).tr();
+    let e = pg
+        .all_reduce(&mut nc, ReduceOp::Sum)
+        .expect_err("non-contiguous");
+    assert!(e.to_string().contains("not contiguous"), "{e}");
+
+    pg.store_set(
+        &format!("hello/{}", pg.rank()),
+        format!("rank {}", pg.rank()).as_bytes(),
+    )
+    .expect("set");
+    let other = 1 - pg.rank();
+    let got = pg.store_get(&format!("hello/{other}")).expect("get");
+    assert_eq!(got, format!("rank {other}").as_bytes());
+    pg.barrier().expect("barrier");
+    println!("COLLECTIVES OK rank {}", pg.rank());
+}
+
+#[test]
+fn two_ranks_run_every_collective_with_known_values() {
+    let outs = run_ranks("collectives", 2, |_| vec![], Duration::from_secs(60));
+    for (rank, o) in outs.iter().enumerate() {
+        let t = text(o);
+        assert!(o.status.success(), "rank {rank} failed:\n{t}");
+        assert!(
+            t.contains(&format!("COLLECTIVES OK rank {rank}")),
+            "rank {rank}:\n{t}"
+        );
+    }
+}
+
+#[test]
+fn a_dead_rank_fails_the_others_within_the_timeout() {
+    let timeout_ms = 4_000;
+    let outs = run_ranks(
+        "die_before_all_reduce",
+        2,
+        |_| vec![("HQ_DIST_TIMEOUT_MS".into(), timeout_ms.to_string())],
+        Duration::from_secs(30),
+    );
+    assert_eq!(outs[1].status.code(), Some(3), "{}", text(&outs[1]));
+    let t = text(&outs[0]);
+    assert!(outs[0].status.success(), "rank 0:\n{t}");
+    let line = t
+        .lines()
+        .find(|l| l.contains("ERROR after"))
+        .unwrap_or_else(|| panic!("rank 0 reported no error:\n{t}"));
+    eprintln!("rank 0: {line}");
+    assert!(line.contains("all-reduce"), "{line}");
+    assert!(
+        line.contains("rank 1 stopped"),
+        "the dead rank is not named: {line}"
+    );
+}
+
+#[test]
+fn bad_rendezvous_are_clear_errors() {
+    let short = |_: usize| vec![("HQ_DIST_TIMEOUT_MS".to_string(), "3000".to_string())];
+    // Ranks that disagree on WORLD_SIZE: rank 1 believes in 3 ranks.
+    let outs = run_ranks(
+        "join_only",
+        2,
+        |rank| {
+            let mut v = short(rank);
+            if rank == 1 {
+                v.push(("WORLD_SIZE".into(), "3".into()));
+            }
+            v
+        },
+        Duration::from_secs(30),
+    );
+    let all: String = outs.iter().map(text).collect();
+    assert!(
+        all.contains("ranks disagree on WORLD_SIZE"),
+        "no clear world-size error:\n{all}"
+    );
+    assert!(!all.contains("JOINED"), "{all}");
+
+    // A port that is already taken: rank 0 cannot serve the store.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let rdv = Rendezvous {
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        launcher: hq_dist::Launcher::Env,
+    };
+    let e = ProcessGroup::new(&rdv, Backend::Gloo, Duration::from_secs(3))
+        .err()
+        .expect("port in use");
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    eprintln!("port in use: {msg}");
+
+    // A master that nobody serves: rank 1 gives up after its timeout, naming where it looked.
+    let started = Instant::now();
+    let rdv = Rendezvous {
+        rank: 1,
+        world_size: 2,
+        master_port: launch::free_port().expect("port"),
+        ..rdv
+    };
+    let e = ProcessGroup::new(&rdv, Backend::Gloo, Duration::from_secs(2))
+        .err()
+        .expect("nobody serves");
+    let msg = e.to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(msg.contains("rank 1 of 2 could not join"), "{msg}");
+    eprintln!("no master: {msg}");
+}
+
+#[test]
+fn a_single_rank_group_is_the_identity() {
+    let rdv = Rendezvous {
+        master_addr: "127.0.0.1".into(),
+        master_port: launch::free_port().expect("port"),
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        launcher: hq_dist::Launcher::Env,
+    };
+    let pg = ProcessGroup::new(&rdv, Backend::Gloo, Duration::from_secs(10)).expect("join");
+    let mut t = Tensor::from_slice(&[1.5f32, -2.0, 3.25]);
+    let before = t.copy();
+    pg.all_reduce(&mut t, ReduceOp::Average).expect("average");
+    assert!(t.equal(&before));
+    let g = pg.all_gather(&t).expect("gather");
+    assert_eq!(g.len(), 1);
+    assert!(g[0].equal(&before));
+    pg.barrier().expect("barrier");
+    if !Backend::Nccl.available() {
+        let e = ProcessGroup::new(&rdv, Backend::Nccl, Duration::from_secs(1)).err();
+        assert!(e.is_some());
+    }
+}
