@@ -5,7 +5,6 @@
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -87,12 +86,20 @@ struct Store {
 unsafe impl Send for Store {}
 unsafe impl Sync for Store {}
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: created by hq_dist_store_new, freed once.
+        unsafe { ffi::hq_dist_store_free(self.raw.as_ptr()) }
+    }
+}
+
 /// How often each rank bumps its heartbeat counter in the store.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// The background thread that shows this rank is alive: a counter under `heartbeat/RANK`.
 struct Heartbeat {
-    stop: Arc<AtomicBool>,
+    // Dropping the sender wakes the thread at once (no sleep to wait out).
+    stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -100,14 +107,14 @@ impl Heartbeat {
     fn start(store: Arc<Store>, rank: usize) -> Result<Self> {
         let key = format!("heartbeat/{rank}");
         store.set(&key, b"0")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let (stop, wake) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("hq-dist-heartbeat-{rank}"))
             .spawn(move || {
                 let mut beat: u64 = 0;
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(HEARTBEAT);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    wake.recv_timeout(HEARTBEAT)
+                {
                     beat += 1;
                     // The store is gone when rank 0 is: nothing left to tell.
                     if store.set(&key, beat.to_string().as_bytes()).is_err() {
@@ -117,7 +124,7 @@ impl Heartbeat {
             })
             .map_err(|e| DistError::Launch(format!("heartbeat thread: {e}")))?;
         Ok(Heartbeat {
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -125,17 +132,10 @@ impl Heartbeat {
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        // SAFETY: created by hq_dist_store_new, freed once.
-        unsafe { ffi::hq_dist_store_free(self.raw.as_ptr()) }
     }
 }
 

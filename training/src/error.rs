@@ -29,6 +29,9 @@ pub enum TrainError {
     Config { field: String, reason: String },
     #[error(transparent)]
     Kernel(#[from] hq_kernels::KernelError),
+    /// A collective or the launch environment of a data-parallel run failed.
+    #[error(transparent)]
+    Dist(#[from] hq_dist::DistError),
     /// Evaluation during training failed.
     #[error("evaluation: {0}")]
     Eval(String),

@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod encoder;
 pub mod error;
 pub mod metrics;
@@ -32,6 +33,8 @@ pub mod precision;
 pub mod schedule;
 pub mod step;
 pub mod tensorboard;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod train;
 
 pub use config::{TrainConfig, Variant};

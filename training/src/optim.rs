@@ -111,6 +111,11 @@ impl AdamW {
         (decayed, plain)
     }
 
+    /// The parameters, in the optimizer's (fixed) order.
+    pub fn parameters(&self) -> impl Iterator<Item = &Tensor> {
+        self.params.iter().map(|p| &p.param)
+    }
+
     /// Clears every parameter's gradient.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

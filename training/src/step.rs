@@ -17,12 +17,21 @@
 //! text tower `open fraction x N-` extra texts per sample instead of `N-` (the fraction is
 //! `hni_gate_open` in the metrics: near 0 at initialisation, rising as training learns the easy
 //! negatives).
+//!
+//! Across ranks (data parallelism, [`train_step_on`] with a process group) the step is the same
+//! step over the global batch (every rank's rows in rank order): the first pass's features are
+//! all-gathered, each micro-batch pass takes the contrastive loss over the whole gathered batch
+//! with only its own rows live, HNI and STC over its own rows divided by the global batch size,
+//! and the gradients are summed over the ranks (see `crate::distributed`). The HNI gate is each
+//! row's argmax over the global batch.
 
+use hq_dist::ProcessGroup;
 use hq_kernels::TagTargets;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{LossParts, StcReduction};
 use crate::data::Batch;
+use crate::distributed;
 use crate::model::{l2_normalize, Clip, StcHead};
 use crate::optim::AdamW;
 use crate::TrainError;
@@ -357,6 +366,119 @@ pub fn accumulate_gradients(
     Ok(last)
 }
 
+/// The rows of `f` (`[N, D]`) with rows `start..start + live.size()[0]` replaced by `live`.
+fn with_live_rows(f: &Tensor, live: &Tensor, start: i64) -> Result<Tensor, TrainError> {
+    let (total, n) = (f.size()[0], live.size()[0]);
+    let head = f.f_narrow(0, 0, start)?;
+    let tail = f.f_narrow(0, start + n, total - start - n)?;
+    Ok(Tensor::f_cat(&[&head, live, &tail], 0)?)
+}
+
+/// [`accumulate_gradients`] for one rank of a data-parallel step (see the module docs): adds this
+/// rank's share of the global objective's gradient to its parameters' `.grad`; the caller sums
+/// the gradients over the ranks. Returns the global `(total, [clip, hni, stc, open fraction])`.
+pub fn accumulate_gradients_across_ranks(
+    model: &Clip,
+    stc: Option<&StcHead>,
+    batches: &[Batch],
+    obj: &Objective,
+    device: Device,
+    pg: &ProcessGroup,
+) -> Result<(f64, [f64; 4]), TrainError> {
+    if batches.is_empty() {
+        return Err(TrainError::DataLoader(
+            "a step needs at least one batch".into(),
+        ));
+    }
+    let n_local: usize = batches.iter().map(Batch::len).sum();
+    distributed::same_rows_everywhere(pg, n_local)?;
+    let n_global = (n_local * pg.world_size()) as f64;
+    let offset = (pg.rank() * n_local) as i64;
+    let tgt = targets(batches, obj.parts, device)?;
+    // Every rank's features without gradients, in rank order; the gate of this rank's rows is
+    // their argmax over the global batch.
+    let (x_all, y_all, clip_value, open) = tch::no_grad(|| {
+        let no_tags = LossParts {
+            stc: false,
+            ..obj.parts
+        };
+        let cached = batches
+            .iter()
+            .map(|b| maybe_autocast(obj.autocast, || features(model, None, b, no_tags, device)))
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        let local = concat(&cached.iter().collect::<Vec<_>>())?;
+        let x_all = distributed::gather_rows(pg, &local.image)?;
+        let y_all = distributed::gather_rows(pg, &local.text)?;
+        let scale = model.logit_scale.f_exp()?;
+        let clip = hq_kernels::clip_loss(&x_all, &y_all, &scale)?;
+        let open = match &tgt.has_negative {
+            Some(mask) => open_rows(&clip.gate.f_narrow(0, offset, n_local as i64)?, mask)?,
+            None => Vec::new(),
+        };
+        Ok::<_, TrainError>((x_all, y_all, clip.loss.f_double_value(&[])?, open))
+    })?;
+    let local_open = split_rows(&open, batches);
+    let (mut hni_sum, mut stc_sum) = (0.0, 0.0);
+    let mut start = offset;
+    for (j, b) in batches.iter().enumerate() {
+        let live = maybe_autocast(obj.autocast, || features(model, stc, b, obj.parts, device))?;
+        let x = with_live_rows(&x_all, &live.image, start)?;
+        let y = with_live_rows(&y_all, &live.text, start)?;
+        // The contrastive loss is the same global loss on every rank and pass: its direct
+        // logit-scale gradient is taken once (rank 0, first pass), the tower gradients of the
+        // live rows everywhere.
+        let scale = model.logit_scale.f_exp()?;
+        let scale = if pg.rank() == 0 && j == 0 {
+            scale
+        } else {
+            scale.f_detach()?
+        };
+        let mut total = hq_kernels::clip_loss(&x, &y, &scale)?.loss;
+        let rows = &local_open[j];
+        if let Some(neg) =
+            maybe_autocast(obj.autocast, || negative_features(model, b, rows, device))?
+        {
+            let index = Tensor::from_slice(rows).f_to_device(device)?;
+            let (xi, yi) = (
+                live.image.f_index_select(0, &index)?,
+                live.text.f_index_select(0, &index)?,
+            );
+            let m = rows.len() as i64;
+            let all_open = Tensor::f_ones([m], (Kind::Float, device))?;
+            // Per-row terms: this rank's rows only, with a live scale of their own.
+            let hni = hq_kernels::hni_loss(
+                &xi,
+                &yi,
+                &neg,
+                &model.logit_scale.f_exp()?,
+                0,
+                Some(&all_open),
+            )?
+            .f_mul_scalar(m as f64 / n_global)?;
+            hni_sum += hni.f_double_value(&[])?;
+            total = total.f_add(&hni.f_mul_scalar(obj.hni_weight)?)?;
+        }
+        if let Some(logits) = &live.tag_logits {
+            let tags = targets(std::slice::from_ref(b), obj.parts, device)?
+                .tags
+                .ok_or_else(|| TrainError::DataLoader("STC without tag targets".into()))?;
+            let mut part = hq_kernels::short_tag_bce(logits, &tags)?;
+            if obj.stc_reduction == StcReduction::Mean {
+                part = part.f_div_scalar(logits.size()[1] as f64)?;
+            }
+            let part = part.f_mul_scalar(b.len() as f64 / n_global)?;
+            stc_sum += part.f_double_value(&[])?;
+            total = total.f_add(&part.f_mul_scalar(obj.stc_weight)?)?;
+        }
+        total.f_backward()?;
+        start += b.len() as i64;
+    }
+    let sums = distributed::sum_over_ranks(pg, &[hni_sum, stc_sum, open.len() as f64])?;
+    let (hni, stc_v, open_fraction) = (sums[0], sums[1], sums[2] / n_global);
+    let total = clip_value + obj.hni_weight * hni + obj.stc_weight * stc_v;
+    Ok((total, [clip_value, hni, stc_v, open_fraction]))
+}
+
 /// Forward, backward and update for one optimizer step over `batches` (one per micro-batch) at
 /// learning rate `lr`. Gradients are cleared first. `step` is only used in error messages.
 #[allow(clippy::too_many_arguments)]
@@ -370,9 +492,40 @@ pub fn train_step(
     device: Device,
     step: u64,
 ) -> Result<StepStats, TrainError> {
+    train_step_on(None, model, stc, optimizer, batches, obj, lr, device, step)
+}
+
+/// [`train_step`] as one rank of a data-parallel job when `group` is given (and has more than
+/// one rank): `batches` are this rank's, the step is over every rank's, and every rank ends with
+/// the same parameters. `samples` in the result counts the global batch.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_on(
+    group: Option<&ProcessGroup>,
+    model: &Clip,
+    stc: Option<&StcHead>,
+    optimizer: &mut AdamW,
+    batches: &[Batch],
+    obj: &Objective,
+    lr: f64,
+    device: Device,
+    step: u64,
+) -> Result<StepStats, TrainError> {
     optimizer.zero_grad();
-    let samples: usize = batches.iter().map(Batch::len).sum();
-    let (total, values) = accumulate_gradients(model, stc, batches, obj, device)?;
+    let group = group.filter(|g| g.world_size() > 1);
+    let mut samples: usize = batches.iter().map(Batch::len).sum();
+    let (total, values) = match group {
+        None => accumulate_gradients(model, stc, batches, obj, device)?,
+        Some(pg) => {
+            if optimizer.parameters().any(|p| !p.grad().defined()) {
+                distributed::define_gradients(optimizer.parameters())?;
+            }
+            let out = accumulate_gradients_across_ranks(model, stc, batches, obj, device, pg)?;
+            let params: Vec<&Tensor> = optimizer.parameters().collect();
+            distributed::all_reduce_gradients(pg, &params, distributed::BUCKET_BYTES)?;
+            samples *= pg.world_size();
+            out
+        }
+    };
     if !total.is_finite() {
         return Err(TrainError::Diverged {
             step,
@@ -415,79 +568,13 @@ pub fn train_step(
 mod tests {
     use super::*;
     use crate::model::ClipConfig;
-    use hq_data::text::tokenizer::ClipTokenizer;
     use tch::nn::VarStore;
 
     const K: i64 = 40;
 
     /// `n` captions of different lengths, tokenized as the loader does.
-    fn tokens(n: usize, ctx: usize, negative: bool) -> Tensor {
-        const COLOURS: [&str; 4] = ["red", "green", "blue", "yellow"];
-        const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
-        let tokenizer = ClipTokenizer::from_bundled()
-            .and_then(|t| t.with_context_length(ctx))
-            .expect("bundled tokenizer");
-        let texts: Vec<String> = (0..n)
-            .map(|i| {
-                let (c, s) = (COLOURS[i % 4], SHAPES[(i / 4 + usize::from(negative)) % 3]);
-                let tail = " on a striped background, next to a small dotted ring".repeat(i % 3);
-                format!("a {c} {s}{tail}")
-            })
-            .collect();
-        let flat = tokenizer.tokenize_batch_flat(&texts).expect("tokenize");
-        Tensor::from_slice(&flat).view([n as i64, ctx as i64])
-    }
-
-    /// A batch of `n` samples with N- = 2, every third one without negatives.
     fn batch(cfg: &ClipConfig, n: usize) -> Batch {
-        let ctx = cfg.text_cfg.context_length as usize;
-        let side = cfg.vision_cfg.image_size.height();
-        let images = Tensor::randn([n as i64, 3, side, side], (Kind::Float, Device::Cpu));
-        let mut offsets = vec![0i64];
-        let mut indices = Vec::new();
-        for i in 0..n as i64 {
-            indices.extend([(i * 7) % K, (i * 7 + 3) % K]);
-            offsets.push(indices.len() as i64);
-        }
-        Batch {
-            images,
-            texts: tokens(n, ctx, false),
-            negatives: tokens(2 * n, ctx, true),
-            has_negative: Tensor::from_slice(&(0..n).map(|i| i % 3 != 1).collect::<Vec<_>>()),
-            negatives_per_sample: 2,
-            tag_offsets: offsets,
-            tag_indices: indices,
-            keys: (0..n).map(|i| i.to_string()).collect(),
-            refined_text: vec![true; n],
-            skipped: Default::default(),
-            epoch: 0,
-            index: 0,
-        }
-    }
-
-    /// Rows `range` of `b` as a micro-batch (cut from the same tensors, so it cannot differ
-    /// from them whatever else draws from libtorch's global generator meanwhile).
-    fn rows(b: &Batch, range: std::ops::Range<usize>) -> Batch {
-        let (a, len) = (range.start as i64, range.len() as i64);
-        let first_tag = b.tag_offsets[range.start];
-        Batch {
-            images: b.images.narrow(0, a, len),
-            texts: b.texts.narrow(0, a, len),
-            negatives: b.negatives.narrow(0, 2 * a, 2 * len),
-            has_negative: b.has_negative.narrow(0, a, len),
-            negatives_per_sample: 2,
-            tag_offsets: b.tag_offsets[range.start..=range.end]
-                .iter()
-                .map(|o| o - first_tag)
-                .collect(),
-            tag_indices: b.tag_indices[first_tag as usize..b.tag_offsets[range.end] as usize]
-                .to_vec(),
-            keys: b.keys[range.clone()].to_vec(),
-            refined_text: b.refined_text[range].to_vec(),
-            skipped: Default::default(),
-            epoch: 0,
-            index: 0,
-        }
+        crate::testing::synthetic_batch(cfg, n, K)
     }
 
     fn objective() -> Objective {
@@ -582,7 +669,7 @@ mod tests {
                 continue;
             }
             mixed_gates_seen = true;
-            let parts = [vec![rows(&whole, 0..5), rows(&whole, 5..n)], vec![whole]];
+            let parts = [vec![whole.rows(0..5), whole.rows(5..n)], vec![whole]];
             for batches in &parts {
                 let (got, values) =
                     accumulate_gradients(&model, Some(&stc), batches, &obj, Device::Cpu)

@@ -200,6 +200,32 @@ impl Batch {
         self.keys.is_empty()
     }
 
+    /// Samples `range` as a batch of their own (views of the same tensors; no skip counts): a
+    /// micro-batch, or one rank's share of a global batch.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        let (a, len) = (range.start as i64, range.len() as i64);
+        let k = self.negatives_per_sample as i64;
+        let first_tag = self.tag_offsets[range.start];
+        Batch {
+            images: self.images.narrow(0, a, len),
+            texts: self.texts.narrow(0, a, len),
+            negatives: self.negatives.narrow(0, k * a, k * len),
+            has_negative: self.has_negative.narrow(0, a, len),
+            negatives_per_sample: self.negatives_per_sample,
+            tag_offsets: self.tag_offsets[range.start..=range.end]
+                .iter()
+                .map(|o| o - first_tag)
+                .collect(),
+            tag_indices: self.tag_indices[first_tag as usize..self.tag_offsets[range.end] as usize]
+                .to_vec(),
+            keys: self.keys[range.clone()].to_vec(),
+            refined_text: self.refined_text[range].to_vec(),
+            skipped: SkipCounts::default(),
+            epoch: self.epoch,
+            index: self.index,
+        }
+    }
+
     /// Dense multi-hot tag targets `[N, num_classes]` float32 from the CSR (ids at or above
     /// `num_classes` are ignored).
     pub fn tag_targets(&self, num_classes: usize) -> Tensor {
