@@ -12,12 +12,19 @@
 //! plots/loss.png, plots/lr.png
 //! summary.json           final step, losses, skipped samples, last evaluation
 //! ```
+//!
+//! As one rank of a data-parallel job ([`run_on`] with a process group): every rank reads its own
+//! shards (`rank, rank + world, ...`) with its own seed stream and trains on the global batch
+//! (world x `run.batch_size`, see `crate::step`); only rank 0 writes the run directory. A
+//! checkpoint holds every rank's loader position, so `--resume` continues bit for bit with the
+//! same world size and refuses another one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use hq_data::text::tags::TagVocab;
+use hq_dist::ProcessGroup;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{nn::VarStore, Device};
@@ -30,7 +37,7 @@ use crate::metrics::{plot_curves, MetricsLog};
 use crate::model::checkpoint::{load_named, read_safetensors};
 use crate::model::{excluded_from_weight_decay, Clip, StcHead};
 use crate::optim::AdamW;
-use crate::step::{train_step, Objective, StepStats};
+use crate::step::{train_step_on, Objective, StepStats};
 use crate::TrainError;
 
 /// What `train_state.json` holds.
@@ -45,6 +52,18 @@ pub struct TrainState {
     pub samples_seen: u64,
     /// Training seconds so far (all sessions).
     pub train_seconds: f64,
+    /// Ranks of the run that wrote this state (0 in single-process checkpoints of old).
+    #[serde(default)]
+    pub world_size: usize,
+    /// The loader positions of ranks 1.. (rank 0's is `loader`).
+    #[serde(default)]
+    pub rank_loaders: Vec<LoaderState>,
+}
+
+/// Each rank's data seed: the run's seed for rank 0 (so one process reads as before), distinct
+/// streams for the others.
+pub fn rank_seed(seed: u64, rank: usize) -> u64 {
+    seed.wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// How to run (besides the config).
@@ -115,9 +134,38 @@ pub fn saved_state(resume: &Path) -> Result<TrainState, TrainError> {
 
 /// Runs training as configured (see the module docs).
 pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
+    run_on(req, None)
+}
+
+/// Writes `record` to the metrics log when this rank keeps one (rank 0).
+fn log(metrics: &mut Option<MetricsLog>, record: &serde_json::Value) -> Result<(), TrainError> {
+    match metrics {
+        Some(m) => m.write(record),
+        None => Ok(()),
+    }
+}
+
+/// [`run`] as one rank of `group` (a single process when `None` or a group of one).
+pub fn run_on(req: &RunRequest, group: Option<&ProcessGroup>) -> Result<RunSummary, TrainError> {
+    let group = group.filter(|g| g.world_size() > 1);
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let lead = rank == 0;
     // ---- settings: the resumed checkpoint's, checked against the request
     let resume_dir = req.resume.as_deref().map(ckpt::resolve).transpose()?;
     let saved: Option<TrainState> = resume_dir.as_deref().map(saved_state).transpose()?;
+    if let Some(s) = &saved {
+        let written_by = s.world_size.max(1);
+        if written_by != world {
+            return Err(TrainError::Config {
+                field: "(resume)".into(),
+                reason: format!(
+                    "the checkpoint was written by {written_by} rank(s) and this run has {world}: \
+                     each rank's data position is saved, and another world size would read other \
+                     samples; resume with {written_by} rank(s)"
+                ),
+            });
+        }
+    }
     let cfg = req.config.clone();
     cfg.validate()?;
     if let Some(s) = &saved {
@@ -161,7 +209,7 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         reason: "not set".into(),
     })?;
     let ckpt_dir = out.join("checkpoints");
-    if saved.is_none() && ckpt_dir.join(ckpt::LATEST_FILE).exists() {
+    if lead && saved.is_none() && ckpt_dir.join(ckpt::LATEST_FILE).exists() {
         return Err(TrainError::Config {
             field: "run.out_dir".into(),
             reason: format!(
@@ -171,8 +219,10 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
             ),
         });
     }
-    std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
-    hq_data::atomic::write_atomic(out.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
+    if lead {
+        std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
+        hq_data::atomic::write_atomic(out.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
+    }
 
     // ---- model, STC head, optimizer
     tch::manual_seed(cfg.run.seed as i64);
@@ -210,41 +260,49 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
     if let Some(h) = &stc {
         params.extend(h.state_dict());
     }
+    if let (Some(pg), None) = (group, &saved) {
+        // Every rank starts from rank 0's weights (a resumed run loads them from the checkpoint).
+        crate::distributed::broadcast_from_rank0(pg, params.iter().map(|(_, t)| t))?;
+    }
     let mut optimizer = AdamW::new(cfg.adamw(), params, |n, t| {
         !excluded_from_weight_decay(n, t)
     })?;
 
     // ---- resume
-    let (mut step, loader_state, mut samples_seen, mut train_seconds) = match (&saved, &resume_dir)
-    {
-        (Some(s), Some(dir)) => {
-            let weights = dir.join(ckpt::MODEL_FILE);
-            load_named(&model.state_dict(), &read_safetensors(&weights)?, &weights)?;
-            if let Some(h) = &stc {
-                let p = dir.join(ckpt::STC_HEAD_FILE);
-                load_named(&h.state_dict(), &read_safetensors(&p)?, &p)?;
-            }
-            let p = dir.join(ckpt::OPTIMIZER_FILE);
-            let moments = read_safetensors(&p)?;
-            let moments = moments
-                .into_iter()
-                .map(|(n, t)| Ok((n, t.f_to_device(device)?)))
-                .collect::<Result<_, TrainError>>()?;
-            optimizer
-                .load_state(&moments, s.step)
-                .map_err(|reason| TrainError::Checkpoint {
-                    path: p.display().to_string(),
-                    reason,
+    let (mut step, loader_state, mut samples_seen, mut train_seconds) =
+        match (&saved, &resume_dir) {
+            (Some(s), Some(dir)) => {
+                let weights = dir.join(ckpt::MODEL_FILE);
+                load_named(&model.state_dict(), &read_safetensors(&weights)?, &weights)?;
+                if let Some(h) = &stc {
+                    let p = dir.join(ckpt::STC_HEAD_FILE);
+                    load_named(&h.state_dict(), &read_safetensors(&p)?, &p)?;
+                }
+                let p = dir.join(ckpt::OPTIMIZER_FILE);
+                let moments = read_safetensors(&p)?;
+                let moments = moments
+                    .into_iter()
+                    .map(|(n, t)| Ok((n, t.f_to_device(device)?)))
+                    .collect::<Result<_, TrainError>>()?;
+                optimizer.load_state(&moments, s.step).map_err(|reason| {
+                    TrainError::Checkpoint {
+                        path: p.display().to_string(),
+                        reason,
+                    }
                 })?;
-            (
-                s.step,
-                Some(s.loader.clone()),
-                s.samples_seen,
-                s.train_seconds,
-            )
-        }
-        _ => (0, None, 0, 0.0),
-    };
+                let loader = match rank {
+                    0 => s.loader.clone(),
+                    r => s.rank_loaders.get(r - 1).cloned().ok_or_else(|| {
+                        TrainError::Checkpoint {
+                            path: dir.display().to_string(),
+                            reason: format!("no saved data position for rank {r}"),
+                        }
+                    })?,
+                };
+                (s.step, Some(loader), s.samples_seen, s.train_seconds)
+            }
+            _ => (0, None, 0, 0.0),
+        };
     let first_step = step;
     let total = cfg.run.steps;
     let stop = req.stop_after.unwrap_or(total).min(total);
@@ -257,8 +315,18 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         });
     }
 
-    let mut loader = DataLoader::new(cfg.loader_config(&model_cfg)?, vocab.clone(), loader_state)?;
-    let mut metrics = MetricsLog::open(out.join("metrics.jsonl"), saved.as_ref().map(|s| s.step))?;
+    let mut loader_cfg = cfg.loader_config(&model_cfg)?;
+    loader_cfg.rank = rank;
+    loader_cfg.world_size = world;
+    loader_cfg.seed = rank_seed(loader_cfg.seed, rank);
+    let mut loader = DataLoader::new(loader_cfg, vocab.clone(), loader_state)?;
+    let mut metrics = match lead {
+        true => Some(MetricsLog::open(
+            out.join("metrics.jsonl"),
+            saved.as_ref().map(|s| s.step),
+        )?),
+        false => None,
+    };
     let schedule = cfg.schedule();
     let obj = Objective {
         parts,
@@ -269,14 +337,18 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         grad_clip: cfg.optim.grad_clip,
         max_logit_scale: cfg.optim.max_logit_scale,
     };
-    let bar = hq_data::progress::bar(Some(total), "steps");
+    let bar = match lead {
+        true => hq_data::progress::bar(Some(total), "steps"),
+        false => indicatif::ProgressBar::hidden(),
+    };
     bar.set_position(step);
+    let verbose = req.verbose && lead;
     say(
-        req.verbose,
+        verbose,
         &bar,
         &format!(
             "hq-train: {} on {device:?}, {} parameters{}, parts: mixed text {} / HNI {} / STC {}, \
-             {} x {} samples per step, steps {step}..{stop} of {total}",
+             {} x {} samples per step{}, steps {step}..{stop} of {total}",
             cfg.model
                 .preset
                 .as_deref()
@@ -292,6 +364,13 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
             parts.stc,
             cfg.run.accum_steps,
             cfg.run.batch_size,
+            match group {
+                Some(pg) => format!(
+                    " on each of {world} ranks ({} backend)",
+                    pg.backend().name()
+                ),
+                None => String::new(),
+            },
         ),
     );
 
@@ -317,7 +396,11 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         for b in &batches {
             skipped.merge(&b.skipped);
         }
-        let stats: StepStats = train_step(
+        if let Some(pg) = group {
+            skipped = global_skips(pg, &skipped)?;
+        }
+        let stats: StepStats = train_step_on(
+            group,
             &model,
             stc.as_ref(),
             &mut optimizer,
@@ -342,40 +425,63 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         });
         if skipped.total() > 0 {
             skipped_session.merge(&skipped);
-            metrics.write(&json!({"kind": "skips", "step": step, "skipped": skipped,
-                "skipped_total": loader.state().skipped_total}))?;
+            let skipped_total = match group {
+                Some(pg) => global_skips(pg, &loader.state().skipped_total)?,
+                None => loader.state().skipped_total,
+            };
+            log(
+                &mut metrics,
+                &json!({"kind": "skips", "step": step, "skipped": skipped,
+                "skipped_total": skipped_total}),
+            )?;
         }
         if step % cfg.run.log_every == 0 || step == stop {
             let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
             window = (Instant::now(), 0);
-            metrics.write(&json!({
-                "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
-                "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
-                "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
-                "loss_stc_weighted": stats.loss_stc * obj.stc_weight,
-                "hni_gate_open": stats.hni_gate_open, "grad_norm": stats.grad_norm,
-                "logit_scale": stats.logit_scale, "samples_per_s": rate,
-                "samples_seen": samples_seen, "epoch": loader.state().epoch(),
-                "skipped_total": loader.state().skipped_total,
-            }))?;
+            let skipped_total = match group {
+                Some(pg) => global_skips(pg, &loader.state().skipped_total)?,
+                None => loader.state().skipped_total,
+            };
+            log(
+                &mut metrics,
+                &json!({
+                    "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
+                    "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
+                    "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
+                    "loss_stc_weighted": stats.loss_stc * obj.stc_weight,
+                    "hni_gate_open": stats.hni_gate_open, "grad_norm": stats.grad_norm,
+                    "logit_scale": stats.logit_scale, "samples_per_s": rate,
+                    "samples_seen": samples_seen, "epoch": loader.state().epoch(),
+                    "skipped_total": skipped_total, "world_size": world,
+                }),
+            )?;
             bar.set_message(format!(
                 "loss {:.4} (clip {:.4} hni {:.4} stc {:.4}) lr {lr:.2e} {rate:.1} samples/s, {} skipped",
                 stats.loss,
                 stats.loss_clip,
                 stats.loss_hni,
                 stats.loss_stc,
-                loader.state().skipped_total.total()
+                skipped_total.total()
             ));
         }
         bar.set_position(step);
         let at_end = step == stop;
         if at_end || (cfg.run.checkpoint_every > 0 && step % cfg.run.checkpoint_every == 0) {
+            let rank_loaders = match group {
+                Some(pg) => exchange_loader_states(pg, step, loader.state())?,
+                None => Vec::new(),
+            };
+            if !lead {
+                continue;
+            }
             let state = TrainState {
                 step,
                 config: cfg.clone(),
                 loader: loader.state().clone(),
                 samples_seen,
                 train_seconds,
+                world_size: world,
+                rank_loaders,
             };
             let path = save_checkpoint(
                 &ckpt_dir,
@@ -386,16 +492,23 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
                 &state,
             )?;
             prune_checkpoints(&ckpt_dir, cfg.run.keep_checkpoints)?;
-            say(req.verbose, &bar, &format!("checkpoint {}", path.display()));
+            say(verbose, &bar, &format!("checkpoint {}", path.display()));
             last_checkpoint = Some(path);
         }
         let eval_due = cfg.run.eval_every > 0 && step % cfg.run.eval_every == 0;
-        if let (Some(dir), true) = (&cfg.run.eval_dir, eval_due || (at_end && step == total)) {
+        if let (Some(dir), true, true) = (
+            &cfg.run.eval_dir,
+            eval_due || (at_end && step == total),
+            lead,
+        ) {
             let summary = evaluate(&model, device, dir, &cfg, step, &out, &bar)?;
-            metrics.write(&json!({"kind": "eval", "step": step,
-                "results": summary.iter().cloned().collect::<serde_json::Map<String, serde_json::Value>>()}))?;
+            log(
+                &mut metrics,
+                &json!({"kind": "eval", "step": step,
+                "results": summary.iter().cloned().collect::<serde_json::Map<String, serde_json::Value>>()}),
+            )?;
             say(
-                req.verbose,
+                verbose,
                 &bar,
                 &format!(
                     "eval at step {step}: {}",
@@ -417,9 +530,9 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
     bar.finish_and_clear();
     drop(loader);
 
-    // ---- the end: plots and summary
-    if step == total {
-        if let Err(e) = plot_curves(metrics.path(), &out.join("plots")) {
+    // ---- the end: plots and summary (rank 0)
+    if let (true, Some(m)) = (step == total, &metrics) {
+        if let Err(e) = plot_curves(m.path(), &out.join("plots")) {
             // A missing font must not cost a finished run; the metrics hold the same numbers.
             eprintln!("hq-train: warning: cannot draw the curves: {e}");
         }
@@ -436,6 +549,9 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         samples_per_second: session_samples as f64
             / session_start.elapsed().as_secs_f64().max(1e-9),
     };
+    if !lead {
+        return Ok(summary);
+    }
     let text = serde_json::to_string_pretty(&summary).map_err(|e| io(&out, e))?;
     hq_data::atomic::write_atomic(out.join("summary.json"), text.as_bytes())?;
     if req.verbose {
@@ -446,6 +562,43 @@ pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
         );
     }
     Ok(summary)
+}
+
+/// `counts` summed over the ranks.
+fn global_skips(pg: &ProcessGroup, counts: &SkipCounts) -> Result<SkipCounts, TrainError> {
+    let v = crate::distributed::sum_over_ranks(
+        pg,
+        &[
+            counts.record as f64,
+            counts.image as f64,
+            counts.text as f64,
+        ],
+    )?;
+    Ok(SkipCounts {
+        record: v[0] as u64,
+        image: v[1] as u64,
+        text: v[2] as u64,
+    })
+}
+
+/// Every rank publishes its loader position for checkpoint `step` in the store; rank 0 returns
+/// those of ranks 1.. (the others an empty list).
+fn exchange_loader_states(
+    pg: &ProcessGroup,
+    step: u64,
+    mine: &LoaderState,
+) -> Result<Vec<LoaderState>, TrainError> {
+    let key = |r: usize| format!("loader/{step}/{r}");
+    if pg.rank() != 0 {
+        pg.store_set(&key(pg.rank()), mine.to_json().as_bytes())?;
+        return Ok(Vec::new());
+    }
+    (1..pg.world_size())
+        .map(|r| {
+            let bytes = pg.store_get(&key(r))?;
+            LoaderState::from_json(&String::from_utf8_lossy(&bytes))
+        })
+        .collect()
 }
 
 fn save_checkpoint(

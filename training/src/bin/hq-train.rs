@@ -24,7 +24,13 @@ use hq_train::{RunRequest, TrainConfig, Variant};
                   (atomic, checksummed; --resume continues bit for bit on the CPU), eval/, plots/ \
                   (loss.png, lr.png) and summary.json.\n\n\
                   Example: hq-train --train out/default/train --eval-dir out/default/eval \
-                  --variant stc --steps 300 --batch-size 64 --out runs/stc"
+                  --variant stc --steps 300 --batch-size 64 --out runs/stc\n\n\
+                  Data parallel: under torchrun (`torchrun --nproc-per-node 2 --no-python hq-train \
+                  ...`) or Slurm's srun, each process joins the job from the launcher's variables \
+                  (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK; or SLURM_PROCID, \
+                  SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST) through libtorch's c10d (gloo \
+                  on the CPU, nccl on CUDA); --nproc-per-node N starts N local ranks itself. \
+                  --batch-size is per rank; only rank 0 writes the run directory."
 )]
 struct Cli {
     /// TOML config file (see --print-config for the keys and defaults).
@@ -112,6 +118,56 @@ struct Cli {
     /// Only the final summary lines on stderr (the progress bar is hidden with HQ_NO_PROGRESS=1).
     #[arg(long, short)]
     quiet: bool,
+    /// Start N ranks of this command on this machine (loopback rendezvous), as torchrun
+    /// --nproc-per-node does; the ranks split the shards and train on N x --batch-size samples
+    /// per step.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
+    /// Collectives backend of a data-parallel run: auto (nccl on CUDA, gloo on the CPU), gloo,
+    /// nccl.
+    #[arg(long, value_name = "NAME", default_value = "auto")]
+    dist_backend: String,
+    /// Seconds a rank waits for the others in a collective before failing (torch's default).
+    #[arg(long, value_name = "S", default_value_t = 1800)]
+    dist_timeout: u64,
+}
+
+/// `hq-train --nproc-per-node N ...`: the same command, without that flag, as N local ranks.
+fn launch_local(nproc: usize, timeout: std::time::Duration) -> Result<()> {
+    let exe = std::env::current_exe().context("the hq-train executable")?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        let text = a.to_string_lossy();
+        if text == "--nproc-per-node" {
+            it.next();
+        } else if !text.starts_with("--nproc-per-node=") {
+            args.push(a);
+        }
+    }
+    hq_dist::launch::launch_local(&exe, &args, nproc, timeout).map_err(Into::into)
+}
+
+/// The process group of a data-parallel launch, or `None` for a single process.
+fn join_group(cli: &Cli, config: &TrainConfig) -> Result<Option<hq_dist::ProcessGroup>> {
+    let Some(rdv) = hq_dist::Rendezvous::from_env()? else {
+        return Ok(None);
+    };
+    let backend = match cli.dist_backend.as_str() {
+        "auto" => {
+            let device = config
+                .run
+                .device
+                .parse::<hq_train::device::DeviceRequest>()?
+                .resolve()?;
+            hq_dist::Backend::for_device(device)
+        }
+        name => name.parse()?,
+    };
+    let timeout = std::time::Duration::from_secs(cli.dist_timeout);
+    let group = hq_dist::ProcessGroup::new(&rdv, backend, timeout)
+        .with_context(|| format!("joining the data-parallel job as rank {}", rdv.rank))?;
+    Ok(Some(group))
 }
 
 fn toml_str(s: &str) -> String {
@@ -120,6 +176,12 @@ fn toml_str(s: &str) -> String {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(n) = cli.nproc_per_node {
+        if std::env::var_os("RANK").is_some() {
+            anyhow::bail!("--nproc-per-node inside a launched job (RANK is set): use one launcher");
+        }
+        return launch_local(n, std::time::Duration::from_secs(cli.dist_timeout.min(60)));
+    }
     let mut table = match (&cli.config, &cli.resume) {
         (Some(path), _) => TrainConfig::load(path)?,
         (None, Some(resume)) => {
@@ -189,12 +251,17 @@ fn main() -> Result<()> {
         print!("{}", config.to_toml_string()?);
         return Ok(());
     }
-    let summary = hq_train::run(&RunRequest {
+    let group = join_group(&cli, &config)?;
+    let request = RunRequest {
         config,
         resume: cli.resume.clone(),
         stop_after: cli.stop_after,
         verbose: !cli.quiet,
-    })?;
+    };
+    let summary = hq_train::train::run_on(&request, group.as_ref())?;
+    if group.as_ref().is_some_and(|g| g.rank() != 0) {
+        return Ok(());
+    }
     let last = summary.steps.last();
     println!(
         "done: step {} of the run in {}, last loss {}, {:.1} samples/s, bad samples skipped: {}",
