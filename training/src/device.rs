@@ -37,6 +37,27 @@ impl FromStr for DeviceRequest {
 }
 
 impl DeviceRequest {
+    /// The device of the rank with `local_rank` on its machine: `auto` takes GPU `local_rank`
+    /// (modulo the GPUs seen), as torchrun jobs assign them; explicit requests are kept.
+    pub fn for_local_rank(self, local_rank: usize) -> Self {
+        match self {
+            DeviceRequest::Auto if tch::Cuda::is_available() => {
+                let gpus = tch::Cuda::device_count().max(1) as usize;
+                DeviceRequest::Cuda(local_rank % gpus)
+            }
+            other => other,
+        }
+    }
+
+    /// The request as written in a config (`auto`, `cpu`, `cuda:N`).
+    pub fn spec(self) -> String {
+        match self {
+            DeviceRequest::Auto => "auto".into(),
+            DeviceRequest::Cpu => "cpu".into(),
+            DeviceRequest::Cuda(i) => format!("cuda:{i}"),
+        }
+    }
+
     /// Resolve against what libtorch can see on this machine.
     pub fn resolve(self) -> Result<tch::Device, TrainError> {
         let gpus = if tch::Cuda::is_available() {

@@ -19,11 +19,14 @@
 //! negatives).
 //!
 //! Across ranks (data parallelism, [`train_step_on`] with a process group) the step is the same
-//! step over the global batch (every rank's rows in rank order): the first pass's features are
-//! all-gathered, each micro-batch pass takes the contrastive loss over the whole gathered batch
-//! with only its own rows live, HNI and STC over its own rows divided by the global batch size,
-//! and the gradients are summed over the ranks (see `crate::distributed`). The HNI gate is each
-//! row's argmax over the global batch.
+//! step over the global batch (every rank's rows in rank order): the features are all-gathered
+//! (one micro-batch: computed once with gradients, their values gathered; several: a first pass
+//! without gradients, as above), each micro-batch pass takes the contrastive loss over the whole
+//! gathered batch with only its own rows live, HNI and STC over its own rows divided by the global
+//! batch size, and the gradients are summed over the ranks (see `crate::distributed`). The HNI
+//! gate is each row's argmax over the global batch. Every rank computes the whole N x N
+//! contrastive loss (its cost is small beside the towers'; the local-rows form with the gathered
+//! features' gradients sent back to their owners would divide it by the world size).
 
 use hq_dist::ProcessGroup;
 use hq_kernels::TagTargets;
@@ -395,6 +398,14 @@ pub fn accumulate_gradients_across_ranks(
     let n_global = (n_local * pg.world_size()) as f64;
     let offset = (pg.rank() * n_local) as i64;
     let tgt = targets(batches, obj.parts, device)?;
+    // With one micro-batch its features are computed once, with gradients, and their values
+    // gathered; with several, a first pass without gradients caches them (as in accumulation).
+    let mut first_live = match batches {
+        [b] => Some(maybe_autocast(obj.autocast, || {
+            features(model, stc, b, obj.parts, device)
+        })?),
+        _ => None,
+    };
     // Every rank's features without gradients, in rank order; the gate of this rank's rows is
     // their argmax over the global batch.
     let (x_all, y_all, clip_value, open) = tch::no_grad(|| {
@@ -402,11 +413,22 @@ pub fn accumulate_gradients_across_ranks(
             stc: false,
             ..obj.parts
         };
-        let cached = batches
-            .iter()
-            .map(|b| maybe_autocast(obj.autocast, || features(model, None, b, no_tags, device)))
-            .collect::<Result<Vec<_>, TrainError>>()?;
-        let local = concat(&cached.iter().collect::<Vec<_>>())?;
+        let local = match &first_live {
+            Some(f) => Features {
+                image: f.image.f_detach()?,
+                text: f.text.f_detach()?,
+                tag_logits: None,
+            },
+            None => {
+                let cached = batches
+                    .iter()
+                    .map(|b| {
+                        maybe_autocast(obj.autocast, || features(model, None, b, no_tags, device))
+                    })
+                    .collect::<Result<Vec<_>, TrainError>>()?;
+                concat(&cached.iter().collect::<Vec<_>>())?
+            }
+        };
         let x_all = distributed::gather_rows(pg, &local.image)?;
         let y_all = distributed::gather_rows(pg, &local.text)?;
         let scale = model.logit_scale.f_exp()?;
@@ -421,7 +443,10 @@ pub fn accumulate_gradients_across_ranks(
     let (mut hni_sum, mut stc_sum) = (0.0, 0.0);
     let mut start = offset;
     for (j, b) in batches.iter().enumerate() {
-        let live = maybe_autocast(obj.autocast, || features(model, stc, b, obj.parts, device))?;
+        let live = match first_live.take() {
+            Some(f) => f,
+            None => maybe_autocast(obj.autocast, || features(model, stc, b, obj.parts, device))?,
+        };
         let x = with_live_rows(&x_all, &live.image, start)?;
         let y = with_live_rows(&y_all, &live.text, start)?;
         // The contrastive loss is the same global loss on every rank and pass: its direct

@@ -148,20 +148,20 @@ fn launch_local(nproc: usize, timeout: std::time::Duration) -> Result<()> {
     hq_dist::launch::launch_local(&exe, &args, nproc, timeout).map_err(Into::into)
 }
 
-/// The process group of a data-parallel launch, or `None` for a single process.
-fn join_group(cli: &Cli, config: &TrainConfig) -> Result<Option<hq_dist::ProcessGroup>> {
+/// The process group of a data-parallel launch, or `None` for a single process. Under a launch,
+/// `--device auto` becomes this rank's GPU (`cuda:LOCAL_RANK`) when there are GPUs.
+fn join_group(cli: &Cli, config: &mut TrainConfig) -> Result<Option<hq_dist::ProcessGroup>> {
     let Some(rdv) = hq_dist::Rendezvous::from_env()? else {
         return Ok(None);
     };
+    let request = config
+        .run
+        .device
+        .parse::<hq_train::device::DeviceRequest>()?
+        .for_local_rank(rdv.local_rank);
+    config.run.device = request.spec();
     let backend = match cli.dist_backend.as_str() {
-        "auto" => {
-            let device = config
-                .run
-                .device
-                .parse::<hq_train::device::DeviceRequest>()?
-                .resolve()?;
-            hq_dist::Backend::for_device(device)
-        }
+        "auto" => hq_dist::Backend::for_device(request.resolve()?),
         name => name.parse()?,
     };
     let timeout = std::time::Duration::from_secs(cli.dist_timeout);
@@ -246,12 +246,12 @@ fn main() -> Result<()> {
     for s in &sets {
         set_toml_key(&mut table, s)?;
     }
-    let config = TrainConfig::from_toml_table(table)?;
+    let mut config = TrainConfig::from_toml_table(table)?;
     if cli.print_config {
         print!("{}", config.to_toml_string()?);
         return Ok(());
     }
-    let group = join_group(&cli, &config)?;
+    let group = join_group(&cli, &mut config)?;
     let request = RunRequest {
         config,
         resume: cli.resume.clone(),
