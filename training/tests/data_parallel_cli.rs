@@ -219,3 +219,70 @@ fn a_rank_whose_peer_never_comes_fails_in_time_naming_itself() {
         "rank 1 wrote the run directory"
     );
 }
+
+#[test]
+fn a_rank_killed_mid_run_stops_the_other_naming_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let train = corpus(&tmp.path().join("corpus"));
+    let out = tmp.path().join("run");
+    let port = hq_dist::launch::free_port().expect("port");
+    let mut a = args(&train, &out);
+    // Long enough to be killed in the middle; a metrics line every step shows progress.
+    let steps = a.iter().position(|x| x == "--steps").expect("--steps") + 1;
+    a[steps] = "400".into();
+    for (k, v) in [("--log-every", "1"), ("--dist-timeout", "20")] {
+        a.extend([k.to_string(), v.to_string()]);
+    }
+    let rank = |r: usize| {
+        Command::new(env!("CARGO_BIN_EXE_hq-train"))
+            .args(&a)
+            .env("HQ_NO_PROGRESS", "1")
+            .env("RUST_BACKTRACE", "0")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("LOCAL_RANK", r.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn rank")
+    };
+    let (r0, mut r1) = (rank(0), rank(1));
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|t| t.lines().filter(|l| l.contains("\"train\"")).count())
+        .unwrap_or(0)
+        < 3
+    {
+        if started.elapsed().as_secs() > 120 {
+            r1.kill().expect("kill");
+            let o = r0.wait_with_output().expect("rank 0");
+            panic!("the ranks did not start training:\n{}", text(&o));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    r1.kill().expect("kill rank 1");
+    let killed = std::time::Instant::now();
+    let o = r0.wait_with_output().expect("rank 0");
+    let _ = r1.wait();
+    let t = text(&o);
+    assert!(!o.status.success(), "rank 0 went on alone:\n{t}");
+    assert!(
+        t.contains("rank 1 stopped"),
+        "rank 0 does not name the dead rank:\n{t}"
+    );
+    eprintln!(
+        "rank 0, {:?} after the kill: {}",
+        killed.elapsed(),
+        t.lines()
+            .find(|l| l.contains("rank 1 stopped"))
+            .unwrap_or("")
+    );
+    assert!(
+        killed.elapsed() < std::time::Duration::from_secs(30),
+        "rank 0 took {:?} to stop",
+        killed.elapsed()
+    );
+}
