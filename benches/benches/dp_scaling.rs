@@ -1,5 +1,7 @@
 //! Data-parallel scaling on one machine: samples/s of `hq_train::step::train_step_on` with
-//! 2 processes x 1 thread against 1 process x 1 thread (libtorch's Gloo on loopback), and the same
+//! 2 processes x 1 thread against 1 process x 1 thread (libtorch's Gloo on loopback; gradients
+//! all-reduced during the backward by libtorch's DDP reducer, as `hq-train` does, and, for
+//! comparison, after it), and the same
 //! for open_clip under torchrun (`benches/python/dp_scaling_openclip.py`: DDP + `ClipLoss`), same
 //! model, per-rank batch and machine, in the same run. Efficiency = throughput(2) / (2 x
 //! throughput(1)); target: at least open_clip's and at least 0.9.
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use hq_dist::{launch, Backend, ProcessGroup, Rendezvous};
 use hq_train::config::{LossParts, StcReduction};
+use hq_train::distributed::{OverlappedGradients, Ranks};
 use hq_train::model::{excluded_from_weight_decay, Clip, ClipConfig};
 use hq_train::optim::{AdamW, AdamWConfig};
 use hq_train::step::{train_step_on, Objective};
@@ -55,11 +58,20 @@ fn rank_main(group: Option<&ProcessGroup>, batch: usize, steps: usize) {
         hq_train::distributed::broadcast_from_rank0(pg, params.iter().map(|(_, t)| t))
             .expect("broadcast");
     }
-    let shallow: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), shallow, |n, t| {
+    let shallow = || -> Vec<(String, Tensor)> {
+        params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    };
+    // `HQ_DP_OVERLAP=0`: all-reduce after the backward instead of during it.
+    let overlap = match group {
+        Some(pg) if env_usize("HQ_DP_OVERLAP", 1) == 1 => {
+            Some(OverlappedGradients::new(pg, &shallow()).expect("reducer"))
+        }
+        _ => None,
+    };
+    let mut opt = AdamW::new(AdamWConfig::default(), shallow(), |n, t| {
         !excluded_from_weight_decay(n, t)
     })
     .expect("optimizer");
@@ -82,7 +94,10 @@ fn rank_main(group: Option<&ProcessGroup>, batch: usize, steps: usize) {
     let mut run = |n: usize| {
         for s in 0..n {
             train_step_on(
-                group,
+                group.map(|group| Ranks {
+                    group,
+                    overlap: overlap.as_ref(),
+                }),
                 &model,
                 None,
                 &mut opt,
@@ -141,8 +156,9 @@ fn parse_result(out: &[u8]) -> Option<serde_json::Value> {
         .and_then(|j| serde_json::from_str(j).ok())
 }
 
-/// Ours with `world` ranks (1: the plain single-process step).
-fn ours(world: usize, batch: usize, steps: usize) -> serde_json::Value {
+/// Ours with `world` ranks (1: the plain single-process step); `overlap`: gradients all-reduced
+/// during the backward (DDP's reducer) or after it.
+fn ours(world: usize, batch: usize, steps: usize, overlap: bool) -> serde_json::Value {
     let exe = std::env::current_exe().expect("bench binary");
     let port = launch::free_port().expect("port");
     let children: Vec<_> = (0..world)
@@ -157,6 +173,7 @@ fn ours(world: usize, batch: usize, steps: usize) -> serde_json::Value {
                 .env("LOCAL_RANK", r.to_string())
                 .env("HQ_DP_BATCH", batch.to_string())
                 .env("HQ_DP_STEPS", steps.to_string())
+                .env("HQ_DP_OVERLAP", if overlap { "1" } else { "0" })
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -262,21 +279,28 @@ fn main() {
     // Criterion's CLI passes --bench; nothing else to parse.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("dp_scaling: hq-tiny, batch {batch} per rank, {steps} timed steps, {cpus} CPUs");
-    let one = ours(1, batch, steps);
-    let two = ours(2, batch, steps);
+    let one = ours(1, batch, steps, true);
+    let two = ours(2, batch, steps, true);
+    let two_after = ours(2, batch, steps, false);
     let oc1 = open_clip(1, batch, steps);
     let oc2 = open_clip(2, batch, steps);
     let rate = |v: &serde_json::Value| v["samples_per_s"].as_f64().unwrap_or(f64::NAN);
     let eff = |a: &serde_json::Value, b: &serde_json::Value| rate(b) / (2.0 * rate(a));
     let bw = loopback_bandwidth();
-    let bytes = two["gradient_bytes"].as_f64().unwrap_or(f64::NAN);
-    let secs = two["allreduce_seconds"].as_f64().unwrap_or(f64::NAN);
+    let bytes = two_after["gradient_bytes"].as_f64().unwrap_or(f64::NAN);
+    let secs = two_after["allreduce_seconds"].as_f64().unwrap_or(f64::NAN);
     println!("| run | 1 process | 2 processes | efficiency |\n|---|---:|---:|---:|");
     println!(
-        "| ours (hq_train, gloo) | {:.1} | {:.1} | {:.2} |",
+        "| ours (hq_train, gloo, reducer) | {:.1} | {:.1} | {:.2} |",
         rate(&one),
         rate(&two),
         eff(&one, &two)
+    );
+    println!(
+        "| ours, all-reduce after backward | {:.1} | {:.1} | {:.2} |",
+        rate(&one),
+        rate(&two_after),
+        eff(&one, &two_after)
     );
     if let (Some(a), Some(b)) = (&oc1, &oc2) {
         println!(
@@ -315,7 +339,9 @@ fn main() {
         "batch_per_rank": batch,
         "steps": steps,
         "cpus": cpus,
-        "ours": {"world1": one, "world2": two, "efficiency": eff(&one, &two)},
+        "ours": {"world1": one, "world2": two, "efficiency": eff(&one, &two),
+                 "world2_allreduce_after_backward": two_after,
+                 "efficiency_allreduce_after_backward": eff(&one, &two_after)},
         "open_clip": match (&oc1, &oc2) {
             (Some(a), Some(b)) => serde_json::json!({"world1": a, "world2": b, "efficiency": eff(a, b)}),
             _ => serde_json::Value::Null,

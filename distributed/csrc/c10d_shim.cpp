@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef HQ_DIST_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -69,6 +71,16 @@ struct hq_dist_store {
 struct hq_dist_group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+// DDP's gradient reducer over a group: autograd hooks on the parameters all-reduce each bucket
+// of gradients as soon as the backward pass has filled it, overlapping communication with the
+// rest of the backward (what torch.nn.parallel.DistributedDataParallel does). It averages. It is
+// built with find_unused_parameters: a parameter the loss does not reach (an STC head when STC is
+// off) is marked ready by a traversal of the graph instead of stalling its bucket.
+struct hq_dist_reducer {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  std::shared_ptr<c10d::Reducer> reducer;
 };
 
 extern "C" {
@@ -179,6 +191,52 @@ char* hq_dist_broadcast(hq_dist_group* group, at::Tensor* tensor, int root, int6
     o.rootTensor = 0;
     o.timeout = ms(timeout_ms);
     wait_for(group->backend->broadcast(tensors, o), timeout_ms);
+  });
+}
+
+// A reducer over `params`, in buckets of about bucket_bytes, filled in reverse parameter order (the order in which the
+// backward pass produces gradients), as DDP assigns them.
+char* hq_dist_reducer_new(hq_dist_group* group, at::Tensor** params, size_t n,
+                          int64_t bucket_bytes, hq_dist_reducer** out) {
+  *out = nullptr;
+  return guarded("hq-dist: reducer", [&] {
+    const auto& backend = group->backend;
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(group->store, backend->getRank(),
+                                                      backend->getSize());
+    const bool gloo = backend->getBackendName() == "gloo";
+    const auto type = gloo ? c10d::ProcessGroup::BackendType::GLOO
+                           : c10d::ProcessGroup::BackendType::NCCL;
+    pg->setBackend(gloo ? c10::DeviceType::CPU : c10::DeviceType::CUDA, type, backend);
+    pg->setDefaultBackend(type);
+    std::vector<at::Tensor> ps;
+    for (size_t i = 0; i < n; ++i) ps.push_back(*params[i]);
+    const auto cap = static_cast<size_t>(bucket_bytes);
+    auto assignment = c10d::compute_bucket_assignment_by_size(ps, {cap}, {}, {});
+    auto buckets = std::get<0>(assignment);
+    std::reverse(buckets.begin(), buckets.end());
+    auto reducer = std::make_shared<c10d::Reducer>(
+        ps, buckets, pg, std::vector<bool>(n, false), bucket_bytes,
+        /*find_unused_parameters=*/true, /*gradient_as_bucket_view=*/false,
+        std::unordered_map<size_t, std::string>{}, /*first_bucket_bytes_cap=*/bucket_bytes,
+        /*skip_all_reduce_unused_params=*/false, /*use_python_reducer=*/false,
+        std::vector<int64_t>{});
+    *out = new hq_dist_reducer{pg, reducer};
+  });
+}
+
+void hq_dist_reducer_free(hq_dist_reducer* r) {
+  try {
+    delete r;
+  } catch (...) {
+  }
+}
+
+// Arms the reducer for the next backward pass from `output` (the loss): its gradients are
+// averaged over the ranks by the time that backward returns.
+char* hq_dist_reducer_prepare(hq_dist_reducer* r, at::Tensor* output) {
+  return guarded("hq-dist: reducer", [&] {
+    r->reducer->prepare_for_forward();
+    r->reducer->prepare_for_backward({*output});
   });
 }
 

@@ -11,6 +11,12 @@ pub struct Store {
     _private: [u8; 0],
 }
 
+/// Opaque: DDP's gradient reducer over a process group.
+#[repr(C)]
+pub struct Reducer {
+    _private: [u8; 0],
+}
+
 /// Opaque: a process group (sharing a store).
 #[repr(C)]
 pub struct Group {
@@ -58,6 +64,15 @@ extern "C" {
         timeout_ms: i64,
     ) -> *mut c_char;
     pub fn hq_dist_barrier(group: *mut Group, timeout_ms: i64) -> *mut c_char;
+    pub fn hq_dist_reducer_new(
+        group: *mut Group,
+        params: *const *mut C_tensor,
+        n: usize,
+        bucket_bytes: i64,
+        out: *mut *mut Reducer,
+    ) -> *mut c_char;
+    pub fn hq_dist_reducer_free(reducer: *mut Reducer);
+    pub fn hq_dist_reducer_prepare(reducer: *mut Reducer, output: *mut C_tensor) -> *mut c_char;
     pub fn hq_dist_store_set(
         store: *mut Store,
         key: *const c_char,

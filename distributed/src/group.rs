@@ -387,8 +387,10 @@ impl ProcessGroup {
             .collect()
     }
 
-    /// `e` with the ranks that stopped named (a failed collective is usually a peer that died).
-    fn diagnosed(&self, e: DistError) -> DistError {
+    /// `e` with the ranks that stopped named (a failed collective is usually a peer that died):
+    /// for errors raised outside this crate's calls too, such as a backward pass whose gradient
+    /// reducer lost a peer.
+    pub fn diagnosed(&self, e: impl std::fmt::Display) -> DistError {
         let stopped = self.stopped_ranks();
         let who = match stopped.as_slice() {
             [] => "every rank's heartbeat is alive".to_string(),
@@ -477,6 +479,60 @@ fn agree_on_world_size(store: &Store, rdv: &Rendezvous, timeout: Duration) -> Re
         }
     }
     Ok(())
+}
+
+/// DDP's gradient reducer (libtorch's `c10d::Reducer`) over some parameters: armed before a
+/// backward pass with [`GradReducer::prepare`], it all-reduces each bucket of gradients as soon as
+/// that backward has produced it, overlapping communication with the rest of the backward, and
+/// leaves the gradients **averaged** over the ranks when the backward returns. A backward without
+/// `prepare` accumulates locally (DDP's `no_sync`); the next armed one includes it. Parameters
+/// the loss does not reach are found by a traversal of the graph (DDP's find_unused_parameters).
+pub struct GradReducer {
+    raw: NonNull<ffi::Reducer>,
+}
+
+// The reducer is driven from the thread that runs the backward; its hooks run on autograd's.
+unsafe impl Send for GradReducer {}
+
+impl GradReducer {
+    /// Arms the reducer for the backward pass of `loss`.
+    pub fn prepare(&self, loss: &Tensor) -> Result<()> {
+        let mut loss = loss.shallow_clone();
+        // SAFETY: the reducer and the tensor are live for the call.
+        check(unsafe { ffi::hq_dist_reducer_prepare(self.raw.as_ptr(), loss.as_mut_ptr()) })
+    }
+}
+
+impl Drop for GradReducer {
+    fn drop(&mut self) {
+        // SAFETY: created by hq_dist_reducer_new, freed once.
+        unsafe { ffi::hq_dist_reducer_free(self.raw.as_ptr()) }
+    }
+}
+
+impl ProcessGroup {
+    /// A [`GradReducer`] over `params` (leaf tensors requiring gradients), in buckets of about
+    /// `bucket_bytes`, as DDP builds its own.
+    pub fn reducer(&self, params: &[&Tensor], bucket_bytes: usize) -> Result<GradReducer> {
+        let mut owned: Vec<Tensor> = params.iter().map(|p| p.shallow_clone()).collect();
+        let ptrs: Vec<*mut torch_sys::C_tensor> =
+            owned.iter_mut().map(|p| p.as_mut_ptr()).collect();
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the tensors outlive the call (the reducer keeps its own references).
+        check(unsafe {
+            ffi::hq_dist_reducer_new(
+                self.raw.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len(),
+                i64::try_from(bucket_bytes).unwrap_or(i64::MAX),
+                &mut raw,
+            )
+        })?;
+        Ok(GradReducer {
+            raw: NonNull::new(raw)
+                .ok_or_else(|| DistError::C10d("the shim returned no reducer".into()))?,
+        })
+    }
 }
 
 impl Drop for ProcessGroup {

@@ -17,5 +17,5 @@ pub mod launch;
 pub mod rendezvous;
 
 pub use error::{DistError, Result};
-pub use group::{Backend, ProcessGroup, ReduceOp};
+pub use group::{Backend, GradReducer, ProcessGroup, ReduceOp};
 pub use rendezvous::{Launcher, Rendezvous};

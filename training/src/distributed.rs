@@ -10,10 +10,59 @@
 //! loss is already the global mean). The logit scale's direct gradient is the same on every rank
 //! and is taken on rank 0 only.
 
-use hq_dist::{ProcessGroup, ReduceOp};
+use hq_dist::{GradReducer, ProcessGroup, ReduceOp};
 use tch::{Kind, Tensor};
 
 use crate::TrainError;
+
+/// One rank's part in a data-parallel step: the group, and optionally DDP's overlapped gradient
+/// reduction (else the gradients are all-reduced after the backward pass, [`all_reduce_gradients`]).
+#[derive(Clone, Copy)]
+pub struct Ranks<'a> {
+    pub group: &'a ProcessGroup,
+    pub overlap: Option<&'a OverlappedGradients>,
+}
+
+/// libtorch's DDP reducer over every parameter that gets a gradient on every rank (all but the
+/// logit scale, whose contrastive gradient is taken on rank 0 only, see the module docs), which
+/// all-reduces their buckets during the backward pass; the rest are all-reduced after it.
+/// The reducer averages: the step scales its objective by the world size so that the average is
+/// the sum the global objective needs.
+pub struct OverlappedGradients {
+    reducer: GradReducer,
+    rest: Vec<Tensor>,
+}
+
+impl OverlappedGradients {
+    /// Over the optimizer's named parameters.
+    pub fn new(pg: &ProcessGroup, params: &[(String, Tensor)]) -> Result<Self, TrainError> {
+        let (rest, synced): (Vec<_>, Vec<_>) =
+            params.iter().partition(|(name, _)| name == "logit_scale");
+        let synced: Vec<&Tensor> = synced.into_iter().map(|(_, t)| t).collect();
+        Ok(OverlappedGradients {
+            reducer: pg.reducer(&synced, BUCKET_BYTES)?,
+            rest: rest.into_iter().map(|(_, t)| t.shallow_clone()).collect(),
+        })
+    }
+
+    /// Arms the reducer for the backward pass of `loss` (the step's last).
+    pub fn prepare(&self, loss: &Tensor) -> Result<(), TrainError> {
+        Ok(self.reducer.prepare(loss)?)
+    }
+
+    /// After the armed backward: the parameters outside the reducer, summed over the ranks and
+    /// divided by the world size (their objective was scaled by it too).
+    pub fn finish(&self, pg: &ProcessGroup) -> Result<(), TrainError> {
+        let rest: Vec<&Tensor> = self.rest.iter().collect();
+        all_reduce_gradients(pg, &rest, BUCKET_BYTES)?;
+        tch::no_grad(|| {
+            for t in &self.rest {
+                let _ = t.grad().f_div_scalar_(pg.world_size() as f64)?;
+            }
+            Ok(())
+        })
+    }
+}
 
 /// Gradients are all-reduced in flat buckets of about this many bytes (DDP's default, 25 MiB):
 /// few enough messages to amortise latency, small enough not to double peak memory.

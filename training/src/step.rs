@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{LossParts, StcReduction};
 use crate::data::Batch;
-use crate::distributed;
+use crate::distributed::{self, OverlappedGradients, Ranks};
 use crate::model::{l2_normalize, Clip, StcHead};
 use crate::optim::AdamW;
 use crate::TrainError;
@@ -387,6 +387,7 @@ pub fn accumulate_gradients_across_ranks(
     obj: &Objective,
     device: Device,
     pg: &ProcessGroup,
+    overlap: Option<&OverlappedGradients>,
 ) -> Result<(f64, [f64; 4]), TrainError> {
     if batches.is_empty() {
         return Err(TrainError::DataLoader(
@@ -495,6 +496,13 @@ pub fn accumulate_gradients_across_ranks(
             stc_sum += part.f_double_value(&[])?;
             total = total.f_add(&part.f_mul_scalar(obj.stc_weight)?)?;
         }
+        if let Some(o) = overlap {
+            // The reducer averages over the ranks; the global objective wants their sum.
+            total = total.f_mul_scalar(pg.world_size() as f64)?;
+            if j + 1 == batches.len() {
+                o.prepare(&total)?;
+            }
+        }
         total.f_backward()?;
         start += b.len() as i64;
     }
@@ -520,12 +528,12 @@ pub fn train_step(
     train_step_on(None, model, stc, optimizer, batches, obj, lr, device, step)
 }
 
-/// [`train_step`] as one rank of a data-parallel job when `group` is given (and has more than
+/// [`train_step`] as one rank of a data-parallel job when `ranks` is given (and has more than
 /// one rank): `batches` are this rank's, the step is over every rank's, and every rank ends with
 /// the same parameters. `samples` in the result counts the global batch.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_on(
-    group: Option<&ProcessGroup>,
+    ranks: Option<Ranks<'_>>,
     model: &Clip,
     stc: Option<&StcHead>,
     optimizer: &mut AdamW,
@@ -536,17 +544,30 @@ pub fn train_step_on(
     step: u64,
 ) -> Result<StepStats, TrainError> {
     optimizer.zero_grad();
-    let group = group.filter(|g| g.world_size() > 1);
+    let ranks = ranks.filter(|r| r.group.world_size() > 1);
     let mut samples: usize = batches.iter().map(Batch::len).sum();
-    let (total, values) = match group {
+    let (total, values) = match ranks {
         None => accumulate_gradients(model, stc, batches, obj, device)?,
-        Some(pg) => {
+        Some(Ranks { group: pg, overlap }) => {
             if optimizer.parameters().any(|p| !p.grad().defined()) {
                 distributed::define_gradients(optimizer.parameters())?;
             }
-            let out = accumulate_gradients_across_ranks(model, stc, batches, obj, device, pg)?;
-            let params: Vec<&Tensor> = optimizer.parameters().collect();
-            distributed::all_reduce_gradients(pg, &params, distributed::BUCKET_BYTES)?;
+            // A peer that dies mid-step surfaces wherever the step waits for it (a collective,
+            // or the reducer inside the backward pass): say which rank stopped.
+            let named = |e: TrainError| match e {
+                TrainError::Dist(d) => TrainError::Dist(d),
+                other => TrainError::Dist(pg.diagnosed(other)),
+            };
+            let out =
+                accumulate_gradients_across_ranks(model, stc, batches, obj, device, pg, overlap)
+                    .map_err(named)?;
+            match overlap {
+                Some(o) => o.finish(pg)?,
+                None => {
+                    let params: Vec<&Tensor> = optimizer.parameters().collect();
+                    distributed::all_reduce_gradients(pg, &params, distributed::BUCKET_BYTES)?;
+                }
+            }
             samples *= pg.world_size();
             out
         }

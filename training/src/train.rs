@@ -264,6 +264,10 @@ pub fn run_on(req: &RunRequest, group: Option<&ProcessGroup>) -> Result<RunSumma
         // Every rank starts from rank 0's weights (a resumed run loads them from the checkpoint).
         crate::distributed::broadcast_from_rank0(pg, params.iter().map(|(_, t)| t))?;
     }
+    // Gradients all-reduced during the backward pass, as DDP does.
+    let overlap = group
+        .map(|pg| crate::distributed::OverlappedGradients::new(pg, &params))
+        .transpose()?;
     let mut optimizer = AdamW::new(cfg.adamw(), params, |n, t| {
         !excluded_from_weight_decay(n, t)
     })?;
@@ -400,7 +404,10 @@ pub fn run_on(req: &RunRequest, group: Option<&ProcessGroup>) -> Result<RunSumma
             skipped = global_skips(pg, &skipped)?;
         }
         let stats: StepStats = train_step_on(
-            group,
+            group.map(|group| crate::distributed::Ranks {
+                group,
+                overlap: overlap.as_ref(),
+            }),
             &model,
             stc.as_ref(),
             &mut optimizer,

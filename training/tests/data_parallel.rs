@@ -1,7 +1,9 @@
 //! Data parallelism equals the single process: k optimizer steps with 2 ranks x batch B (libtorch's
 //! Gloo on loopback, real processes: this binary re-runs itself as the ranks) give the per-step
 //! losses and the final parameters of 1 process with batch 2B on the same samples in the same
-//! order, for plain CLIP, for +HNI +STC with some gates open, and with gradient accumulation.
+//! order, for plain CLIP, for +HNI +STC with some gates open, and with gradient accumulation;
+//! with the gradients all-reduced during the backward pass (libtorch's DDP reducer, the default)
+//! and after it.
 //! The ranks start from different seeds: rank 0's weights reach the other by broadcast.
 //!
 //! Tolerance (measured, see `TOLERANCE`): the two runs round differently (each rank encodes 8
@@ -15,6 +17,7 @@ use std::time::Duration;
 use hq_dist::{launch, Backend, ProcessGroup, Rendezvous};
 use hq_train::config::{LossParts, StcReduction};
 use hq_train::data::Batch;
+use hq_train::distributed::{OverlappedGradients, Ranks};
 use hq_train::model::{excluded_from_weight_decay, Clip, ClipConfig, StcHead};
 use hq_train::optim::{AdamW, AdamWConfig};
 use hq_train::step::{train_step_on, Objective};
@@ -49,7 +52,9 @@ fn objective(parts: LossParts) -> Objective {
     }
 }
 
-fn variant(name: &str) -> (LossParts, usize) {
+/// (loss parts, micro-batches per step, gradients all-reduced during the backward (DDP's reducer)
+/// rather than after it).
+fn variant(name: &str) -> (LossParts, usize, bool) {
     let all = LossParts {
         mixed_text: true,
         hni: true,
@@ -63,9 +68,11 @@ fn variant(name: &str) -> (LossParts, usize) {
                 ..all
             },
             1,
+            true,
         ),
-        "hni_stc" => (all, 1),
-        "hni_stc_accum" => (all, 2),
+        "hni_stc" => (all, 1, true),
+        "hni_stc_accum" => (all, 2, true),
+        "hni_stc_accum_after_backward" => (all, 2, false),
         other => panic!("unknown variant {other}"),
     }
 }
@@ -89,8 +96,7 @@ fn global_batches(cfg: &ClipConfig, world: usize) -> Vec<Batch> {
 fn run(
     group: Option<&ProcessGroup>,
     seed: i64,
-    parts: LossParts,
-    micro: usize,
+    (parts, micro, overlapped): (LossParts, usize, bool),
     batches: &[Batch],
 ) -> (Vec<[f64; 4]>, Vec<(String, Tensor)>) {
     let cfg = config();
@@ -109,6 +115,10 @@ fn run(
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect()
     };
+    let overlap = match (group, overlapped) {
+        (Some(pg), true) => Some(OverlappedGradients::new(pg, &shallow(&params)).expect("reducer")),
+        _ => None,
+    };
     let mut opt = AdamW::new(AdamWConfig::default(), shallow(&params), |n, t| {
         !excluded_from_weight_decay(n, t)
     })
@@ -120,7 +130,10 @@ fn run(
         let per = b.len() / micro;
         let parts: Vec<Batch> = (0..micro).map(|j| b.rows(j * per..(j + 1) * per)).collect();
         let s = train_step_on(
-            group,
+            group.map(|group| Ranks {
+                group,
+                overlap: overlap.as_ref(),
+            }),
             &model,
             Some(&stc),
             &mut opt,
@@ -170,14 +183,13 @@ fn worker() {
     };
     let rdv = Rendezvous::from_env().expect("env").expect("launched");
     let pg = ProcessGroup::new(&rdv, Backend::Gloo, Duration::from_secs(60)).expect("join");
-    let (parts, micro) = variant(&name);
     let cfg = config();
     let mine: Vec<Batch> = global_batches(&cfg, 2)
         .iter()
         .map(|b| b.rows(rdv.rank * PER_RANK..(rdv.rank + 1) * PER_RANK))
         .collect();
     // Different seeds: rank 1's own initial weights must be replaced by rank 0's.
-    let (losses, params) = run(Some(&pg), 7 + rdv.rank as i64, parts, micro, &mine);
+    let (losses, params) = run(Some(&pg), 7 + rdv.rank as i64, variant(&name), &mine);
     let out = PathBuf::from(std::env::var("HQ_TRAIN_DP_OUT").expect("out"));
     save(
         &out.join(format!("rank{}.safetensors", rdv.rank)),
@@ -213,10 +225,11 @@ fn check_variant(name: &str) {
     // The single process over the global batches meanwhile (one at a time: the batches and the
     // initial weights come from libtorch's global generator, which the other tests' threads of
     // this binary would otherwise draw from in between).
-    let (parts, micro) = variant(name);
+    let (parts, micro, overlapped) = variant(name);
     let (want_losses, want_params) = {
         let _one = REFERENCE.lock().unwrap_or_else(|e| e.into_inner());
-        run(None, 7, parts, micro, &global_batches(&config(), 2))
+        let batches = global_batches(&config(), 2);
+        run(None, 7, (parts, micro, overlapped), &batches)
     };
     for (rank, mut c) in children.into_iter().enumerate() {
         let status = c.wait().expect("wait");
@@ -291,4 +304,9 @@ fn two_ranks_equal_one_process_with_hni_and_stc() {
 #[test]
 fn two_ranks_equal_one_process_with_accumulation() {
     check_variant("hni_stc_accum");
+}
+
+#[test]
+fn two_ranks_equal_one_process_reducing_after_the_backward() {
+    check_variant("hni_stc_accum_after_backward");
 }
