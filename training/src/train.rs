@@ -134,7 +134,7 @@ pub fn saved_state(resume: &Path) -> Result<TrainState, TrainError> {
 
 /// Runs training as configured (see the module docs).
 pub fn run(req: &RunRequest) -> Result<RunSummary, TrainError> {
-    run_on(req, None)
+    run_on(req, None, false)
 }
 
 /// Writes `record` to the metrics log when this rank keeps one (rank 0).
@@ -145,8 +145,13 @@ fn log(metrics: &mut Option<MetricsLog>, record: &serde_json::Value) -> Result<(
     }
 }
 
-/// [`run`] as one rank of `group` (a single process when `None` or a group of one).
-pub fn run_on(req: &RunRequest, group: Option<&ProcessGroup>) -> Result<RunSummary, TrainError> {
+/// [`run`] as one rank of `group` (a single process when `None` or a group of one); `overlap`:
+/// gradients all-reduced during the backward pass (libtorch's DDP reducer) instead of after it.
+pub fn run_on(
+    req: &RunRequest,
+    group: Option<&ProcessGroup>,
+    overlap: bool,
+) -> Result<RunSummary, TrainError> {
     let group = group.filter(|g| g.world_size() > 1);
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
     let lead = rank == 0;
@@ -264,10 +269,11 @@ pub fn run_on(req: &RunRequest, group: Option<&ProcessGroup>) -> Result<RunSumma
         // Every rank starts from rank 0's weights (a resumed run loads them from the checkpoint).
         crate::distributed::broadcast_from_rank0(pg, params.iter().map(|(_, t)| t))?;
     }
-    // Gradients all-reduced during the backward pass, as DDP does.
-    let overlap = group
-        .map(|pg| crate::distributed::OverlappedGradients::new(pg, &params))
-        .transpose()?;
+    // Gradients all-reduced during the backward pass, as DDP does, when asked.
+    let overlap = match (group, overlap) {
+        (Some(pg), true) => Some(crate::distributed::OverlappedGradients::new(pg, &params)?),
+        _ => None,
+    };
     let mut optimizer = AdamW::new(cfg.adamw(), params, |n, t| {
         !excluded_from_weight_decay(n, t)
     })?;

@@ -3,7 +3,8 @@
 //! skipped with a message when there is no venv) and by hand with torchrun's variables.
 //!
 //! - torchrun and `--nproc-per-node` give bit-identical weights (the same ranks, data and steps);
-//! - a 2-rank run stopped after a checkpoint and resumed equals the uninterrupted one, bit for bit;
+//! - a 2-rank run stopped after a checkpoint and resumed (with the gradients all-reduced during
+//!   the backward by libtorch's DDP reducer) equals the uninterrupted one, bit for bit;
 //! - resuming with another world size is refused with a message that says which to use;
 //! - a rank whose rendezvous fails (its peer never comes) exits within its timeout, naming it.
 
@@ -128,6 +129,9 @@ fn two_ranks_run_resume_and_launch_alike() {
         "2".into(),
     ]);
     assert!(hq_train(&a, &[]).status.success());
+    // The second half with the gradients all-reduced during the backward (DDP's reducer, which
+    // averages a world-size-scaled objective: with 2 ranks that scaling is exact in floating
+    // point, so the weights stay bit-identical to the all-reduce after the backward).
     let resume: Vec<String> = [
         "--resume",
         &run("halves").display().to_string(),
@@ -136,6 +140,8 @@ fn two_ranks_run_resume_and_launch_alike() {
         "--threads",
         "1",
         "--quiet",
+        "--dist-overlap",
+        "on",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -145,7 +151,7 @@ fn two_ranks_run_resume_and_launch_alike() {
     assert_same_weights(&run("whole"), &run("halves"), 4, "resumed vs uninterrupted");
 
     // Another world size is refused.
-    let one: Vec<String> = resume[..2].iter().chain(&resume[4..]).cloned().collect();
+    let one: Vec<String> = resume[..2].iter().chain(&resume[4..7]).cloned().collect();
     let o = hq_train(&one, &[]);
     assert!(!o.status.success());
     assert!(

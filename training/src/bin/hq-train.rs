@@ -130,6 +130,11 @@ struct Cli {
     /// Seconds a rank waits for the others in a collective before failing (torch's default).
     #[arg(long, value_name = "S", default_value_t = 1800)]
     dist_timeout: u64,
+    /// All-reduce gradients during the backward pass (libtorch's DDP reducer) or after it: auto
+    /// (during with nccl, after with gloo: on CPUs the two compete for the same cores, and after
+    /// measured faster, benches/RESULTS.md), on, off.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    dist_overlap: String,
 }
 
 /// `hq-train --nproc-per-node N ...`: the same command, without that flag, as N local ranks.
@@ -258,7 +263,14 @@ fn main() -> Result<()> {
         stop_after: cli.stop_after,
         verbose: !cli.quiet,
     };
-    let summary = hq_train::train::run_on(&request, group.as_ref())?;
+    let overlap = match (cli.dist_overlap.as_str(), &group) {
+        (_, None) => false,
+        ("auto", Some(g)) => g.backend() == hq_dist::Backend::Nccl,
+        ("on", _) => true,
+        ("off", _) => false,
+        (other, _) => anyhow::bail!("--dist-overlap {other}: expected auto, on or off"),
+    };
+    let summary = hq_train::train::run_on(&request, group.as_ref(), overlap)?;
     if group.as_ref().is_some_and(|g| g.rank() != 0) {
         return Ok(());
     }
