@@ -5,6 +5,7 @@
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -96,7 +97,9 @@ impl Drop for Store {
 /// How often each rank bumps its heartbeat counter in the store.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
-/// The background thread that shows this rank is alive: a counter under `heartbeat/RANK`.
+/// The background thread that shows this rank is alive, and how far it got: `heartbeat/RANK` holds
+/// "BEAT OPS", a counter bumped every [`HEARTBEAT`] and the number of collectives this rank has
+/// entered.
 struct Heartbeat {
     // Dropping the sender wakes the thread at once (no sleep to wait out).
     stop: Option<std::sync::mpsc::Sender<()>>,
@@ -104,9 +107,9 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(store: Arc<Store>, rank: usize) -> Result<Self> {
+    fn start(store: Arc<Store>, rank: usize, ops: Arc<AtomicU64>) -> Result<Self> {
         let key = format!("heartbeat/{rank}");
-        store.set(&key, b"0")?;
+        store.set(&key, b"0 0")?;
         let (stop, wake) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("hq-dist-heartbeat-{rank}"))
@@ -116,8 +119,9 @@ impl Heartbeat {
                     wake.recv_timeout(HEARTBEAT)
                 {
                     beat += 1;
+                    let value = format!("{beat} {}", ops.load(Ordering::Relaxed));
                     // The store is gone when rank 0 is: nothing left to tell.
-                    if store.set(&key, beat.to_string().as_bytes()).is_err() {
+                    if store.set(&key, value.as_bytes()).is_err() {
                         break;
                     }
                 }
@@ -144,6 +148,8 @@ pub struct ProcessGroup {
     raw: NonNull<ffi::Group>,
     // Held for its Drop, which stops the thread (before `store` drops: field order).
     _heartbeat: Heartbeat,
+    /// Collectives entered so far (published by the heartbeat).
+    ops: Arc<AtomicU64>,
     store: Arc<Store>,
     rank: usize,
     world_size: usize,
@@ -217,7 +223,8 @@ impl ProcessGroup {
                 .ok_or_else(|| DistError::C10d("the shim returned no store".into()))?,
         });
         agree_on_world_size(&store, rdv, timeout).map_err(joining)?;
-        let heartbeat = Heartbeat::start(store.clone(), rdv.rank).map_err(joining)?;
+        let ops = Arc::new(AtomicU64::new(0));
+        let heartbeat = Heartbeat::start(store.clone(), rdv.rank, ops.clone()).map_err(joining)?;
 
         let name = c_string(backend.name(), "backend")?;
         // Gloo binds this rank's own address: loopback when the master is local.
@@ -241,6 +248,7 @@ impl ProcessGroup {
         Ok(ProcessGroup {
             raw,
             _heartbeat: heartbeat,
+            ops,
             store,
             rank: rdv.rank,
             world_size: rdv.world_size,
@@ -291,6 +299,7 @@ impl ProcessGroup {
     /// Reduces `t` over all ranks, in place: every rank ends with the result.
     pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         self.check_tensor("all_reduce", t)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
         let code = match op {
             ReduceOp::Sum | ReduceOp::Average => 0,
             ReduceOp::Max => 1,
@@ -320,6 +329,7 @@ impl ProcessGroup {
     /// Every rank's `t`, in rank order (the same shape and dtype on every rank).
     pub fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
         self.check_tensor("all_gather", t)?;
+        self.ops.fetch_add(1, Ordering::Relaxed);
         let mut outputs: Vec<Tensor> = (0..self.world_size).map(|_| t.empty_like()).collect();
         let ptrs: Vec<*mut torch_sys::C_tensor> =
             outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
@@ -348,6 +358,7 @@ impl ProcessGroup {
                 why: format!("root {root} is not a rank of {}", self.world_size),
             });
         }
+        self.ops.fetch_add(1, Ordering::Relaxed);
         // SAFETY: as in all_reduce.
         check(unsafe {
             ffi::hq_dist_broadcast(
@@ -362,49 +373,86 @@ impl ProcessGroup {
 
     /// Waits until every rank has reached the barrier.
     pub fn barrier(&self) -> Result<()> {
+        self.ops.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the group is live.
         check(unsafe { ffi::hq_dist_barrier(self.raw.as_ptr(), millis(self.timeout)) })
             .map_err(|e| self.diagnosed(e))
     }
 
-    /// Which ranks have stopped: those whose heartbeat does not advance over a few periods (all
-    /// of them, when the store on rank 0 is gone). Empty when every rank is alive.
-    pub fn stopped_ranks(&self) -> Vec<usize> {
-        let read = || -> Option<Vec<Vec<u8>>> {
-            (0..self.world_size)
-                .map(|r| self.store.get(&format!("heartbeat/{r}"), HEARTBEAT).ok())
-                .collect()
-        };
-        let Some(before) = read() else {
-            return vec![0];
-        };
-        std::thread::sleep(HEARTBEAT * 3);
-        let Some(after) = read() else {
-            return vec![0];
-        };
+    /// Every rank's heartbeat as (beat, collectives entered); `None` when the store is gone.
+    fn heartbeats(&self) -> Option<Vec<(u64, u64)>> {
         (0..self.world_size)
-            .filter(|&r| r != self.rank && before[r] == after[r])
+            .map(|r| {
+                let v = self.store.get(&format!("heartbeat/{r}"), HEARTBEAT).ok()?;
+                let text = String::from_utf8_lossy(&v).into_owned();
+                let mut it = text.split_whitespace().map(|n| n.parse::<u64>().ok());
+                Some((it.next()??, it.next()??))
+            })
             .collect()
     }
 
-    /// `e` with the ranks that stopped named (a failed collective is usually a peer that died):
-    /// for errors raised outside this crate's calls too, such as a backward pass whose gradient
-    /// reducer lost a peer.
+    /// Which ranks have stopped: those whose heartbeat does not advance over a few periods (all
+    /// of them, when the store on rank 0 is gone). Empty when every rank is alive.
+    pub fn stopped_ranks(&self) -> Vec<usize> {
+        self.progress().0
+    }
+
+    /// (stopped ranks, live ranks that have entered fewer collectives than this one: stuck or
+    /// slow, as a rank that hangs is).
+    fn progress(&self) -> (Vec<usize>, Vec<(usize, u64)>) {
+        let Some(before) = self.heartbeats() else {
+            return (vec![0], Vec::new());
+        };
+        std::thread::sleep(HEARTBEAT * 3);
+        let Some(after) = self.heartbeats() else {
+            return (vec![0], Vec::new());
+        };
+        let mine = self.ops.load(Ordering::Relaxed);
+        let others = (0..self.world_size).filter(|&r| r != self.rank);
+        let stopped: Vec<usize> = others
+            .clone()
+            .filter(|&r| before[r].0 == after[r].0)
+            .collect();
+        let behind = others
+            .filter(|&r| before[r].0 != after[r].0 && after[r].1 < mine)
+            .map(|r| (r, after[r].1))
+            .collect();
+        (stopped, behind)
+    }
+
+    /// `e` with the ranks that stopped or fell behind named (a failed collective is usually a
+    /// peer that died or hangs): for errors raised outside this crate's calls too, such as a
+    /// backward pass whose gradient reducer lost a peer.
     pub fn diagnosed(&self, e: impl std::fmt::Display) -> DistError {
-        let stopped = self.stopped_ranks();
-        let who = match stopped.as_slice() {
-            [] => "every rank's heartbeat is alive".to_string(),
-            [0] if self.rank != 0 => {
+        let (stopped, behind) = self.progress();
+        let list = |ranks: &[usize]| {
+            ranks
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let plural = |n: usize| if n > 1 { "s" } else { "" };
+        let who = match (stopped.as_slice(), behind.as_slice()) {
+            ([0], _) if self.rank != 0 => {
                 "rank 0 stopped (its store is unreachable or its heartbeat stopped)".to_string()
             }
-            ranks => format!(
-                "rank{} {} stopped (no heartbeat for {:?})",
-                if ranks.len() > 1 { "s" } else { "" },
-                ranks
+            ([], []) => "every rank's heartbeat is alive and none is behind".to_string(),
+            ([], behind) => format!(
+                "rank{} {} alive but behind (entered {} collectives, this rank {}): stuck or slow",
+                plural(behind.len()),
+                list(&behind.iter().map(|b| b.0).collect::<Vec<_>>()),
+                behind
                     .iter()
-                    .map(|r| r.to_string())
+                    .map(|b| b.1.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
+                self.ops.load(Ordering::Relaxed)
+            ),
+            (ranks, _) => format!(
+                "rank{} {} stopped (no heartbeat for {:?})",
+                plural(ranks.len()),
+                list(ranks),
                 HEARTBEAT * 3
             ),
         };

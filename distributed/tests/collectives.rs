@@ -4,8 +4,9 @@
 //! - Every collective with known values on 2 ranks, through libtorch's Gloo: all-reduce (sum,
 //!   average, max, min; f32, f64, i64), all-gather, broadcast, barrier, the store. Exact values
 //!   (small integers), so a shim whose headers do not match libtorch's layout fails here.
-//! - Faults: a rank that dies before a collective makes the other fail within its timeout; a port
-//!   in use, a master nobody serves, and ranks that disagree on WORLD_SIZE are clear errors.
+//! - Faults: a rank that dies, or hangs, before a collective makes the other fail within its
+//!   timeout, naming it; a port in use, a master nobody serves, and ranks that disagree on
+//!   WORLD_SIZE are clear errors.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -90,6 +91,22 @@ fn worker() {
             let err = pg
                 .all_reduce(&mut t, ReduceOp::Sum)
                 .expect_err("peer is dead");
+            println!("ERROR after {:?}: {err}", started.elapsed());
+        }
+        "hang_before_all_reduce" => {
+            let pg = joined.expect("join");
+            let mut t = Tensor::ones([4], (Kind::Float, tch::Device::Cpu));
+            pg.all_reduce(&mut t, ReduceOp::Sum)
+                .expect("first all-reduce");
+            if pg.rank() == 1 {
+                // Alive (the heartbeat goes on) but stuck past the others' timeout.
+                std::thread::sleep(timeout * 3);
+                return;
+            }
+            let started = Instant::now();
+            let err = pg
+                .all_reduce(&mut t, ReduceOp::Sum)
+                .expect_err("peer hangs");
             println!("ERROR after {:?}: {err}", started.elapsed());
         }
         "join_only" => match joined {
@@ -201,6 +218,26 @@ fn a_dead_rank_fails_the_others_within_the_timeout() {
         line.contains("rank 1 stopped"),
         "the dead rank is not named: {line}"
     );
+}
+
+#[test]
+fn a_hung_rank_fails_the_others_within_the_timeout_naming_it() {
+    let timeout_ms = 3_000;
+    let outs = run_ranks(
+        "hang_before_all_reduce",
+        2,
+        |_| vec![("HQ_DIST_TIMEOUT_MS".into(), timeout_ms.to_string())],
+        Duration::from_secs(40),
+    );
+    let t = text(&outs[0]);
+    assert!(outs[0].status.success(), "rank 0:\n{t}");
+    let line = t
+        .lines()
+        .find(|l| l.contains("ERROR after"))
+        .unwrap_or_else(|| panic!("rank 0 reported no error:\n{t}"));
+    eprintln!("rank 0: {line}");
+    // c10d's timeout message may span lines: the diagnosis is at the end of the error.
+    assert!(t.contains("rank 1 alive but behind"), "{t}");
 }
 
 #[test]
