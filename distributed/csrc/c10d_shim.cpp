@@ -5,7 +5,7 @@
 // collectives of the field's runtime (torchrun's store, c10d's Gloo/NCCL algorithms), so
 // libtorch_cpu.so / libtorch_cuda.so do the work and this file only translates. Every entry point
 // catches C++ exceptions and returns them as a malloc'd message (NULL on success); Rust frees it
-// with hq_dist_free_error. Tensors come in as tch's `at::Tensor*` (torch-sys's C_tensor).
+// with hq_dist_free. Tensors come in as tch's `at::Tensor*` (torch-sys's C_tensor).
 //
 // Gloo's own headers are not in the wheel: vendor/gloo holds those of the revision torch 2.11.0
 // was built with (see vendor/gloo/REVISION). Only pointers to gloo types cross this file, plus one
@@ -85,7 +85,7 @@ struct hq_dist_reducer {
 
 extern "C" {
 
-void hq_dist_free_error(char* message) { std::free(message); }
+void hq_dist_free(char* message) { std::free(message); }
 
 // Connects to (rank 0: serves) the TCPStore at master_addr:port. The server waits up to the
 // timeout for world_size clients, as torch.distributed's does.
@@ -249,7 +249,7 @@ char* hq_dist_barrier(hq_dist_group* group, int64_t timeout_ms) {
 }
 
 // The store, for small out-of-band values (agreeing on settings, liveness): set, and a get that
-// waits up to the store's timeout for the key. *value is malloc'd; free it with hq_dist_free_error.
+// waits up to the store's timeout for the key. *value is malloc'd; free it with hq_dist_free.
 char* hq_dist_store_set(hq_dist_store* store, const char* key, const uint8_t* value, size_t len) {
   return guarded("hq-dist: store set", [&] {
     store->store->set(std::string(key), std::vector<uint8_t>(value, value + len));

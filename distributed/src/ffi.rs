@@ -1,5 +1,5 @@
 //! The C ABI of `csrc/c10d_shim.cpp`. Every function returns NULL on success or a malloc'd
-//! message, freed with [`hq_dist_free_error`]. Tensors are torch-sys's `C_tensor` (`at::Tensor*`).
+//! message, freed with [`hq_dist_free`]. Tensors are torch-sys's `C_tensor` (`at::Tensor*`).
 
 use std::os::raw::{c_char, c_int};
 
@@ -24,7 +24,7 @@ pub struct Group {
 }
 
 extern "C" {
-    pub fn hq_dist_free_error(message: *mut c_char);
+    pub fn hq_dist_free(message: *mut c_char);
     pub fn hq_dist_store_new(
         master_addr: *const c_char,
         port: u16,

@@ -171,7 +171,7 @@ fn check(message: *mut c_char) -> Result<()> {
         .to_string_lossy()
         .into_owned();
     // SAFETY: freed exactly once, with the shim's allocator.
-    unsafe { ffi::hq_dist_free_error(message) };
+    unsafe { ffi::hq_dist_free(message) };
     Err(DistError::C10d(text))
 }
 
@@ -299,22 +299,14 @@ impl ProcessGroup {
     /// Reduces `t` over all ranks, in place: every rank ends with the result.
     pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         self.check_tensor("all_reduce", t)?;
-        self.ops.fetch_add(1, Ordering::Relaxed);
         let code = match op {
             ReduceOp::Sum | ReduceOp::Average => 0,
             ReduceOp::Max => 1,
             ReduceOp::Min => 2,
         };
+        let ptr = t.as_mut_ptr();
         // SAFETY: `t` is a live tensor; the shim only reads the pointer during the call.
-        check(unsafe {
-            ffi::hq_dist_all_reduce(
-                self.raw.as_ptr(),
-                t.as_mut_ptr(),
-                code,
-                millis(self.timeout),
-            )
-        })
-        .map_err(|e| self.diagnosed(e))?;
+        self.collective(|g, ms| unsafe { ffi::hq_dist_all_reduce(g, ptr, code, ms) })?;
         if op == ReduceOp::Average {
             let _ = t
                 .f_div_scalar_(self.world_size as f64)
@@ -329,23 +321,16 @@ impl ProcessGroup {
     /// Every rank's `t`, in rank order (the same shape and dtype on every rank).
     pub fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
         self.check_tensor("all_gather", t)?;
-        self.ops.fetch_add(1, Ordering::Relaxed);
         let mut outputs: Vec<Tensor> = (0..self.world_size).map(|_| t.empty_like()).collect();
         let ptrs: Vec<*mut torch_sys::C_tensor> =
             outputs.iter_mut().map(|o| o.as_mut_ptr()).collect();
         let mut input = t.shallow_clone();
+        let input = input.as_mut_ptr();
         // SAFETY: input and outputs are live for the call; the shim writes into the outputs'
         // storage only.
-        check(unsafe {
-            ffi::hq_dist_all_gather(
-                self.raw.as_ptr(),
-                input.as_mut_ptr(),
-                ptrs.as_ptr(),
-                ptrs.len(),
-                millis(self.timeout),
-            )
-        })
-        .map_err(|e| self.diagnosed(e))?;
+        self.collective(|g, ms| unsafe {
+            ffi::hq_dist_all_gather(g, input, ptrs.as_ptr(), ptrs.len(), ms)
+        })?;
         Ok(outputs)
     }
 
@@ -358,25 +343,22 @@ impl ProcessGroup {
                 why: format!("root {root} is not a rank of {}", self.world_size),
             });
         }
-        self.ops.fetch_add(1, Ordering::Relaxed);
+        let ptr = t.as_mut_ptr();
         // SAFETY: as in all_reduce.
-        check(unsafe {
-            ffi::hq_dist_broadcast(
-                self.raw.as_ptr(),
-                t.as_mut_ptr(),
-                root as i32,
-                millis(self.timeout),
-            )
-        })
-        .map_err(|e| self.diagnosed(e))
+        self.collective(|g, ms| unsafe { ffi::hq_dist_broadcast(g, ptr, root as i32, ms) })
     }
 
     /// Waits until every rank has reached the barrier.
     pub fn barrier(&self) -> Result<()> {
-        self.ops.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the group is live.
-        check(unsafe { ffi::hq_dist_barrier(self.raw.as_ptr(), millis(self.timeout)) })
-            .map_err(|e| self.diagnosed(e))
+        self.collective(|g, ms| unsafe { ffi::hq_dist_barrier(g, ms) })
+    }
+
+    /// Runs one collective through the shim (`call` gets the group and the timeout in ms),
+    /// counting it for the heartbeat and naming the ranks at fault when it fails.
+    fn collective(&self, call: impl FnOnce(*mut ffi::Group, i64) -> *mut c_char) -> Result<()> {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        check(call(self.raw.as_ptr(), millis(self.timeout))).map_err(|e| self.diagnosed(e))
     }
 
     /// Every rank's heartbeat as (beat, collectives entered); `None` when the store is gone.
@@ -498,7 +480,7 @@ impl Store {
         // SAFETY: `value` points to `len` initialised bytes, freed once below.
         let out = unsafe { std::slice::from_raw_parts(value, len) }.to_vec();
         // SAFETY: the buffer came from the shim's malloc.
-        unsafe { ffi::hq_dist_free_error(value.cast()) };
+        unsafe { ffi::hq_dist_free(value.cast()) };
         Ok(out)
     }
 }

@@ -196,23 +196,30 @@ fn two_ranks_run_every_collective_with_known_values() {
     }
 }
 
-#[test]
-fn a_dead_rank_fails_the_others_within_the_timeout() {
-    let timeout_ms = 4_000;
+/// Runs 2 ranks in a fault `mode` with `timeout_ms` per collective; returns every rank's output,
+/// rank 0's whole text and its error line (rank 0 must have reported the fault and exited).
+fn rank0_error(mode: &str, timeout_ms: u64, limit: Duration) -> (Vec<Output>, String, String) {
     let outs = run_ranks(
-        "die_before_all_reduce",
+        mode,
         2,
         |_| vec![("HQ_DIST_TIMEOUT_MS".into(), timeout_ms.to_string())],
-        Duration::from_secs(30),
+        limit,
     );
-    assert_eq!(outs[1].status.code(), Some(3), "{}", text(&outs[1]));
     let t = text(&outs[0]);
     assert!(outs[0].status.success(), "rank 0:\n{t}");
     let line = t
         .lines()
         .find(|l| l.contains("ERROR after"))
-        .unwrap_or_else(|| panic!("rank 0 reported no error:\n{t}"));
+        .unwrap_or_else(|| panic!("rank 0 reported no error:\n{t}"))
+        .to_string();
     eprintln!("rank 0: {line}");
+    (outs, t, line)
+}
+
+#[test]
+fn a_dead_rank_fails_the_others_within_the_timeout() {
+    let (outs, _, line) = rank0_error("die_before_all_reduce", 4_000, Duration::from_secs(30));
+    assert_eq!(outs[1].status.code(), Some(3), "{}", text(&outs[1]));
     assert!(line.contains("all-reduce"), "{line}");
     assert!(
         line.contains("rank 1 stopped"),
@@ -222,20 +229,7 @@ fn a_dead_rank_fails_the_others_within_the_timeout() {
 
 #[test]
 fn a_hung_rank_fails_the_others_within_the_timeout_naming_it() {
-    let timeout_ms = 3_000;
-    let outs = run_ranks(
-        "hang_before_all_reduce",
-        2,
-        |_| vec![("HQ_DIST_TIMEOUT_MS".into(), timeout_ms.to_string())],
-        Duration::from_secs(40),
-    );
-    let t = text(&outs[0]);
-    assert!(outs[0].status.success(), "rank 0:\n{t}");
-    let line = t
-        .lines()
-        .find(|l| l.contains("ERROR after"))
-        .unwrap_or_else(|| panic!("rank 0 reported no error:\n{t}"));
-    eprintln!("rank 0: {line}");
+    let (_, t, _) = rank0_error("hang_before_all_reduce", 3_000, Duration::from_secs(40));
     // c10d's timeout message may span lines: the diagnosis is at the end of the error.
     assert!(t.contains("rank 1 alive but behind"), "{t}");
 }

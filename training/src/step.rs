@@ -228,31 +228,51 @@ fn loss(
     let mut total = clip.shallow_clone();
     let (mut hni_v, mut stc_v) = (0.0, 0.0);
     if let Some(neg) = negatives {
-        let device = f.image.device();
-        let rows = Tensor::from_slice(open).f_to_device(device)?;
-        let (x, y) = (
-            f.image.f_index_select(0, &rows)?,
-            f.text.f_index_select(0, &rows)?,
-        );
-        let m = open.len() as i64;
-        let all_open = Tensor::f_ones([m], (Kind::Float, device))?;
-        // L_HNI is normalised by all n rows; the closed rows add zero to its sum.
-        let hni = hq_kernels::hni_loss(&x, &y, neg, scale, 0, Some(&all_open))?
-            .f_mul_scalar(m as f64 / n as f64)?;
+        let hni = hni_over_rows(f, open, neg, scale, n as f64)?;
         hni_v = hni.f_double_value(&[])?;
         total = total.f_add(&hni.f_mul_scalar(obj.hni_weight)?)?;
     }
     if let (Some(logits), Some(tags)) = (&f.tag_logits, &t.tags) {
-        let mut stc = hq_kernels::short_tag_bce(logits, tags)?;
-        if obj.stc_reduction == StcReduction::Mean {
-            stc = stc.f_div_scalar(logits.size()[1] as f64)?;
-        }
+        let stc = stc_mean(logits, tags, obj.stc_reduction)?;
         stc_v = stc.f_double_value(&[])?;
         total = total.f_add(&stc.f_mul_scalar(obj.stc_weight)?)?;
     }
     let clip_v = clip.f_double_value(&[])?;
     let gate_open = open.len() as f64 / n as f64;
     Ok((total, [clip_v, hni_v, stc_v, gate_open]))
+}
+
+/// L_HNI of the live rows `rows` of `f` (their negatives' embeddings `neg`, `[rows, N-, D]`),
+/// normalised by `n` rows: the closed rows add zero to its sum.
+fn hni_over_rows(
+    f: &Features,
+    rows: &[i64],
+    neg: &Tensor,
+    scale: &Tensor,
+    n: f64,
+) -> Result<Tensor, TrainError> {
+    let device = f.image.device();
+    let index = Tensor::from_slice(rows).f_to_device(device)?;
+    let (x, y) = (
+        f.image.f_index_select(0, &index)?,
+        f.text.f_index_select(0, &index)?,
+    );
+    let m = rows.len() as i64;
+    let all_open = Tensor::f_ones([m], (Kind::Float, device))?;
+    Ok(hq_kernels::hni_loss(&x, &y, neg, scale, 0, Some(&all_open))?.f_mul_scalar(m as f64 / n)?)
+}
+
+/// L_cls over the rows of `logits`: their mean, summed (the formula) or averaged over the K tags.
+fn stc_mean(
+    logits: &Tensor,
+    tags: &TagTargets,
+    reduction: StcReduction,
+) -> Result<Tensor, TrainError> {
+    let stc = hq_kernels::short_tag_bce(logits, tags)?;
+    Ok(match reduction {
+        StcReduction::Mean => stc.f_div_scalar(logits.size()[1] as f64)?,
+        StcReduction::Sum => stc,
+    })
 }
 
 /// Runs `f` under autocast when `on`.
@@ -397,8 +417,6 @@ pub fn accumulate_gradients_across_ranks(
     let n_local: usize = batches.iter().map(Batch::len).sum();
     distributed::same_rows_everywhere(pg, n_local)?;
     let n_global = (n_local * pg.world_size()) as f64;
-    let offset = (pg.rank() * n_local) as i64;
-    let tgt = targets(batches, obj.parts, device)?;
     // With one micro-batch its features are computed once, with gradients, and their values
     // gathered; with several, a first pass without gradients caches them (as in accumulation).
     let mut first_live = match batches {
@@ -407,42 +425,32 @@ pub fn accumulate_gradients_across_ranks(
         })?),
         _ => None,
     };
-    // Every rank's features without gradients, in rank order; the gate of this rank's rows is
-    // their argmax over the global batch.
-    let (x_all, y_all, clip_value, open) = tch::no_grad(|| {
-        let no_tags = LossParts {
-            stc: false,
-            ..obj.parts
-        };
+    // Every rank's features without gradients, in rank order.
+    let (x_all, y_all) = tch::no_grad(|| {
         let local = match &first_live {
-            Some(f) => Features {
-                image: f.image.f_detach()?,
-                text: f.text.f_detach()?,
-                tag_logits: None,
-            },
+            Some(f) => (f.image.f_detach()?, f.text.f_detach()?),
             None => {
+                let no_tags = LossParts {
+                    stc: false,
+                    ..obj.parts
+                };
                 let cached = batches
                     .iter()
                     .map(|b| {
                         maybe_autocast(obj.autocast, || features(model, None, b, no_tags, device))
                     })
                     .collect::<Result<Vec<_>, TrainError>>()?;
-                concat(&cached.iter().collect::<Vec<_>>())?
+                let all = concat(&cached.iter().collect::<Vec<_>>())?;
+                (all.image, all.text)
             }
         };
-        let x_all = distributed::gather_rows(pg, &local.image)?;
-        let y_all = distributed::gather_rows(pg, &local.text)?;
-        let scale = model.logit_scale.f_exp()?;
-        let clip = hq_kernels::clip_loss(&x_all, &y_all, &scale)?;
-        let open = match &tgt.has_negative {
-            Some(mask) => open_rows(&clip.gate.f_narrow(0, offset, n_local as i64)?, mask)?,
-            None => Vec::new(),
-        };
-        Ok::<_, TrainError>((x_all, y_all, clip.loss.f_double_value(&[])?, open))
+        Ok::<_, TrainError>((
+            distributed::gather_rows(pg, &local.0)?,
+            distributed::gather_rows(pg, &local.1)?,
+        ))
     })?;
-    let local_open = split_rows(&open, batches);
-    let (mut hni_sum, mut stc_sum) = (0.0, 0.0);
-    let mut start = offset;
+    let (mut clip_value, mut hni_sum, mut stc_sum, mut open) = (0.0, 0.0, 0.0, 0usize);
+    let mut start = (pg.rank() * n_local) as i64;
     for (j, b) in batches.iter().enumerate() {
         let live = match first_live.take() {
             Some(f) => f,
@@ -452,47 +460,34 @@ pub fn accumulate_gradients_across_ranks(
         let y = with_live_rows(&y_all, &live.text, start)?;
         // The contrastive loss is the same global loss on every rank and pass: its direct
         // logit-scale gradient is taken once (rank 0, first pass), the tower gradients of the
-        // live rows everywhere.
+        // live rows everywhere. Its gate of this micro-batch's rows is their argmax over the
+        // global batch.
         let scale = model.logit_scale.f_exp()?;
         let scale = if pg.rank() == 0 && j == 0 {
             scale
         } else {
             scale.f_detach()?
         };
-        let mut total = hq_kernels::clip_loss(&x, &y, &scale)?.loss;
-        let rows = &local_open[j];
+        let clip = hq_kernels::clip_loss(&x, &y, &scale)?;
+        clip_value = clip.loss.f_double_value(&[])?;
+        let mut total = clip.loss;
+        let t = targets(std::slice::from_ref(b), obj.parts, device)?;
+        let rows = match &t.has_negative {
+            Some(mask) => open_rows(&clip.gate.f_narrow(0, start, b.len() as i64)?, mask)?,
+            None => Vec::new(),
+        };
+        open += rows.len();
         if let Some(neg) =
-            maybe_autocast(obj.autocast, || negative_features(model, b, rows, device))?
+            maybe_autocast(obj.autocast, || negative_features(model, b, &rows, device))?
         {
-            let index = Tensor::from_slice(rows).f_to_device(device)?;
-            let (xi, yi) = (
-                live.image.f_index_select(0, &index)?,
-                live.text.f_index_select(0, &index)?,
-            );
-            let m = rows.len() as i64;
-            let all_open = Tensor::f_ones([m], (Kind::Float, device))?;
             // Per-row terms: this rank's rows only, with a live scale of their own.
-            let hni = hq_kernels::hni_loss(
-                &xi,
-                &yi,
-                &neg,
-                &model.logit_scale.f_exp()?,
-                0,
-                Some(&all_open),
-            )?
-            .f_mul_scalar(m as f64 / n_global)?;
+            let hni = hni_over_rows(&live, &rows, &neg, &model.logit_scale.f_exp()?, n_global)?;
             hni_sum += hni.f_double_value(&[])?;
             total = total.f_add(&hni.f_mul_scalar(obj.hni_weight)?)?;
         }
-        if let Some(logits) = &live.tag_logits {
-            let tags = targets(std::slice::from_ref(b), obj.parts, device)?
-                .tags
-                .ok_or_else(|| TrainError::DataLoader("STC without tag targets".into()))?;
-            let mut part = hq_kernels::short_tag_bce(logits, &tags)?;
-            if obj.stc_reduction == StcReduction::Mean {
-                part = part.f_div_scalar(logits.size()[1] as f64)?;
-            }
-            let part = part.f_mul_scalar(b.len() as f64 / n_global)?;
+        if let (Some(logits), Some(tags)) = (&live.tag_logits, &t.tags) {
+            let part = stc_mean(logits, tags, obj.stc_reduction)?
+                .f_mul_scalar(b.len() as f64 / n_global)?;
             stc_sum += part.f_double_value(&[])?;
             total = total.f_add(&part.f_mul_scalar(obj.stc_weight)?)?;
         }
@@ -506,7 +501,7 @@ pub fn accumulate_gradients_across_ranks(
         total.f_backward()?;
         start += b.len() as i64;
     }
-    let sums = distributed::sum_over_ranks(pg, &[hni_sum, stc_sum, open.len() as f64])?;
+    let sums = distributed::sum_over_ranks(pg, &[hni_sum, stc_sum, open as f64])?;
     let (hni, stc_v, open_fraction) = (sums[0], sums[1], sums[2] / n_global);
     let total = clip_value + obj.hni_weight * hni + obj.stc_weight * stc_v;
     Ok((total, [clip_value, hni, stc_v, open_fraction]))

@@ -406,9 +406,7 @@ pub fn run_on(
         for b in &batches {
             skipped.merge(&b.skipped);
         }
-        if let Some(pg) = group {
-            skipped = global_skips(pg, &skipped)?;
-        }
+        let skipped = global_skips(group, &skipped)?;
         let stats: StepStats = train_step_on(
             group.map(|group| crate::distributed::Ranks {
                 group,
@@ -438,10 +436,7 @@ pub fn run_on(
         });
         if skipped.total() > 0 {
             skipped_session.merge(&skipped);
-            let skipped_total = match group {
-                Some(pg) => global_skips(pg, &loader.state().skipped_total)?,
-                None => loader.state().skipped_total,
-            };
+            let skipped_total = global_skips(group, &loader.state().skipped_total)?;
             log(
                 &mut metrics,
                 &json!({"kind": "skips", "step": step, "skipped": skipped,
@@ -451,10 +446,7 @@ pub fn run_on(
         if step % cfg.run.log_every == 0 || step == stop {
             let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
             window = (Instant::now(), 0);
-            let skipped_total = match group {
-                Some(pg) => global_skips(pg, &loader.state().skipped_total)?,
-                None => loader.state().skipped_total,
-            };
+            let skipped_total = global_skips(group, &loader.state().skipped_total)?;
             log(
                 &mut metrics,
                 &json!({
@@ -484,29 +476,29 @@ pub fn run_on(
                 Some(pg) => exchange_loader_states(pg, step, loader.state())?,
                 None => Vec::new(),
             };
-            if !lead {
-                continue;
+            // Every rank takes part in the exchange; rank 0 writes.
+            if lead {
+                let state = TrainState {
+                    step,
+                    config: cfg.clone(),
+                    loader: loader.state().clone(),
+                    samples_seen,
+                    train_seconds,
+                    world_size: world,
+                    rank_loaders,
+                };
+                let path = save_checkpoint(
+                    &ckpt_dir,
+                    &model,
+                    stc.as_ref(),
+                    vocab.as_deref(),
+                    &optimizer,
+                    &state,
+                )?;
+                prune_checkpoints(&ckpt_dir, cfg.run.keep_checkpoints)?;
+                say(verbose, &bar, &format!("checkpoint {}", path.display()));
+                last_checkpoint = Some(path);
             }
-            let state = TrainState {
-                step,
-                config: cfg.clone(),
-                loader: loader.state().clone(),
-                samples_seen,
-                train_seconds,
-                world_size: world,
-                rank_loaders,
-            };
-            let path = save_checkpoint(
-                &ckpt_dir,
-                &model,
-                stc.as_ref(),
-                vocab.as_deref(),
-                &optimizer,
-                &state,
-            )?;
-            prune_checkpoints(&ckpt_dir, cfg.run.keep_checkpoints)?;
-            say(verbose, &bar, &format!("checkpoint {}", path.display()));
-            last_checkpoint = Some(path);
         }
         let eval_due = cfg.run.eval_every > 0 && step % cfg.run.eval_every == 0;
         if let (Some(dir), true, true) = (
@@ -577,8 +569,14 @@ pub fn run_on(
     Ok(summary)
 }
 
-/// `counts` summed over the ranks.
-fn global_skips(pg: &ProcessGroup, counts: &SkipCounts) -> Result<SkipCounts, TrainError> {
+/// `counts` summed over the ranks of `group` (themselves in a single process).
+fn global_skips(
+    group: Option<&ProcessGroup>,
+    counts: &SkipCounts,
+) -> Result<SkipCounts, TrainError> {
+    let Some(pg) = group else {
+        return Ok(*counts);
+    };
     let v = crate::distributed::sum_over_ranks(
         pg,
         &[
