@@ -6,12 +6,15 @@
 #
 # Usage: tools/ablation.sh [--corpus DIR] [--out DIR] [--seeds "0 1 2"] [--steps N]
 #                          [--variants "baseline mixed hni stc"] [--config FILE]
-#                          [--jobs N] [--threads N]
+#                          [--runs "LABEL=VARIANT@TRAIN ..."] [--jobs N] [--threads N]
 #   --corpus   a corpus written by `hq-data synth` (default out/default)
 #   --out      where the runs, reports, table.md and chart.png go (default out/ablation)
 #   --seeds    one run per variant and seed (default "0")
 #   --steps    optimizer steps per run (default: the config's)
 #   --config   hq-train config (default training/configs/ablation.toml)
+#   --runs     instead of --variants: labelled runs, each a variant trained on its own shards
+#              (a folder or shard spec), e.g. "mixed-ours=mixed@out/loop/recaptioned" (the closed
+#              loop, tools/loop.sh); every run is evaluated on --corpus's held-out sets
 #   --jobs     runs trained at the same time (default 1); with --threads 1 and --jobs 2 a
 #              two-core machine trains two variants side by side
 #   --threads  threads per run: libtorch's intra-op threads and the data loader's decode threads
@@ -30,6 +33,7 @@ variants="baseline mixed hni stc"
 config=training/configs/ablation.toml
 jobs=1
 threads=0
+runs=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
@@ -37,10 +41,11 @@ while [[ $# -gt 0 ]]; do
     --seeds) seeds="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
     --variants) variants="$2"; shift 2 ;;
+    --runs) runs="$2"; shift 2 ;;
     --config) config="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "ablation.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,34 +70,46 @@ finished() {
   [[ -n "$want" && "$want" == "$got" ]]
 }
 
+# The runs: LABEL|VARIANT|TRAIN triples (plain --variants train on the corpus's own shards).
+specs=()
+if [[ -n "$runs" ]]; then
+  for r in $runs; do
+    [[ "$r" =~ ^([^=@]+)=(baseline|mixed|hni|stc)@(.+)$ ]] || {
+      echo "ablation.sh: --runs entry $r is not LABEL=VARIANT@TRAIN (variant baseline, mixed, hni or stc)" >&2; exit 2; }
+    specs+=("${BASH_REMATCH[1]}|${BASH_REMATCH[2]}|${BASH_REMATCH[3]}")
+  done
+else
+  for v in $variants; do specs+=("$v|$v|$corpus/train"); done
+fi
+
 # Train (or resume) one variant and seed, then evaluate its final checkpoint with hq-eval (the
 # only evaluation: hq-train gets no --eval-dir, so it does not evaluate the same model twice).
 run_one() {
-  local seed="$1" v="$2"
-  local run="$out/seed-$seed/$v"
+  local seed="$1" label="$2" v="$3" train="$4"
+  local run="$out/seed-$seed/$label"
   mkdir -p "$run"
   if ! finished "$run"; then
     rm -f "$run/builtin.json"
-    local args=(--config "$config" --train "$corpus/train"
+    local args=(--config "$config" --train "$train"
                 --variant "$v" --seed "$seed" --out "$run" --quiet
                 --threads "$threads" --set "run.torch_threads=$threads")
     [[ -n "$steps" ]] && args+=(--steps "$steps")
     local started=$SECONDS
     if [[ -f "$run/checkpoints/latest" ]]; then
-      echo "== $v, seed $seed: resuming $run"
+      echo "== $label, seed $seed: resuming $run"
       target/release/hq-train --resume "$run" "${args[@]}" >>"$run/train.log" 2>&1
     else
-      echo "== $v, seed $seed: training -> $run"
+      echo "== $label, seed $seed: training -> $run"
       target/release/hq-train "${args[@]}" >>"$run/train.log" 2>&1
-    fi || { echo "ablation.sh: $v, seed $seed failed; see $run/train.log" >&2; tail -n 5 "$run/train.log" >&2; return 1; }
+    fi || { echo "ablation.sh: $label, seed $seed failed; see $run/train.log" >&2; tail -n 5 "$run/train.log" >&2; return 1; }
     echo "$((SECONDS - started))" >"$run/train_seconds"
-    echo "== $v, seed $seed: trained in $((SECONDS - started)) s"
+    echo "== $label, seed $seed: trained in $((SECONDS - started)) s"
   fi
   if [[ ! -f "$run/builtin.json" ]]; then
     local omp=()
     [[ "$threads" != 0 ]] && omp=(env "OMP_NUM_THREADS=$threads")
     "${omp[@]}" target/release/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
-      --device cpu --quiet --name "$v" --threads "$threads" --out "$run/builtin.json" >/dev/null
+      --device cpu --quiet --name "$label" --threads "$threads" --out "$run/builtin.json" >/dev/null
   fi
 }
 
@@ -100,16 +117,17 @@ reports=()
 pids=()
 failed=0
 for seed in $seeds; do
-  for v in $variants; do
-    reports+=("$v=$seed=$out/seed-$seed/$v/builtin.json")
+  for spec in "${specs[@]}"; do
+    IFS='|' read -r label v train <<<"$spec"
+    reports+=("$label=$seed=$out/seed-$seed/$label/builtin.json")
     if [[ "$jobs" == 1 ]]; then
-      run_one "$seed" "$v"
+      run_one "$seed" "$label" "$v" "$train"
       continue
     fi
     while [[ "$(jobs -rp | wc -l)" -ge "$jobs" ]]; do
       wait -n || failed=1
     done
-    run_one "$seed" "$v" &
+    run_one "$seed" "$label" "$v" "$train" &
     pids+=($!)
   done
 done

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hq_eval::alignment::{text_alignment, TextSource};
 use hq_eval::report::{compare_markdown, group_chart, markdown, terminal_table};
 use hq_eval::results::{CodeInfo, ModelInfo, RunResults, TaskStatus};
 use hq_eval::run::{locate, run_tasks, RunConfig};
@@ -41,6 +42,9 @@ enum Command {
     Builtin(BuiltinArgs),
     /// Put two or more results.json files side by side (Markdown, optional PNG).
     Compare(CompareArgs),
+    /// Mean image-text cosine of a dataset's texts under a model (the paper's Fig. 4a measure):
+    /// raw alt-texts vs recaptions vs another source, one `LABEL=FIELD@SHARDS` each.
+    Alignment(AlignmentArgs),
     /// List the registry: every task, its folder name, metric and where to get it.
     Tasks {
         /// Also say which tasks are present under this data root.
@@ -160,6 +164,24 @@ struct BuiltinArgs {
 }
 
 #[derive(Args, Debug)]
+struct AlignmentArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// Text sources, LABEL=FIELD@SHARDS (FIELD: alt_text, long_positive, long_negative), e.g.
+    /// `raw=alt_text@corpus/train/shard-00000.tar ours=long_positive@recaptioned/shard-00000.tar`.
+    #[arg(long = "texts", required = true, num_args = 1..)]
+    texts: Vec<String>,
+    /// Samples per source at most (in shard order).
+    #[arg(long, default_value_t = 1000)]
+    max_samples: usize,
+    /// Write the report as JSON here (and the Markdown table beside it, as .md).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 struct CompareArgs {
     /// results.json files (or folders holding one), the first is the baseline.
     #[arg(required = true, num_args = 2..)]
@@ -188,6 +210,7 @@ fn real_main() -> Result<ExitCode> {
         Command::Run(a) => cmd_run(a),
         Command::Builtin(a) => cmd_builtin(a),
         Command::Compare(a) => cmd_compare(a),
+        Command::Alignment(a) => cmd_alignment(a),
         Command::Tasks { data_root } => {
             for t in TASKS {
                 let present = data_root
@@ -393,6 +416,26 @@ fn cmd_builtin(a: BuiltinArgs) -> Result<ExitCode> {
     if let Some(out) = &a.out {
         let text = serde_json::to_string_pretty(&report)?;
         hq_data::atomic::write_atomic(out, format!("{text}\n").as_bytes())?;
+        eprintln!("hq-eval: wrote {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_alignment(a: AlignmentArgs) -> Result<ExitCode> {
+    let sources = a
+        .texts
+        .iter()
+        .map(|t| t.parse::<TextSource>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut model = load_model(&a.model)?;
+    let options = a.pipeline.options();
+    let report = text_alignment(model.encoder.as_mut(), &sources, a.max_samples, &options)?;
+    let md = report.markdown();
+    print!("{md}");
+    if let Some(out) = &a.out {
+        let text = serde_json::to_string_pretty(&report)?;
+        hq_data::atomic::write_atomic(out, format!("{text}\n").as_bytes())?;
+        hq_data::atomic::write_atomic(out.with_extension("md"), md.as_bytes())?;
         eprintln!("hq-eval: wrote {}", out.display());
     }
     Ok(ExitCode::SUCCESS)

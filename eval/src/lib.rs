@@ -11,6 +11,7 @@
 //!   aggregates with partial marking, terminal / Markdown tables, comparison, PNG chart.
 //! - [`builtin`]: the synthetic corpus's held-out sets as a suite ([`evaluate_builtin`]).
 
+pub mod alignment;
 pub mod builtin;
 pub mod encoder;
 pub mod error;

@@ -292,3 +292,64 @@ fn runner_reports_done_failed_missing_and_resumes() {
     let head = std::fs::read(&png).unwrap_or_default();
     assert!(head.starts_with(b"\x89PNG"), "not a PNG");
 }
+
+/// `hq-eval alignment`'s measure: every sample accounted for (with the text, missing it, or
+/// bad), the cap honoured, and the result independent of the batch size (a batching slip that
+/// pairs an image with another sample's text would change it).
+#[test]
+fn text_alignment_accounts_for_every_sample_and_ignores_batching() {
+    use hq_eval::alignment::{text_alignment, TextField, TextSource};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = hq_data::synth::SynthConfig {
+        image_size: SIZE,
+        ..hq_data::synth::SynthConfig::default()
+    };
+    let mut w = hq_data::shards::ShardWriter::new(
+        dir.path().join("train"),
+        hq_data::shards::ShardWriterOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..23u64 {
+        let mut s = hq_data::synth::train_sample(&cfg, i)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .sample;
+        if i % 5 == 0 {
+            s.refined = None; // a failed recaption: the sample has its alt-text only
+        }
+        w.write(&s).unwrap_or_else(|e| panic!("{e}"));
+    }
+    w.finish().unwrap_or_else(|e| panic!("{e}"));
+    let shard = dir.path().join("train-00000.tar").display().to_string();
+    let src = |label: &str, field: &str| -> TextSource {
+        format!("{label}={field}@{shard}")
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let sources = [src("raw", "alt_text"), src("ours", "long_positive")];
+    let mut enc = Linear::new(3);
+    let big = text_alignment(&mut enc, &sources, 1000, &quiet()).unwrap_or_else(|e| panic!("{e}"));
+    let one = RunOptions {
+        batch_size: 1,
+        ..quiet()
+    };
+    let small = text_alignment(&mut enc, &sources, 1000, &one).unwrap_or_else(|e| panic!("{e}"));
+    let raw = &big.sources[0];
+    assert_eq!((raw.samples, raw.missing, raw.bad), (23, 0, 0));
+    let ours = &big.sources[1];
+    assert_eq!(ours.field, TextField::LongPositive);
+    assert_eq!((ours.samples, ours.missing, ours.bad), (18, 5, 0));
+    for (a, b) in big.sources.iter().zip(&small.sources) {
+        assert!((-1.0..=1.0).contains(&a.mean_cosine), "{a:?}");
+        assert!(
+            (a.mean_cosine - b.mean_cosine).abs() < 1e-6,
+            "{a:?} vs {b:?}"
+        );
+    }
+    let capped = text_alignment(&mut enc, &sources[..1], 7, &one).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(capped.sources[0].samples, 7);
+    assert!(big
+        .markdown()
+        .contains("| ours | long_positive | 18 | 5 | 0 |"));
+    assert!("x=caption@y".parse::<TextSource>().is_err());
+    assert!("x=alt_text".parse::<TextSource>().is_err());
+}

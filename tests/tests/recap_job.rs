@@ -31,7 +31,10 @@ use hq_data::RefinedTexts;
 use hq_runtime::qwen2vl::{
     EngineOptions, ImageProcessor, Part, PreprocessConfig, Qwen2Vl, Sampling,
 };
-use hq_runtime::recaption::teacher::{teacher_conversations, ConversationFormat};
+use hq_runtime::recaption::prompt::PromptTemplate;
+use hq_runtime::recaption::teacher::{
+    teacher_conversations, teacher_set_from_shards, ConversationFormat,
+};
 use hq_runtime::recaption::{
     run_job, ExemplarSet, GenInput, GenOutput, Generator, JobOptions, OutputFormat,
     Qwen2VlGenerator, RecapRecord,
@@ -782,6 +785,7 @@ fn teacher_answers_become_conversations() -> TestResult {
     let (conv, report) = teacher_conversations(
         &input,
         &ExemplarSet::builtin(),
+        &PromptTemplate::paper(),
         0,
         ConversationFormat::Llava,
         1000,
@@ -812,11 +816,117 @@ fn teacher_answers_become_conversations() -> TestResult {
     let (sg, _) = teacher_conversations(
         &input,
         &ExemplarSet::builtin(),
+        &PromptTemplate::paper(),
         0,
         ConversationFormat::ShareGpt,
         1000,
     )?;
     assert_eq!(sg[0]["messages"][1]["role"], json!("assistant"));
     assert_eq!(sg[0]["images"], json!(["imgs/a.jpg"]));
+    Ok(())
+}
+
+/// The fine-tuned recaptioner's path: a teacher set made from shards that carry texts, its
+/// conversations in a short prompt template, the job run with the same template, and the oracle's
+/// texts dropped where the model failed (the output then holds only the model's texts).
+#[test]
+fn teacher_set_from_shards_and_a_shipped_prompt_reach_the_job() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let shard = dir.path().join("shard-00000.tar");
+    let samples: Vec<_> = (0..6)
+        .map(|i| {
+            let key = format!("k{i:02}");
+            let mut meta = json!({"uid": format!("uid-{key}")});
+            if i != 5 {
+                meta["hq_clip"] = serde_json::to_value(texts("oracle"))?;
+            }
+            let members = vec![
+                ("jpg".to_string(), jpg_bytes(32, 32, i)),
+                ("txt".into(), format!("alt {key}").into_bytes()),
+                ("json".into(), serde_json::to_vec(&meta)?),
+            ];
+            Ok((key, members))
+        })
+        .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+    write_tar(&shard, &samples)?;
+
+    // Teacher set: samples with texts only, at most `limit`, images beside the JSONL.
+    let teach = dir.path().join("teacher");
+    let jsonl = teach.join("teacher.jsonl");
+    let set = teacher_set_from_shards(
+        std::slice::from_ref(&shard),
+        &jsonl,
+        &teach.join("images"),
+        4,
+    )?;
+    assert_eq!((set.samples, set.written), (4, 4));
+    let set_all = teacher_set_from_shards(
+        std::slice::from_ref(&shard),
+        &jsonl,
+        &teach.join("images"),
+        99,
+    )?;
+    assert_eq!(
+        (set_all.samples, set_all.written, set_all.skipped.len()),
+        (6, 5, 1)
+    );
+    assert!(
+        set_all.skipped[0].reason.contains("hq_clip"),
+        "{:?}",
+        set_all.skipped
+    );
+    assert!(teach.join("images/k04.jpg").is_file());
+
+    let short = PromptTemplate::parse("short", "Alt-text: \"{alt_text}\"\n<image>\nDescribe it.")?;
+    let (conv, report) = teacher_conversations(
+        &jsonl,
+        &ExemplarSet::builtin(),
+        &short,
+        0,
+        ConversationFormat::Llava,
+        1000,
+    )?;
+    assert_eq!(report.accepted, 5);
+    assert_eq!(conv[1]["image"], json!("images/k01.jpg"));
+    assert_eq!(
+        conv[1]["conversations"][0]["value"],
+        json!("Alt-text: \"alt k01\"\n<image>\nDescribe it.")
+    );
+
+    // The job with the same template; key endings 0, 1, 3 parse (see `Scripted`), others fail.
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut gen = Scripted {
+        calls: calls.clone(),
+    };
+    let out = dir.path().join("out");
+    let opts = JobOptions {
+        inputs: vec![shard.clone()],
+        output_dir: out.clone(),
+        batch_size: 3,
+        max_attempts: 2,
+        prompt: short,
+        drop_input_texts: true,
+        progress: false,
+        ..JobOptions::default()
+    };
+    run_job(&mut gen, &ExemplarSet::builtin(), &opts)?;
+    let seen = calls.lock().map_err(|_| "lock")?.clone();
+    assert!(seen
+        .iter()
+        .all(|c| c.prompt == format!("Alt-text: \"alt {}\"\n<image>\nDescribe it.", c.key)));
+    let jsons = read_tar_json(&out.join("shard-00000.tar"))?;
+    for (key, v) in &jsons {
+        if matches!(key.as_str(), "k00" | "k01" | "k03") {
+            assert_eq!(v["hq_clip"]["source"], json!("model:scripted"), "{key}");
+            let attempts = if key == "k01" { 2 } else { 1 };
+            assert_eq!(v["hq_clip_attempts"], json!(attempts), "{key}");
+        } else {
+            assert!(
+                v.get("hq_clip").is_none(),
+                "{key}: the oracle's texts are dropped"
+            );
+            assert!(v.get("hq_clip_error").is_some(), "{key}");
+        }
+    }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! ```text
 //! hq-recap-trt --engine MODEL_DIR --input 'shards/{00000..00099}.tar' --output OUT
 //! hq-recap-trt teacher --input teacher.jsonl --output sft.json --format llava
+//! hq-recap-trt teacher --from-shards 'corpus/train/shard-0000{0..3}.tar' --limit 3000 \
+//!     --prompt recaptioner/prompt_short.json --output teacher/conversations.json
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -12,7 +14,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hq_runtime::qwen2vl::{EngineOptions, Qwen2Vl, Sampling, TrtProfile};
-use hq_runtime::recaption::teacher::{teacher_conversations, ConversationFormat};
+use hq_runtime::recaption::prompt::PromptTemplate;
+use hq_runtime::recaption::teacher::{
+    teacher_conversations, teacher_set_from_shards, ConversationFormat,
+};
 use hq_runtime::recaption::{
     run_job, split_from_env, ExemplarSet, JobOptions, OutputFormat, Qwen2VlGenerator,
 };
@@ -117,6 +122,14 @@ struct RecapArgs {
     /// Exemplar JSONL (alt_text + the four texts or an answer per line); default: built-in set.
     #[arg(long)]
     exemplars: Option<PathBuf>,
+    /// Prompt template (`hq_prompt.json` schema); default: the model directory's `hq_prompt.json`
+    /// when it has one (a fine-tuned model's own prompt), else the paper's prompt.
+    #[arg(long)]
+    prompt: Option<PathBuf>,
+    /// Tar output: drop the input's own `hq_clip` from samples the model failed on, so that the
+    /// output holds only this model's texts (failed samples train on their alt-text).
+    #[arg(long)]
+    drop_input_texts: bool,
     /// Vision pixel budget: images are resized to at most this many pixels (default: the model's
     /// preprocessor_config.json). Vision tokens dominate the cost.
     #[arg(long)]
@@ -151,8 +164,24 @@ enum ConvFormatArg {
 #[derive(Args, Debug)]
 struct TeacherArgs {
     /// Teacher JSONL: image, alt_text and answer (or the four texts) per line.
+    #[arg(
+        long,
+        required_unless_present = "from_shards",
+        conflicts_with = "from_shards"
+    )]
+    input: Option<PathBuf>,
+    /// Make the teacher set from shards whose samples carry the four texts (`hq_clip`, e.g. the
+    /// built-in corpus's oracle): writes OUTPUT's folder/teacher.jsonl and images/ beside the
+    /// conversations, image paths relative to that folder.
+    #[arg(long, num_args = 1..)]
+    from_shards: Vec<String>,
+    /// With --from-shards: at most this many samples, in input order.
+    #[arg(long, default_value_t = usize::MAX)]
+    limit: usize,
+    /// Prompt template (`hq_prompt.json` schema); default: the paper's prompt. The fine-tuned model
+    /// must ship the same file (the fine-tuning script copies it into the checkpoint).
     #[arg(long)]
-    input: PathBuf,
+    prompt: Option<PathBuf>,
     /// Output JSON file (an array of conversations).
     #[arg(long)]
     output: PathBuf,
@@ -244,6 +273,10 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     };
     let inputs = expand_inputs(&args.input)?;
     let exemplars = load_exemplars(&args.exemplars)?;
+    let prompt = match &args.prompt {
+        Some(p) => PromptTemplate::load(p)?,
+        None => PromptTemplate::for_model_dir(&model_dir)?,
+    };
     let retry = Sampling::TopP {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -264,9 +297,10 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
         prefix_cache_mib: Some(args.prefix_cache_mib),
     };
     eprintln!(
-        "hq-recap-trt: model {} on {}, worker {shard_index}/{num_shards}, {} inputs in total",
+        "hq-recap-trt: model {} on {}, prompt {}, worker {shard_index}/{num_shards}, {} inputs in total",
         model_dir.display(),
         opts.provider,
+        prompt.name,
         inputs.len()
     );
     let engine = Qwen2Vl::load(&model_dir, &opts)
@@ -284,6 +318,8 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
         batch_size: args.batch_size,
         max_attempts: args.attempts,
         seed: args.seed,
+        prompt: prompt.clone(),
+        drop_input_texts: args.drop_input_texts,
         sampling: if args.sample { retry } else { Sampling::Greedy },
         retry_sampling: retry,
         max_image_pixels: args.max_image_pixels,
@@ -294,17 +330,66 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     };
     let summary = run_job(&mut generator, &exemplars, &job)?;
     eprintln!("{summary}");
+    // This run's figures, machine-readable, one file per worker (a resumed run counts only what it
+    // did itself; `samples_resumed` says how much an earlier run had done).
+    let name = if num_shards == 1 {
+        "recap_summary.json".to_string()
+    } else {
+        format!("recap_summary.{shard_index}-of-{num_shards}.json")
+    };
+    let mut record = serde_json::to_value(&summary)?;
+    if let Some(obj) = record.as_object_mut() {
+        obj.insert("prompt".into(), prompt.name.clone().into());
+        obj.insert("model".into(), model_dir.display().to_string().into());
+        obj.insert("provider".into(), opts.provider.to_string().into());
+    }
+    hq_data::atomic::write_atomic(
+        job.output_dir.join(name),
+        &serde_json::to_vec_pretty(&record)?,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn teacher(args: TeacherArgs) -> Result<ExitCode> {
     let exemplars = load_exemplars(&args.exemplars)?;
+    let template = match &args.prompt {
+        Some(p) => PromptTemplate::load(p)?,
+        None => PromptTemplate::paper(),
+    };
     let format = match args.format {
         ConvFormatArg::Llava => ConversationFormat::Llava,
         ConvFormatArg::Sharegpt => ConversationFormat::ShareGpt,
     };
+    let input = match &args.input {
+        Some(input) => input.clone(),
+        None => {
+            let dir = args
+                .output
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let jsonl = dir.join("teacher.jsonl");
+            let shards = expand_inputs(&args.from_shards)?;
+            let set = teacher_set_from_shards(&shards, &jsonl, &dir.join("images"), args.limit)?;
+            for s in &set.skipped {
+                eprintln!("skipped {}: {}", s.id, s.reason);
+            }
+            eprintln!(
+                "teacher set: {} samples read, {} written to {} ({} skipped)",
+                set.samples,
+                set.written,
+                jsonl.display(),
+                set.skipped.len()
+            );
+            if set.written == 0 {
+                bail!("no sample of the shards carries the four texts (`hq_clip`)");
+            }
+            jsonl
+        }
+    };
     let (conversations, report) =
-        teacher_conversations(&args.input, &exemplars, args.seed, format, 1000)?;
+        teacher_conversations(&input, &exemplars, &template, args.seed, format, 1000)?;
     for r in &report.rejected {
         eprintln!("rejected line {} ({}): {}", r.line, r.id, r.reason);
     }

@@ -24,7 +24,7 @@ use crate::qwen2vl::{ImageProcessor, PreparedImage, Sampling};
 use crate::recaption::generator::{GenInput, Generator};
 use crate::recaption::input::{read_input, InputKind, RawItem, RawSample};
 use crate::recaption::output::{finalize, OutputFormat, PartialLog, RecapRecord, ShardPaths};
-use crate::recaption::prompt::{clean_alt_text, recaption_messages, sample_seed, ExemplarSet};
+use crate::recaption::prompt::{clean_alt_text, sample_seed, ExemplarSet, PromptTemplate};
 
 /// Settings of one worker of the job.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +45,8 @@ pub struct JobOptions {
     pub max_attempts: u32,
     /// Job seed: exemplar choice and sampling seeds derive from it and the sample key.
     pub seed: u64,
+    /// The prompt's user turn (the model directory's `hq_prompt.json`, else the paper's).
+    pub prompt: PromptTemplate,
     /// Decoding of the first attempt.
     pub sampling: Sampling,
     /// Decoding of retries (a greedy retry would repeat the same answer).
@@ -55,6 +57,8 @@ pub struct JobOptions {
     pub max_member_bytes: u64,
     /// Alt-texts are cut to this many characters in the prompt.
     pub max_alt_text_chars: usize,
+    /// Tar output: remove the input's own `hq_clip` from samples the model failed on (else it stays).
+    pub drop_input_texts: bool,
     /// JSON field the side-car output is keyed by.
     pub id_field: String,
     /// Image decoding threads (rayon pool); 0 = one per core.
@@ -76,6 +80,8 @@ impl Default for JobOptions {
             batch_size: 8,
             max_attempts: 3,
             seed: 0,
+            prompt: PromptTemplate::paper(),
+            drop_input_texts: false,
             sampling: Sampling::Greedy,
             retry_sampling: Sampling::TopP {
                 temperature: 0.7,
@@ -738,7 +744,7 @@ fn run_batch(
             GenInput {
                 key: &p.key,
                 image: &p.image,
-                messages: recaption_messages(exemplars.pick(seed), &p.alt_text),
+                messages: opts.prompt.messages(exemplars.pick(seed), &p.alt_text),
                 seed,
                 sampling: if p.attempt == 0 {
                     opts.sampling
@@ -830,6 +836,7 @@ fn maybe_finalize(
         opts.format,
         opts.max_member_bytes,
         model_name,
+        opts.drop_input_texts,
     )?;
     summary.inputs_finished += 1;
     Ok(())

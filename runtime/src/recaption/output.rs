@@ -10,8 +10,9 @@
 //!
 //! Output formats:
 //! - `tar`: `<out>/<name>.tar`, the input samples with every member kept and `hq_clip` (the four
-//!   texts, `source` = `model:<name>`, replacing any the input had) or `hq_clip_error` (`reason`,
-//!   `raw_answer`, `attempts`; the input's own `hq_clip`, if any, is left as it was) added to
+//!   texts, `source` = `model:<name>`, replacing any the input had, and `hq_clip_attempts`) or
+//!   `hq_clip_error` (`reason`, `raw_answer`, `attempts`; the input's own `hq_clip`, if any, is
+//!   left as it was unless the job drops input texts) added to
 //!   their JSON; input items that are not samples at all (a damaged tar stream) are listed
 //!   in `<out>/<name>.errors.jsonl`.
 //! - `sidecar`: `<out>/<name>.jsonl`, one record a line keyed by sample id (`uid` by default), in
@@ -33,6 +34,9 @@ use crate::recaption::input::{read_input, InputKind, RawItem};
 
 /// The JSON field of an error record inside a sample's JSON (tar output).
 pub const ERROR_JSON_KEY: &str = "hq_clip_error";
+
+/// The JSON field (tar output) with the attempts a sample's texts took (1 = first answer parsed).
+pub const ATTEMPTS_JSON_KEY: &str = "hq_clip_attempts";
 
 /// One input sample's outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +250,7 @@ pub fn finalize(
     format: OutputFormat,
     max_member_bytes: u64,
     model_name: &str,
+    drop_input_texts: bool,
 ) -> Result<usize> {
     let n = records.len();
     match format {
@@ -306,15 +311,22 @@ pub fn finalize(
                     };
                     let mut meta = sample.meta.clone();
                     meta.remove(ERROR_JSON_KEY);
+                    meta.remove(ATTEMPTS_JSON_KEY);
                     if let Some(mut t) = rec.hq_clip.clone() {
                         t.source = Some(format!("model:{model_name}"));
                         meta.insert(
                             hq_data::sample::REFINED_JSON_KEY.into(),
                             serde_json::to_value(&t).unwrap_or(Value::Null),
                         );
+                        meta.insert(ATTEMPTS_JSON_KEY.into(), Value::from(rec.attempts));
                     } else {
-                        // Texts the input already had (an oracle's, an earlier model's) stay; their
-                        // `source` tells them apart from this model's.
+                        // Texts the input already had (an oracle's, an earlier model's) stay, their
+                        // `source` telling them apart from this model's, unless the caller drops
+                        // them: a dataset meant to hold only this model's texts must not keep an
+                        // oracle's where the model failed (the sample falls back to its alt-text).
+                        if drop_input_texts {
+                            meta.remove(hq_data::sample::REFINED_JSON_KEY);
+                        }
                         let mut e = Map::new();
                         e.insert(
                             "reason".into(),

@@ -1,11 +1,12 @@
-//! The recaptioning prompt (paper, section 3.2) and its in-context exemplars.
+//! The recaptioning prompt (paper, section 3.2), its in-context exemplars, and prompt templates.
 //!
-//! Per sample the user turn is: the paper's instruction (use the alt-text as a reference, describe
+//! By default ([`PromptTemplate::paper`]) the user turn is: the paper's instruction (use the alt-text as a reference, describe
 //! the image in more detail, prefer the image when they conflict, answer in English), the answer
 //! format of `hq_data::recaption_format` spelt out, one exemplar (its alt-text and its answer in
 //! that format) drawn with a seed from the exemplar set, then the target alt-text and the image.
 //! The same text is what the teacher-data command writes into fine-tuning conversations, so the
-//! fine-tuned recaptioner sees at inference exactly the prompt it was trained on.
+//! fine-tuned recaptioner sees at inference exactly the prompt it was trained on. A model directory
+//! may ship its own template ([`PROMPT_FILE`]); the job and the teacher command then use that one.
 
 use std::path::Path;
 
@@ -191,27 +192,164 @@ pub fn clean_alt_text(alt: &str, max_chars: usize) -> String {
     }
 }
 
-/// The user-turn text before the image.
-pub fn prompt_before_image(exemplar: &Exemplar, alt_text: &str) -> String {
-    format!(
-        "{INSTRUCTION}\n\n{FORMAT_SPEC}\n\nHere is an example:\nInput: {}\nOutput:\n{}\n\nCurrent input: text \"{}\" with image ",
-        exemplar.alt_text, exemplar.answer, alt_text
-    )
+/// File name of a model directory's prompt template (written by the fine-tuning script beside the
+/// checkpoint and copied by the exporter): a recaptioner fine-tuned with a prompt must be run with
+/// that prompt, so the prompt travels with the model.
+pub const PROMPT_FILE: &str = "hq_prompt.json";
+
+/// The schema tag of a prompt template file.
+pub const PROMPT_FORMAT: &str = "hq-prompt-1";
+
+/// Where the image goes in a template's user turn (LLaVA's marker, also what teacher
+/// conversations carry).
+pub const IMAGE_MARKER: &str = "<image>";
+
+/// The placeholders a template may use.
+const PLACEHOLDERS: [&str; 5] = [
+    "alt_text",
+    "instruction",
+    "format_spec",
+    "exemplar_alt_text",
+    "exemplar_answer",
+];
+
+/// The user turn of a recaption request, as a template.
+///
+/// A prompt template file (`hq_prompt.json`) is `{"format": "hq-prompt-1", "name": ..., "user": ...}`;
+/// `user` holds exactly one `<image>` and placeholders `{alt_text}`, `{instruction}`,
+/// `{format_spec}`, `{exemplar_alt_text}`, `{exemplar_answer}` (no other braces). The default is
+/// the paper's prompt (instruction, format, one seeded exemplar); a fine-tuned toy recaptioner
+/// uses a short one (a ~350-token prompt costs most of a CPU fine-tuning budget: issue 14's probe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTemplate {
+    /// A name recorded with the job (`paper` for the default).
+    pub name: String,
+    before: String,
+    after: String,
+    /// Whether the template shows an exemplar (then one is drawn per sample and attempt).
+    uses_exemplar: bool,
 }
 
-/// The user-turn text after the image.
-pub const PROMPT_AFTER_IMAGE: &str = "\nPlease output:";
+impl Default for PromptTemplate {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
 
-/// The chat of one recaption request (the image is the only image part).
-pub fn recaption_messages(exemplar: &Exemplar, alt_text: &str) -> Vec<Message> {
-    vec![Message::new(
-        "user",
-        vec![
-            Part::Text(prompt_before_image(exemplar, alt_text)),
-            Part::Image,
-            Part::Text(PROMPT_AFTER_IMAGE.to_string()),
-        ],
-    )]
+impl PromptTemplate {
+    /// The paper's prompt: instruction, answer format, one exemplar, the alt-text, the image.
+    pub fn paper() -> Self {
+        Self::parse(
+            "paper",
+            "{instruction}\n\n{format_spec}\n\nHere is an example:\nInput: {exemplar_alt_text}\nOutput:\n{exemplar_answer}\n\nCurrent input: text \"{alt_text}\" with image <image>\nPlease output:",
+        )
+        .expect("the built-in template is valid")
+    }
+
+    /// A template from its user-turn text (see the type's doc for the syntax).
+    pub fn parse(name: &str, user: &str) -> Result<Self> {
+        let bad = |why: String| RuntimeError::Recaption(format!("prompt template {name}: {why}"));
+        let mut parts = user.split(IMAGE_MARKER);
+        let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad(format!("needs exactly one {IMAGE_MARKER}")));
+        };
+        let mut uses_exemplar = false;
+        for piece in [before, after] {
+            let mut rest = piece;
+            while let Some(open) = rest.find(['{', '}']) {
+                if rest[open..].starts_with('}') {
+                    return Err(bad("a `}` without its `{`".into()));
+                }
+                let Some(close) = rest[open..].find('}') else {
+                    return Err(bad("a `{` without its `}`".into()));
+                };
+                let key = &rest[open + 1..open + close];
+                if !PLACEHOLDERS.contains(&key) {
+                    return Err(bad(format!(
+                        "unknown placeholder {{{key}}} (known: {})",
+                        PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ")
+                    )));
+                }
+                uses_exemplar |= key.starts_with("exemplar_");
+                rest = &rest[open + close + 1..];
+            }
+        }
+        Ok(Self {
+            name: name.to_string(),
+            before: before.to_string(),
+            after: after.to_string(),
+            uses_exemplar,
+        })
+    }
+
+    /// Loads a template file (`hq_prompt.json`).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| RuntimeError::Io {
+            action: "reading the prompt template",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |why: String| RuntimeError::Recaption(format!("{}: {why}", path.display()));
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        match v.get("format").and_then(Value::as_str) {
+            Some(PROMPT_FORMAT) => {}
+            other => {
+                return Err(bad(format!(
+                    "`format` is {other:?}, this version reads {PROMPT_FORMAT:?}"
+                )))
+            }
+        }
+        let user = v
+            .get("user")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no `user` string".into()))?;
+        let name = v.get("name").and_then(Value::as_str).unwrap_or("unnamed");
+        Self::parse(name, user).map_err(|e| bad(e.to_string()))
+    }
+
+    /// The template a model directory ships (`MODEL_DIR/hq_prompt.json`), else the paper's.
+    pub fn for_model_dir(dir: &Path) -> Result<Self> {
+        let file = dir.join(PROMPT_FILE);
+        if file.is_file() {
+            Self::load(file)
+        } else {
+            Ok(Self::paper())
+        }
+    }
+
+    /// Whether an exemplar is shown (the exemplar set matters only then).
+    pub fn uses_exemplar(&self) -> bool {
+        self.uses_exemplar
+    }
+
+    fn fill(piece: &str, exemplar: &Exemplar, alt_text: &str) -> String {
+        piece
+            .replace("{instruction}", INSTRUCTION)
+            .replace("{format_spec}", FORMAT_SPEC)
+            .replace("{exemplar_alt_text}", &exemplar.alt_text)
+            .replace("{exemplar_answer}", &exemplar.answer)
+            .replace("{alt_text}", alt_text)
+    }
+
+    /// The user turn's text before and after the image.
+    pub fn user_text(&self, exemplar: &Exemplar, alt_text: &str) -> (String, String) {
+        // The alt-text goes in last so that braces inside it are never read as placeholders.
+        (
+            Self::fill(&self.before, exemplar, alt_text),
+            Self::fill(&self.after, exemplar, alt_text),
+        )
+    }
+
+    /// The chat of one recaption request (the image is the only image part).
+    pub fn messages(&self, exemplar: &Exemplar, alt_text: &str) -> Vec<Message> {
+        let (before, after) = self.user_text(exemplar, alt_text);
+        vec![Message::new(
+            "user",
+            vec![Part::Text(before), Part::Image, Part::Text(after)],
+        )]
+    }
 }
 
 #[cfg(test)]
@@ -246,5 +384,44 @@ mod tests {
         assert_eq!(clean_alt_text("a  b\nc", 10), "a b c");
         assert_eq!(clean_alt_text("abcdefghijkl", 5), "abcde...");
         assert_eq!(clean_alt_text("ééééé", 3), "ééé...");
+    }
+
+    #[test]
+    fn the_paper_template_is_the_paper_prompt() {
+        let e = &ExemplarSet::builtin().exemplars[0];
+        let (before, after) = PromptTemplate::paper().user_text(e, "a {red} cat");
+        assert_eq!(
+            before,
+            format!(
+                "{INSTRUCTION}\n\n{FORMAT_SPEC}\n\nHere is an example:\nInput: {}\nOutput:\n{}\n\nCurrent input: text \"a {{red}} cat\" with image ",
+                e.alt_text, e.answer
+            )
+        );
+        assert_eq!(after, "\nPlease output:");
+        assert!(PromptTemplate::paper().uses_exemplar());
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        let short = PromptTemplate::parse("s", "Alt-text: {alt_text}\n<image>\nDescribe.")
+            .expect("a valid template");
+        assert!(!short.uses_exemplar());
+        let e = &ExemplarSet::builtin().exemplars[0];
+        assert_eq!(
+            short.user_text(e, "x"),
+            ("Alt-text: x\n".to_string(), "\nDescribe.".to_string())
+        );
+        for (bad, why) in [
+            ("no image {alt_text}", "exactly one <image>"),
+            ("<image><image>", "exactly one <image>"),
+            ("{alt} <image>", "unknown placeholder {alt}"),
+            ("{alt_text <image>", "without its `}`"),
+            ("} <image>", "without its `{`"),
+        ] {
+            let err = PromptTemplate::parse("t", bad)
+                .expect_err("an invalid template")
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 }

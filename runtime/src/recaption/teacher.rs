@@ -14,6 +14,10 @@
 //! - `sharegpt`: `{"id", "messages": [{"role": "user", "content"}, {"role": "assistant", "content"}],
 //!   "images": [PATH]}` (LLaMA-Factory / ms-swift style).
 //!
+//! [`teacher_set_from_shards`] makes the teacher JSONL from shards whose samples already carry the
+//! four texts (the built-in corpus's oracle plays GPT-4o's part at toy scale), writing each image
+//! as a file beside it, as conversation files expect.
+//!
 //! The assistant turn is the teacher's answer in canonical form (`recaption_format::render` of the
 //! parsed texts), so spacing and numbering quirks of the teacher are not taught to the student.
 
@@ -24,8 +28,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{Result, RuntimeError};
+use crate::recaption::input::{read_input, RawItem};
 use crate::recaption::prompt::{
-    clean_alt_text, prompt_before_image, sample_seed, ExemplarSet, PROMPT_AFTER_IMAGE,
+    clean_alt_text, sample_seed, ExemplarSet, PromptTemplate, IMAGE_MARKER,
 };
 
 /// Conversation format of the output.
@@ -64,6 +69,7 @@ pub struct TeacherReport {
 pub fn teacher_conversations(
     input: &Path,
     exemplars: &ExemplarSet,
+    template: &PromptTemplate,
     seed: u64,
     format: ConversationFormat,
     max_alt_text_chars: usize,
@@ -137,11 +143,9 @@ pub fn teacher_conversations(
             }
         };
         let exemplar = exemplars.pick(sample_seed(seed, &id, 0));
-        let user = format!(
-            "{}<image>{}",
-            prompt_before_image(exemplar, &clean_alt_text(alt, max_alt_text_chars)),
-            PROMPT_AFTER_IMAGE
-        );
+        let (before, after) =
+            template.user_text(exemplar, &clean_alt_text(alt, max_alt_text_chars));
+        let user = format!("{before}{IMAGE_MARKER}{after}");
         let answer = recaption_format::render(&texts).trim_end().to_string();
         out.push(match format {
             ConversationFormat::Llava => json!({
@@ -164,4 +168,108 @@ pub fn teacher_conversations(
         report.accepted += 1;
     }
     Ok((Value::Array(out), report))
+}
+
+/// What [`teacher_set_from_shards`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TeacherSetReport {
+    /// Samples read.
+    pub samples: usize,
+    /// Teacher records written (image file + line).
+    pub written: usize,
+    /// Samples skipped, with the reason (no image, no texts, a damaged stream).
+    pub skipped: Vec<Rejected>,
+}
+
+/// Image members a sample's image is taken from, in order of preference.
+const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
+
+/// Writes a teacher JSONL (`{"id", "image", "alt_text", "hq_clip"}` a line) from the samples of
+/// `shards` that carry the four texts under `hq_clip`, at most `limit` of them, in input order.
+/// Each image goes to `image_dir/<key>.<ext>`; the JSONL's `image` paths are relative to the
+/// JSONL's folder, which must contain `image_dir`. Files are written atomically, the JSONL last,
+/// so a killed run leaves no JSONL that names a missing image.
+pub fn teacher_set_from_shards(
+    shards: &[std::path::PathBuf],
+    jsonl: &Path,
+    image_dir: &Path,
+    limit: usize,
+) -> Result<TeacherSetReport> {
+    let base = jsonl.parent().unwrap_or(Path::new(""));
+    let rel_dir = image_dir.strip_prefix(base).map_err(|_| {
+        RuntimeError::Recaption(format!(
+            "the image folder {} is not inside the teacher file's folder {}",
+            image_dir.display(),
+            base.display()
+        ))
+    })?;
+    std::fs::create_dir_all(image_dir).map_err(|source| RuntimeError::Io {
+        action: "creating the image folder",
+        path: image_dir.to_path_buf(),
+        source,
+    })?;
+    let mut report = TeacherSetReport {
+        samples: 0,
+        written: 0,
+        skipped: Vec::new(),
+    };
+    let mut lines = String::new();
+    let mut failure = None;
+    for shard in shards {
+        if report.written >= limit {
+            break;
+        }
+        read_input(shard, 256 << 20, |item| {
+            let sample = match item {
+                RawItem::Sample(s) => s,
+                RawItem::Broken(why) => {
+                    report.skipped.push(Rejected {
+                        line: 0,
+                        id: shard.display().to_string(),
+                        reason: format!("damaged stream: {why}"),
+                    });
+                    return true;
+                }
+            };
+            report.samples += 1;
+            let skip = |reason: &str| Rejected {
+                line: 0,
+                id: sample.key.clone(),
+                reason: reason.to_string(),
+            };
+            let Some(texts) = sample.meta.get(hq_data::sample::REFINED_JSON_KEY) else {
+                report.skipped.push(skip("no `hq_clip` texts"));
+                return true;
+            };
+            let Some((ext, bytes)) = IMAGE_EXTENSIONS.iter().find_map(|e| {
+                sample
+                    .members
+                    .iter()
+                    .find(|(x, _)| x.eq_ignore_ascii_case(e))
+            }) else {
+                report.skipped.push(skip("no image member"));
+                return true;
+            };
+            let name = format!("{}.{}", sample.key, ext.to_ascii_lowercase());
+            if let Err(e) = hq_data::atomic::write_atomic(image_dir.join(&name), bytes) {
+                failure = Some(RuntimeError::from(e));
+                return false;
+            }
+            let record = json!({
+                "id": sample.key,
+                "image": rel_dir.join(&name).to_string_lossy(),
+                "alt_text": sample.alt_text,
+                "hq_clip": texts,
+            });
+            lines.push_str(&record.to_string());
+            lines.push('\n');
+            report.written += 1;
+            report.written < limit
+        })?;
+        if let Some(e) = failure.take() {
+            return Err(e);
+        }
+    }
+    hq_data::atomic::write_atomic(jsonl, lines.as_bytes())?;
+    Ok(report)
 }
