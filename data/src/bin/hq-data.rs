@@ -2,7 +2,8 @@
 //!
 //! - `hq-data synth`: write the built-in synthetic corpus (training shards, held-out sets in
 //!   DataComp and ARO layouts, a manifest) and print its statistics and throughput;
-//! - `hq-data stats`: statistics of webdataset shards or of a corpus folder.
+//! - `hq-data stats`: statistics of webdataset shards or of a corpus folder;
+//! - `hq-data quality`: recaption quality against the synthetic corpus's scene ground truth.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,11 +14,12 @@ use std::path::PathBuf;
 #[command(
     name = "hq-data",
     version,
-    about = "HQ-CLIP data tools: the built-in synthetic corpus and shard statistics",
+    about = "HQ-CLIP data tools: the built-in synthetic corpus, shard statistics, recaption quality",
     long_about = "HQ-CLIP data tools.\n\n`synth` renders a deterministic synthetic image-text corpus \
                   (no download needed): webdataset training shards with noisy alt-text and the \
                   oracle's four refined texts, plus held-out sets in DataComp's and ARO's layouts. \
-                  `stats` summarises shards."
+                  `stats` summarises shards. `quality` judges recaptions against the corpus's \
+                  scene ground truth."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +41,13 @@ enum Command {
     /// Print statistics of shards: counts, bytes, image sizes, raw-text lengths and kinds, tag
     /// vocabulary, description lengths, eval-set sizes.
     Stats(StatsArgs),
+    /// Judge recaptioned shards (or the oracle corpus itself) against the scene ground truth in
+    /// each sample's JSON: format success, object recall (vs the raw alt-text and the oracle),
+    /// per-attribute correctness of d+, whether d- contradicts the scene, tag truth.
+    ///
+    /// Writes DIR/quality.json (every figure with its counts), DIR/quality.md (tables) and
+    /// DIR/quality.png (bar chart). The metrics are defined in the hq_data::quality module docs.
+    Quality(QualityArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +150,47 @@ struct StatsArgs {
     no_progress: bool,
 }
 
+#[derive(Args, Debug)]
+struct QualityArgs {
+    /// Shards: hq-recap-trt's `--format tar` output or a corpus (as `stats` takes them: a corpus
+    /// folder, a folder of .tar files, a shard file, a brace range, a glob, an @list file).
+    #[arg(required = true, value_name = "SHARDS")]
+    shards: Vec<String>,
+    /// Report folder (created): quality.json, quality.md, quality.png.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Name shown in the report (default: the first input's file or folder name).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// hq-recap-trt's summary JSON (`samples`, `ok`, `retried`), for the first-attempt success
+    /// rate; repeat for several workers' summaries (they are summed).
+    #[arg(long, value_name = "FILE")]
+    recap_summary: Vec<PathBuf>,
+    /// Hide the progress spinner.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn run_quality(a: QualityArgs) -> Result<()> {
+    let opts = hq_data::quality::QualityOptions {
+        name: a.name,
+        recap_summaries: a.recap_summary,
+        progress: !a.no_progress,
+    };
+    let report = hq_data::quality::evaluate(&a.shards, &opts)
+        .with_context(|| format!("reading {}", a.shards.join(" ")))?;
+    let written = hq_data::quality::write_report(&report, &a.out)
+        .with_context(|| format!("writing the report to {}", a.out.display()))?;
+    print!("{}", hq_data::quality::markdown(&report));
+    if let Some(e) = &written.chart_error {
+        eprintln!("hq-data quality: warning: no chart: {e}");
+    }
+    for f in &written.files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
 fn run_synth(a: SynthArgs) -> Result<()> {
     let cfg = SynthConfig {
         seed: a.seed,
@@ -230,6 +280,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Synth(a) => run_synth(a),
         Command::Stats(a) => run_stats(a),
+        Command::Quality(a) => run_quality(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
