@@ -14,7 +14,7 @@ Output directory (`OUT`):
                                         -> logits f32 [batch, 1, vocab] (last position only),
                                            present.{i}.key / .value f32 [batch, kv_heads, past + seq, head_dim]
     OUT/config.json, generation_config.json, preprocessor_config.json, tokenizer.json,
-    tokenizer_config.json, chat_template.jinja (copied when present)
+    tokenizer_config.json, chat_template.jinja, hq_prompt.json (copied when present)
     OUT/hq_export.json                  what was exported, with which versions, and the check results
 
 Names and shapes follow onnx-community's Qwen2-VL models (`pixel_values`/`grid_thw` ->
@@ -65,6 +65,9 @@ COPIED_FILES = [
     "chat_template.jinja",
     "chat_template.json",
     "special_tokens_map.json",
+    # The recaptioner's prompt template (recaptioner/finetune_qwen2vl.py writes it beside the
+    # checkpoint): the runtime builds the user turn from it, as in fine-tuning.
+    "hq_prompt.json",
 ]
 REQUIRED_FILES = ["config.json", "tokenizer.json", "preprocessor_config.json"]
 

@@ -81,7 +81,9 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, corpus=None):
+    """Byte-level BPE with Qwen2's split, trained on `corpus` (default: the built-in sentences,
+    repeated), with Qwen2-VL's special tokens appended above the learnt ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers import normalizers
 
@@ -101,9 +103,61 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok
+
+
+def tokenizer_config_for(ids: dict) -> dict:
+    """tokenizer_config.json of a Qwen2-VL tokenizer whose special tokens have the ids `ids`."""
+    return {
+        "tokenizer_class": "Qwen2TokenizerFast",
+        "model_max_length": 32768,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "errors": "replace",
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+                "special": True,
+            }
+            for t, i in ids.items()
+        },
+    }
+
+
+def preprocessor_config(min_pixels: int = 3136, max_pixels: int = 200704) -> dict:
+    """preprocessor_config.json of Qwen2-VL's image processor (PIL backend) with this pixel budget."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessorPil",
+        "processor_class": "Qwen2VLProcessor",
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
 
 
 def build(out: Path, seed: int) -> dict:
@@ -162,52 +216,10 @@ def build(out: Path, seed: int) -> dict:
     model.generation_config.do_sample = False
     model.save_pretrained(out)
 
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2TokenizerFast",
-        "model_max_length": 32768,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "bos_token": None,
-        "unk_token": None,
-        "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False,
-        "errors": "replace",
-        "image_token": "<|image_pad|>",
-        "video_token": "<|video_pad|>",
-        "vision_start_token": "<|vision_start|>",
-        "vision_end_token": "<|vision_end|>",
-        "added_tokens_decoder": {
-            str(i): {
-                "content": t,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "single_word": False,
-                "special": True,
-            }
-            for t, i in ids.items()
-        },
-    }
+    tokenizer_config = tokenizer_config_for(ids)
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    preprocessor = {
-        "image_processor_type": "Qwen2VLImageProcessorPil",
-        "processor_class": "Qwen2VLProcessor",
-        "do_resize": True,
-        "resample": 3,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-        "min_pixels": 3136,
-        "max_pixels": 200704,
-        "size": {"shortest_edge": 3136, "longest_edge": 200704},
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-    }
+    preprocessor = preprocessor_config()
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return {"dir": str(out), "vocab_size": vocab, "special_ids": ids}
 
