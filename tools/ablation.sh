@@ -58,7 +58,9 @@ done
 
 source tools/env.sh
 export HQ_NO_PROGRESS="${HQ_NO_PROGRESS:-}"
-cargo build --release --locked -p hq-train --bin hq-train --bin hq-ablation -p hq-eval-cli --bin hq-eval
+# HQ_BIN: take the binaries from this folder and build nothing (tests).
+bin="${HQ_BIN:-target/release}"
+[[ -n "${HQ_BIN:-}" ]] || cargo build --release --locked -p hq-train --bin hq-train --bin hq-ablation -p hq-eval-cli --bin hq-eval
 
 # Whether a run trained to its last step: summary.json's last_step equals the run's configured
 # steps (an interrupted run's summary stops short).
@@ -97,10 +99,10 @@ run_one() {
     local started=$SECONDS
     if [[ -f "$run/checkpoints/latest" ]]; then
       echo "== $label, seed $seed: resuming $run"
-      target/release/hq-train --resume "$run" "${args[@]}" >>"$run/train.log" 2>&1
+      "$bin"/hq-train --resume "$run" "${args[@]}" >>"$run/train.log" 2>&1
     else
       echo "== $label, seed $seed: training -> $run"
-      target/release/hq-train "${args[@]}" >>"$run/train.log" 2>&1
+      "$bin"/hq-train "${args[@]}" >>"$run/train.log" 2>&1
     fi || { echo "ablation.sh: $label, seed $seed failed; see $run/train.log" >&2; tail -n 5 "$run/train.log" >&2; return 1; }
     echo "$((SECONDS - started))" >"$run/train_seconds"
     echo "== $label, seed $seed: trained in $((SECONDS - started)) s"
@@ -108,7 +110,7 @@ run_one() {
   if [[ ! -f "$run/builtin.json" ]]; then
     local omp=()
     [[ "$threads" != 0 ]] && omp=(env "OMP_NUM_THREADS=$threads")
-    "${omp[@]}" target/release/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
+    "${omp[@]}" "$bin"/hq-eval builtin --model "$run/checkpoints" --corpus "$corpus" \
       --device cpu --quiet --name "$label" --threads "$threads" --out "$run/builtin.json" >/dev/null
   fi
 }
@@ -136,4 +138,4 @@ for p in "${pids[@]}"; do
 done
 [[ "$failed" == 0 ]] || { echo "ablation.sh: some runs failed (see above); finished runs are kept, run again to continue" >&2; exit 1; }
 
-target/release/hq-ablation --out "$out/table.md" --png "$out/chart.png" "${reports[@]}"
+"$bin"/hq-ablation --out "$out/table.md" --png "$out/chart.png" "${reports[@]}"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The project's main job on the built-in default data (README): set-up, release build, the built-in
-# synthetic corpus (training shards + held-out evaluation sets) and its statistics, then the
-# HQ-CLIP ablation on it: baseline vs mixed vs +HNI vs +STC trained on the CPU with the same seed
-# and budget, each evaluated with `hq-eval builtin`, a table printed and a PNG chart written.
-# Usage: tools/demo.sh [OUT_DIR]   (default: out/default; the ablation goes to OUT_DIR/ablation)
+# synthetic corpus (training shards + held-out evaluation sets) and its statistics, then the whole
+# HQ-CLIP loop on it (tools/loop.sh): teacher set -> fine-tuned Qwen2-VL recaptioner -> ONNX export
+# -> recaptioned shards -> quality report -> ablation (raw | mixed and +HNI +STC on our
+# recaptions | mixed on the oracle's texts) -> alignment. Every stage resumes after a kill.
+# Usage: tools/demo.sh [--quick] [OUT_DIR]   (default: out/default; the loop goes to OUT_DIR/loop)
+#   --quick  only the oracle-text ablation (baseline vs mixed vs +HNI vs +STC on the corpus's own
+#            texts, no recaptioner) into OUT_DIR/ablation
 # Environment:
 #   HQ_ABLATION_SEEDS="0 1 2"  several seeds (mean and spread in the table; default "0")
 #   HQ_ABLATION_JOBS=2         runs trained side by side (default 1)
@@ -12,10 +15,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/env.sh
+quick=0
+if [[ "${1:-}" == "--quick" ]]; then quick=1; shift; fi
 out="${1:-out/default}"
 cargo build --release --locked -p hq-data --bin hq-data
 # A corpus written by another generator version (other texts for the same seed) is regenerated,
-# and the ablation trained on it is moved aside (it would otherwise count as finished).
+# and the ablation and loop made from it are moved aside (it would otherwise count as finished).
 want=$(sed -n 's/^pub const GENERATOR_VERSION: &str = "\(.*\)";$/\1/p' data/src/synth/mod.rs)
 have=""
 if [[ -f "$out/corpus.json" ]]; then
@@ -27,17 +32,23 @@ if [[ -n "$have" && "$have" == "$want" ]]; then
 else
   if [[ -f "$out/corpus.json" ]]; then
     echo "== corpus: $out was written by generator ${have:-unknown}, this is $want: regenerating it"
-    if [[ -d "$out/ablation" ]]; then
-      old="$out/ablation-${have:-old}-$(date +%s)"
-      echo "== the ablation trained on the old corpus is moved to $old"
-      mv "$out/ablation" "$old"
-    fi
+    for made in ablation loop; do
+      if [[ -d "$out/$made" ]]; then
+        old="$out/$made-${have:-old}-$(date +%s)"
+        echo "== the $made made from the old corpus is moved to $old"
+        mv "$out/$made" "$old"
+      fi
+    done
     target/release/hq-data synth --out "$out" --force
   else
     target/release/hq-data synth --out "$out"
   fi
 fi
-echo "== ablation: baseline vs mixed vs +HNI vs +STC (CPU, a few minutes per variant)"
-bash tools/ablation.sh --corpus "$out" --out "$out/ablation" --seeds "${HQ_ABLATION_SEEDS:-0}" \
-  --jobs "${HQ_ABLATION_JOBS:-1}" --threads "${HQ_ABLATION_THREADS:-0}"
-echo "== table: $out/ablation/table.md, chart: $out/ablation/chart.png"
+if [[ "$quick" == 1 ]]; then
+  echo "== ablation: baseline vs mixed vs +HNI vs +STC on the oracle's texts (CPU, a few minutes per variant)"
+  bash tools/ablation.sh --corpus "$out" --out "$out/ablation" --seeds "${HQ_ABLATION_SEEDS:-0}" \
+    --jobs "${HQ_ABLATION_JOBS:-1}" --threads "${HQ_ABLATION_THREADS:-0}"
+  echo "== table: $out/ablation/table.md, chart: $out/ablation/chart.png"
+else
+  bash tools/loop.sh "$out"
+fi
