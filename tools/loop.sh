@@ -23,6 +23,7 @@
 #                           budget bounds the time on a busy machine but makes the result depend
 #                           on the machine's speed; by default the fine-tune is step-based and
 #                           seeded, so a killed and rerun loop gives the same outputs)
+#   HQ_LOOP_EXPORT_ARGS     extra arguments of the export (e.g. --no-verify)
 #   HQ_LOOP_RECAP_ARGS      extra arguments of hq-recap-trt
 #   HQ_LOOP_ABLATION_STEPS  optimizer steps per ablation run (default: the config's)
 #   HQ_BIN                  take the binaries from this folder and build nothing (tests)
@@ -33,9 +34,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/env.sh
 corpus="${1:-out/default}"
 loop="$corpus/loop"
-teacher_shards="${HQ_LOOP_TEACHER_SHARDS:-$corpus/train/shard-000{10..19}.tar}"
+# (Brace ranges cannot sit inside ${VAR:-default}: bash would close the expansion at their `}`.)
+default_teacher="$corpus/train/shard-000{10..19}.tar"
+default_recap="$corpus/train/shard-0000{0..7}.tar"
+teacher_shards="${HQ_LOOP_TEACHER_SHARDS:-$default_teacher}"
 teacher_limit="${HQ_LOOP_TEACHER_LIMIT:-8000}"
-recap_shards="${HQ_LOOP_RECAP_SHARDS:-$corpus/train/shard-0000{0..7}.tar}"
+recap_shards="${HQ_LOOP_RECAP_SHARDS:-$default_recap}"
 prompt=recaptioner/prompt_short.json
 [[ -d "$corpus/train" && -d "$corpus/eval" ]] || {
   echo "loop.sh: $corpus is not a corpus (no train/ and eval/); run hq-data synth --out $corpus first" >&2
@@ -68,7 +72,9 @@ if [[ -f "$loop/recaptioner-onnx/hq_export.json" && "$loop/recaptioner-onnx" -nt
 else
   stage "export: ONNX model directory (checked against torch)"
   rm -rf "$loop/recaptioner-onnx.tmp" "$loop/recaptioner-onnx"
-  "$HQ_PYTHON" export/qwen2vl/export_qwen2vl.py --model "$loop/recaptioner" --out "$loop/recaptioner-onnx.tmp" >/dev/null
+  # shellcheck disable=SC2086
+  "$HQ_PYTHON" export/qwen2vl/export_qwen2vl.py --model "$loop/recaptioner" --out "$loop/recaptioner-onnx.tmp" \
+    ${HQ_LOOP_EXPORT_ARGS:-} >/dev/null
   mv "$loop/recaptioner-onnx.tmp" "$loop/recaptioner-onnx"
 fi
 
