@@ -24,7 +24,12 @@ export HQ_LOOP_FINETUNE_ARGS="--preset test --steps 30 --heldout 8 --gen-check 0
 # do not change when the positions are broken); tests/tests/recap_finetune.rs checks its export.
 export HQ_LOOP_EXPORT_ARGS="--no-verify"
 export HQ_LOOP_RECAP_ARGS="--max-new-tokens 48 --attempts 2 --threads 1 --batch-size 4"
-export HQ_LOOP_ABLATION_STEPS=3 HQ_ABLATION_JOBS=1 HQ_ABLATION_THREADS=1
+# The test model writes no valid answer in 30 steps, so the recaptioned shards have no tags to
+# count: the STC run gets a fixed tag vocabulary.
+printf '# hq-clip tag vocabulary v1: rank<TAB>count<TAB>tag\n0\t1\tred circle\n1\t1\ttwo objects\n' >"$work/tags.tsv"
+export HQ_LOOP_ABLATION_STEPS=3
+export HQ_LOOP_ABLATION_ARGS="--set optim.warmup_steps=1 --set data.tag_vocab=$work/tags.tsv"
+export HQ_ABLATION_JOBS=1 HQ_ABLATION_THREADS=1
 
 # The outputs compared, with their SHA-256.
 digest() {

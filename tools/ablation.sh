@@ -7,6 +7,7 @@
 # Usage: tools/ablation.sh [--corpus DIR] [--out DIR] [--seeds "0 1 2"] [--steps N]
 #                          [--variants "baseline mixed hni stc"] [--config FILE]
 #                          [--runs "LABEL=VARIANT@TRAIN ..."] [--jobs N] [--threads N]
+#                          [--set KEY=VALUE]...
 #   --corpus   a corpus written by `hq-data synth` (default out/default)
 #   --out      where the runs, reports, table.md and chart.png go (default out/ablation)
 #   --seeds    one run per variant and seed (default "0")
@@ -17,6 +18,7 @@
 #              loop, tools/loop.sh); every run is evaluated on --corpus's held-out sets
 #   --jobs     runs trained at the same time (default 1); with --threads 1 and --jobs 2 a
 #              two-core machine trains two variants side by side
+#   --set      an hq-train config override for every run (repeatable), e.g. optim.warmup_steps=2
 #   --threads  threads per run: libtorch's intra-op threads and the data loader's decode threads
 #              (default 0: the libraries' defaults, one per core)
 # A finished run (its summary.json present) is not trained again, so an interrupted ablation
@@ -34,6 +36,7 @@ config=training/configs/ablation.toml
 jobs=1
 threads=0
 runs=""
+sets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
@@ -42,10 +45,11 @@ while [[ $# -gt 0 ]]; do
     --steps) steps="$2"; shift 2 ;;
     --variants) variants="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
+    --set) sets+=(--set "$2"); shift 2 ;;
     --config) config="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "ablation.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -96,6 +100,7 @@ run_one() {
                 --variant "$v" --seed "$seed" --out "$run" --quiet
                 --threads "$threads" --set "run.torch_threads=$threads")
     [[ -n "$steps" ]] && args+=(--steps "$steps")
+    args+=("${sets[@]}")
     local started=$SECONDS
     if [[ -f "$run/checkpoints/latest" ]]; then
       echo "== $label, seed $seed: resuming $run"

@@ -26,6 +26,7 @@
 #   HQ_LOOP_EXPORT_ARGS     extra arguments of the export (e.g. --no-verify)
 #   HQ_LOOP_RECAP_ARGS      extra arguments of hq-recap-trt
 #   HQ_LOOP_ABLATION_STEPS  optimizer steps per ablation run (default: the config's)
+#   HQ_LOOP_ABLATION_ARGS   extra arguments of tools/ablation.sh (e.g. "--set optim.warmup_steps=1")
 #   HQ_BIN                  take the binaries from this folder and build nothing (tests)
 #   HQ_ABLATION_SEEDS, HQ_ABLATION_JOBS, HQ_ABLATION_THREADS  as in tools/demo.sh (here JOBS=2,
 #                           THREADS=1 by default: two runs side by side, one core each)
@@ -94,12 +95,12 @@ stage "ablation: raw | mixed (ours) | +HNI +STC (ours) | mixed (oracle)"
 bash tools/ablation.sh --corpus "$corpus" --out "$loop/ablation" \
   --runs "baseline=baseline@$recap_shards mixed-ours=mixed@$loop/recaptioned stc-ours=stc@$loop/recaptioned mixed-oracle=mixed@$recap_shards" \
   --seeds "${HQ_ABLATION_SEEDS:-0}" --jobs "${HQ_ABLATION_JOBS:-2}" --threads "${HQ_ABLATION_THREADS:-1}" \
-  ${HQ_LOOP_ABLATION_STEPS:+--steps "$HQ_LOOP_ABLATION_STEPS"}
+  ${HQ_LOOP_ABLATION_STEPS:+--steps "$HQ_LOOP_ABLATION_STEPS"} ${HQ_LOOP_ABLATION_ARGS:-}
 
 # 7. Alignment (seconds).
 first_seed=$(echo "${HQ_ABLATION_SEEDS:-0}" | awk '{print $1}')
 stage "alignment: image-text cosine of raw, our and the oracle's texts"
 "$bin"/hq-eval alignment --model "$loop/ablation/seed-$first_seed/mixed-oracle/checkpoints" \
   --device cpu --quiet --max-samples 2000 --out "$loop/quality/alignment.json" \
-  --texts "raw=alt_text@$recap_shards" "ours=long_positive@$loop/recaptioned" "oracle=long_positive@$recap_shards"
+  --texts "raw=alt_text@$recap_shards" "ours=long_positive@$loop/recaptioned/*.tar" "oracle=long_positive@$recap_shards"
 stage "done: $loop/quality/quality.md, $loop/quality/alignment.md, $loop/ablation/table.md, $loop/ablation/chart.png"

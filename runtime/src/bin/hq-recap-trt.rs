@@ -331,7 +331,11 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     let summary = run_job(&mut generator, &exemplars, &job)?;
     eprintln!("{summary}");
     // This run's figures, machine-readable, one file per worker (a resumed run counts only what it
-    // did itself; `samples_resumed` says how much an earlier run had done).
+    // did itself; `samples_resumed` says how much an earlier run had done). A run that found
+    // everything done leaves the file of the run that did the work.
+    if summary.samples == 0 && summary.samples_resumed == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let name = if num_shards == 1 {
         "recap_summary.json".to_string()
     } else {
