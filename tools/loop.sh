@@ -87,8 +87,8 @@ stage "recaption: $recap_shards with the fine-tuned model"
 
 # 5. Quality report (seconds; always redone).
 stage "quality report: recaptions against the scene ground truth"
-"$bin"/hq-data quality "$loop/recaptioned" --out "$loop/quality" --name "fine-tuned recaptioner" \
-  --recap-summary "$loop/recaptioned/recap_summary.json"
+"$bin"/hq-data quality "$loop/recaptioned" --out "$loop/quality" --name "fine-tuned recaptioner"
+
 
 # 6. The extended ablation on the recaptioned shards and the same shards as the corpus has them.
 stage "ablation: raw | mixed (ours) | +HNI +STC (ours) | mixed (oracle)"

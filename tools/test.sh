@@ -17,3 +17,6 @@ cargo test --workspace --locked
 # rounding fails on every machine, not only on the next AMD one.
 echo "== eval parity tie sets on MKL's non-Intel path"
 tools/cpu-paths.sh non-intel -- cargo test --workspace --locked --test eval_parity -- linear_model_matches_clip_benchmark
+# The closed loop (tools/loop.sh) at toy scale, killed in each stage and rerun: outputs identical.
+echo "== the loop survives kill -9 in every stage"
+bash tests/loop_resume.sh

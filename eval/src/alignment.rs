@@ -190,6 +190,14 @@ pub fn source_alignment(
     })
 }
 
+fn field_name(f: TextField) -> &'static str {
+    match f {
+        TextField::AltText => "alt_text",
+        TextField::LongPositive => "long_positive",
+        TextField::LongNegative => "long_negative",
+    }
+}
+
 /// Every source's alignment under one model.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlignmentReport {
@@ -206,13 +214,20 @@ impl AlignmentReport {
             self.model
         );
         for r in &self.sources {
+            if r.samples == 0 {
+                s += &format!(
+                    "| {} | {} | 0 | {} | {} | n/a | n/a |\n",
+                    r.label,
+                    field_name(r.field),
+                    r.missing,
+                    r.bad
+                );
+                continue;
+            }
             s += &format!(
                 "| {} | {} | {} | {} | {} | {:.4} | {:.4} |\n",
                 r.label,
-                serde_json::to_value(r.field)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                field_name(r.field),
                 r.samples,
                 r.missing,
                 r.bad,

@@ -26,8 +26,9 @@
 //!
 //! # Metrics
 //! - `format.success`: samples with texts / samples.
-//! - `format.first_attempt`: when every recaptioned sample carries `hq_clip_attempts` (hq-recap-trt's
-//!   tar output writes it), samples whose texts came from the first attempt / samples. Otherwise
+//! - `format.first_attempt`: when the shards are hq-recap-trt output (error records, or model texts
+//!   that all carry `hq_clip_attempts`, which its tar output writes), samples whose texts came from
+//!   the first attempt / samples: exact, and the same after a killed and resumed job. Otherwise
 //!   only with `--recap-summary` (hq-recap-trt's `recap_summary*.json`; several are summed): successes on the first generation attempt / the summary's `samples`. When the
 //!   summary has `retried_ok` (successes that needed a retry) it is `ok - retried_ok`. Otherwise
 //!   it is `min(ok, samples - retried)`: `retried` counts the samples whose first attempt failed
@@ -556,15 +557,16 @@ impl Tally {
         let oracle = (self.oracle.samples > 0).then_some(self.oracle);
         // Per-sample attempt counts in the shards are exact (resumed runs included); a summary
         // only covers one run.
-        let first_attempt = if self.model_ok > 0 && self.model_attempts_known == self.model_ok {
-            Some(FirstAttempt {
-                success: Fraction::new(self.model_first_attempt, self.samples),
-                method: format!("{ATTEMPTS_JSON_KEY} == 1 in the shards"),
-                summary: summary.unwrap_or_default(),
-            })
-        } else {
-            summary.map(first_attempt)
-        };
+        let first_attempt =
+            if (self.model_ok > 0 || hq_errors > 0) && self.model_attempts_known == self.model_ok {
+                Some(FirstAttempt {
+                    success: Fraction::new(self.model_first_attempt, self.samples),
+                    method: format!("{ATTEMPTS_JSON_KEY} == 1 in the shards"),
+                    summary: summary.unwrap_or_default(),
+                })
+            } else {
+                summary.map(first_attempt)
+            };
         QualityReport {
             name: name.to_string(),
             shards,

@@ -176,7 +176,12 @@ pub fn markdown(r: &QualityReport) -> String {
     };
     let _ = writeln!(s, "- sources of `hq_clip`: {}", list(&r.sources));
     let _ = writeln!(s, "- format errors by kind: {}", list(&r.format.errors));
-    if let Some(fa) = &r.format.first_attempt {
+    if let Some(fa) = r
+        .format
+        .first_attempt
+        .as_ref()
+        .filter(|fa| !fa.summary.files.is_empty())
+    {
         let _ = writeln!(
             s,
             "- recaptioner summary ({}): {} samples, {} ok, {} retried{}",
