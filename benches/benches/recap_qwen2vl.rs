@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use hq_runtime::qwen2vl::{
     EngineOptions, GenerationParams, GenerationStats, Qwen2Vl, Request, Sampling,
 };
-use hq_runtime::recaption::prompt::{recaption_messages, sample_seed, ExemplarSet};
+use hq_runtime::recaption::prompt::{sample_seed, ExemplarSet, PromptTemplate};
 use hq_runtime::recaption::Exemplar;
 use hq_runtime::ExecutionProvider;
 
@@ -202,7 +202,10 @@ fn run() -> Result<(), String> {
                         .process(&img)
                         .map_err(|e| e.to_string())?;
                     let prompt = engine
-                        .prompt(&recaption_messages(&c.exemplar, &c.alt), vec![prepared])
+                        .prompt(
+                            &PromptTemplate::paper().messages(&c.exemplar, &c.alt),
+                            vec![prepared],
+                        )
                         .map_err(|e| e.to_string())?;
                     reqs.push(Request { prompt, seed: 0 });
                 }
@@ -267,7 +270,7 @@ fn run() -> Result<(), String> {
         let parts: Vec<serde_json::Value> = cases
             .iter()
             .map(|c| {
-                let msgs = recaption_messages(&c.exemplar, &c.alt);
+                let msgs = PromptTemplate::paper().messages(&c.exemplar, &c.alt);
                 let parts: Vec<serde_json::Value> = msgs[0]
                     .parts
                     .iter()
