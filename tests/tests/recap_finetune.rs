@@ -17,24 +17,13 @@ use hq_runtime::recaption::teacher::{
     teacher_conversations, teacher_set_from_shards, ConversationFormat,
 };
 use hq_runtime::recaption::{run_job, ExemplarSet, JobOptions, Qwen2VlGenerator};
-use recap_support::{init_ort, run_python, workspace_root, TestResult};
+use recap_support::{ids, init_ort, run_python, workspace_root, TestResult};
 use serde_json::{json, Value};
 
 const MAX_NEW: usize = 24;
 /// As in `recap_qwen2vl.rs`: HF's greedy token must lead the runner-up by this many times the
 /// measured float32 logit noise for token-for-token equality to be a fair demand.
 const GREEDY_MARGIN_IN_NOISE: f64 = 20.0;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[test]
 fn fine_tuned_recaptioner_learns_exports_and_matches_hf() -> TestResult {

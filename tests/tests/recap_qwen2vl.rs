@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use hq_runtime::qwen2vl::{
     EngineOptions, GenerationParams, Message, Part, PreparedImage, Qwen2Vl, Request, Sampling,
 };
-use recap_support::{init_ort, run_python, test_image, tiny_model, workspace_root, TestResult};
+use recap_support::{
+    ids, init_ort, run_python, test_image, tiny_model, workspace_root, TestResult,
+};
 
 const MAX_NEW: usize = 24;
 /// How many times the float32 rounding noise of the reference's logits (measured against a
@@ -92,17 +94,6 @@ fn prepare(
         }
     }
     Ok(out)
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]

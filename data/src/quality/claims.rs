@@ -42,10 +42,9 @@
 //! only when the referents hold exactly one object. So `a blue cross` for a scene with a red cross
 //! and a blue ring is a wrong colour (attributes are judged on the shape they are attached to).
 
+use crate::synth::captions::{relation_between, NUMBERS};
 use crate::synth::scene::{BgColor, Color, Pattern, Relation, Scene, Shape, Size, Texture, Zone};
 use serde::{Deserialize, Serialize};
-
-const NUMBERS: [&str; 7] = ["zero", "one", "two", "three", "four", "five", "six"];
 
 fn number(w: &str) -> Option<u32> {
     NUMBERS
@@ -229,21 +228,6 @@ fn mentions_of(toks: &[String]) -> Vec<Span> {
         });
     }
     out
-}
-
-fn relation_between(words: &[String]) -> Option<Relation> {
-    let w: Vec<&str> = words
-        .iter()
-        .map(String::as_str)
-        .skip_while(|w| *w == "is" || *w == "are")
-        .collect();
-    match w.as_slice() {
-        ["above"] => Some(Relation::Above),
-        ["below"] => Some(Relation::Below),
-        ["to", "the", "left", "of"] | ["left", "of"] => Some(Relation::LeftOf),
-        ["to", "the", "right", "of"] | ["right", "of"] => Some(Relation::RightOf),
-        _ => None,
-    }
 }
 
 /// `is|are <attr> (and <attr>)*` at the start of `words`.

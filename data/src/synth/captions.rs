@@ -30,7 +30,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::Serialize;
 
-const NUMBERS: [&str; 7] = ["zero", "one", "two", "three", "four", "five", "six"];
+/// Number words the generator writes (and the quality report reads back).
+pub(crate) const NUMBERS: [&str; 7] = ["zero", "one", "two", "three", "four", "five", "six"];
 
 /// `one`, `two`, ... (digits past six).
 pub fn number_word(n: u32) -> String {
@@ -1009,7 +1010,9 @@ fn noun_phrases(toks: &[String]) -> Vec<NounPhrase> {
     out
 }
 
-fn relation_between(words: &[String]) -> Option<Relation> {
+/// The relation phrase between two noun phrases (`is above`, `to the left of`, ...); also the
+/// quality report's reader of model texts.
+pub(crate) fn relation_between(words: &[String]) -> Option<Relation> {
     let w: Vec<&str> = words
         .iter()
         .map(String::as_str)

@@ -117,3 +117,15 @@ pub fn test_image(width: u32, height: u32, seed: u64) -> image::RgbImage {
         image::Rgb([r as u8, g as u8, b as u8])
     })
 }
+
+/// Token ids of a JSON array (the reference scripts' output).
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
