@@ -319,55 +319,113 @@ pub fn read_model_config(dir: &Path) -> Result<ClipConfig, TrainError> {
     ClipConfig::from_json_file(dir.join(MODEL_CONFIG_FILE))
 }
 
-/// Loads CLIP weights for inference from a checkpoint directory (verified; config read from it,
-/// and `config`, when given, must equal it) or from a single open_clip-layout `.safetensors` file
-/// (config from `config`, else a `model_config.json` or `open_clip_config.json` next to it).
+/// open_clip's Hugging Face folder: its config file and its weights, safetensors first.
+pub const OPEN_CLIP_CONFIG_FILE: &str = "open_clip_config.json";
+const OPEN_CLIP_WEIGHTS: [&str; 2] = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"];
+
+/// Where a model's weights and (when known) its config come from: one of our checkpoints, an
+/// open_clip Hugging Face folder, or a single weights file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightsSource {
+    /// The weights: safetensors, or a `torch.save` zip (`.bin`, `.pt`; told apart by content).
+    pub weights: PathBuf,
+    /// The config the source carries (`model_config.json`, `open_clip_config.json`'s
+    /// `model_cfg`, or such a file next to a bare weights file), if any.
+    pub config: Option<ClipConfig>,
+}
+
+/// Resolves `path`: a checkpoint or run directory of ours (verified), an open_clip HF folder
+/// (`open_clip_config.json` + `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`), or a
+/// weights file (with `model_config.json` or `open_clip_config.json` next to it, if any).
+pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
+    if path.is_dir() {
+        if path.join(OPEN_CLIP_CONFIG_FILE).is_file() && !path.join(MANIFEST_FILE).exists() {
+            let weights = OPEN_CLIP_WEIGHTS
+                .iter()
+                .map(|n| path.join(n))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    err(
+                        path,
+                        format!(
+                            "an open_clip folder without weights ({})",
+                            OPEN_CLIP_WEIGHTS.join(" or ")
+                        ),
+                    )
+                })?;
+            let config = Some(read_file_config(&path.join(OPEN_CLIP_CONFIG_FILE))?);
+            return Ok(WeightsSource { weights, config });
+        }
+        let dir = resolve(path)?;
+        verify(&dir)?;
+        return Ok(WeightsSource {
+            weights: dir.join(MODEL_FILE),
+            config: Some(read_model_config(&dir)?),
+        });
+    }
+    if !path.is_file() {
+        return Err(err(path, "does not exist"));
+    }
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let config = [MODEL_CONFIG_FILE, OPEN_CLIP_CONFIG_FILE]
+        .iter()
+        .map(|n| parent.join(n))
+        .find(|p| p.is_file())
+        .map(|p| read_file_config(&p))
+        .transpose()?;
+    Ok(WeightsSource {
+        weights: path.to_path_buf(),
+        config,
+    })
+}
+
+/// All tensors of a weights file (CPU), by content: a zip archive is a `torch.save` checkpoint
+/// (read without running pickle code, `model::torch_pickle`), anything else safetensors.
+pub fn read_weights(path: &Path) -> Result<BTreeMap<String, tch::Tensor>, TrainError> {
+    let mut magic = [0u8; 4];
+    let is_zip = fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| magic == *b"PK\x03\x04")
+        .unwrap_or(false);
+    if is_zip {
+        crate::model::torch_pickle::read_torch_checkpoint(path)
+    } else {
+        crate::model::checkpoint::read_safetensors(path)
+    }
+}
+
+/// Copies the weights of `source` into `model` (strict: names and shapes must match).
+pub fn load_weights(model: &Clip, source: &WeightsSource) -> Result<(), TrainError> {
+    let tensors = read_weights(&source.weights)?;
+    crate::model::checkpoint::load_named(&model.state_dict(), &tensors, &source.weights)
+}
+
+/// Loads CLIP weights for inference from anything [`weights_source`] accepts. The config is the
+/// source's; `config`, when given, must equal it (or is the only one, for a bare weights file).
 pub fn load_clip(
     path: &Path,
     config: Option<&ClipConfig>,
     device: Device,
 ) -> Result<(VarStore, Clip), TrainError> {
-    let (cfg, weights) = if path.is_dir() {
-        let dir = resolve(path)?;
-        verify(&dir)?;
-        let stored = read_model_config(&dir)?;
-        if let Some(given) = config {
-            if *given != stored {
-                return Err(err(
-                    &dir,
-                    "the model config given differs from the checkpoint's model_config.json; \
-                     leave the config out to use the checkpoint's",
-                ));
-            }
-        }
-        (stored, dir.join(MODEL_FILE))
-    } else if path.is_file() {
-        let cfg =
-            match config {
-                Some(c) => c.clone(),
-                None => {
-                    let parent = path.parent().unwrap_or(Path::new("."));
-                    let found = [MODEL_CONFIG_FILE, "open_clip_config.json"]
-                        .iter()
-                        .map(|n| parent.join(n))
-                        .find(|p| p.is_file());
-                    match found {
-                        Some(p) => read_file_config(&p)?,
-                        None => return Err(err(
-                            path,
-                            "a bare weights file needs a model config: pass one (a preset name \
-                             or open_clip model-config JSON) or put model_config.json next to it",
-                        )),
-                    }
-                }
-            };
-        (cfg, path.to_path_buf())
-    } else {
-        return Err(err(path, "does not exist"));
-    };
+    let source = weights_source(path)?;
+    let cfg =
+        match (&source.config, config) {
+            (Some(stored), Some(given)) if path.is_dir() && stored != given => return Err(err(
+                path,
+                "the model config given differs from the checkpoint's; leave the config out to \
+                 use the checkpoint's",
+            )),
+            (_, Some(given)) => given.clone(),
+            (Some(stored), None) => stored.clone(),
+            (None, None) => return Err(err(
+                path,
+                "a bare weights file needs a model config: pass one (a preset name or open_clip \
+                 model-config JSON) or put model_config.json next to it",
+            )),
+        };
     let vs = VarStore::new(device);
     let model = Clip::new(vs.root(), &cfg)?;
-    model.load_safetensors(&weights)?;
+    load_weights(&model, &source)?;
     Ok((vs, model))
 }
 

@@ -43,6 +43,10 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// An open_clip model-config JSON file (instead of a preset).
     pub config: Option<PathBuf>,
+    /// Weights to start from (`checkpoint::weights_source`: an open_clip HF folder, a checkpoint
+    /// of ours, a safetensors or torch.save file). Its config is the model's when neither
+    /// `preset` nor `config` is set; otherwise the weights must fit the config given.
+    pub pretrained: Option<PathBuf>,
     /// Square image size overriding the preset's (must be a multiple of the patch size).
     pub image_size: Option<i64>,
     /// Width of the STC head's hidden layer (default: the embedding width).
@@ -412,7 +416,18 @@ impl TrainConfig {
             }
             (Some(p), None) => ClipConfig::preset(p)?,
             (None, Some(path)) => ClipConfig::from_json_file(path)?,
-            (None, None) => ClipConfig::hq_tiny(),
+            (None, None) => match &m.pretrained {
+                Some(path) => crate::checkpoint::weights_source(path)?
+                    .config
+                    .ok_or_else(|| {
+                        bad(
+                            "model.pretrained",
+                            "the weights carry no model config (no model_config.json or \
+                             open_clip_config.json beside them): set model.preset or model.config",
+                        )
+                    })?,
+                None => ClipConfig::hq_tiny(),
+            },
         };
         if let Some(s) = m.image_size {
             cfg.vision_cfg.image_size = crate::model::Size2::Square(s);

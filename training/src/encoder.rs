@@ -69,10 +69,12 @@ fn square_size(cfg: &ClipConfig) -> Result<u32, TrainError> {
 impl TchEncoder<'static> {
     /// Loads a model for evaluation from `path` onto `device`.
     ///
-    /// `path` is either a training checkpoint directory written by `hq-train` (its checksums are
-    /// verified; the model config is read from it unless `config` is given, in which case the
-    /// two must agree) or a single open_clip-layout `.safetensors` file, which needs `config`
-    /// (or a `model_config.json` / `open_clip_config.json` next to it).
+    /// `path` is anything [`crate::checkpoint::weights_source`] accepts: a training checkpoint
+    /// (or run) directory written by `hq-train` (its checksums are verified; the model config is
+    /// read from it unless `config` is given, in which case the two must agree), an open_clip
+    /// Hugging Face folder, or a single weights file (`.safetensors`, or a `torch.save` `.bin` /
+    /// `.pt` read without running pickle code), which needs `config` (or a `model_config.json` /
+    /// `open_clip_config.json` next to it).
     pub fn from_checkpoint(
         path: impl AsRef<Path>,
         config: Option<&ClipConfig>,

@@ -54,3 +54,25 @@ pub fn synthetic_batch(cfg: &ClipConfig, n: usize, tags: i64) -> Batch {
         index: 0,
     }
 }
+
+/// A small synthetic corpus (256 samples of 32 px in shards of 32, tiny eval sets) written to
+/// `dir`; returns its training folder. For tests that run `hq-train` end to end.
+pub fn tiny_corpus(dir: &std::path::Path) -> std::path::PathBuf {
+    use hq_data::synth::{self, SynthConfig, WriteOptions};
+    let cfg = SynthConfig {
+        seed: 3,
+        samples: 256,
+        shard_size: 32,
+        image_size: 32,
+        eval_samples: 16,
+        eval_shard_size: 16,
+        ..SynthConfig::default()
+    };
+    let opts = WriteOptions {
+        force: false,
+        threads: Some(2),
+        progress: false,
+    };
+    synth::write_corpus(&cfg, dir, &opts).expect("synth corpus");
+    dir.join("train")
+}

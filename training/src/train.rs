@@ -234,6 +234,14 @@ pub fn run_on(
     let model_cfg = cfg.model_config()?;
     let vs = VarStore::new(device);
     let model = Clip::new(vs.root(), &model_cfg)?;
+    if let (None, Some(path)) = (&saved, &cfg.model.pretrained) {
+        // A resumed run's weights come from its checkpoint; a new one starts from these.
+        let source = ckpt::weights_source(path)?;
+        ckpt::load_weights(&model, &source)?;
+        if lead {
+            eprintln!("hq-train: starting from {}", source.weights.display());
+        }
+    }
     let vocab: Option<Arc<TagVocab>> = if parts.stc {
         Some(Arc::new(match (&resume_dir, &cfg.data.tag_vocab) {
             (Some(dir), _) => TagVocab::load(dir.join(ckpt::TAG_VOCAB_FILE))?,

@@ -28,6 +28,7 @@ fn help_explains_every_option() {
         "--variant",
         "--model",
         "--model-config",
+        "--pretrained",
         "--image-size",
         "--train",
         "--eval-dir",

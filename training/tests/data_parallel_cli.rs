@@ -11,25 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use hq_data::synth::{self, SynthConfig, WriteOptions};
-
 fn corpus(dir: &Path) -> PathBuf {
-    let cfg = SynthConfig {
-        seed: 3,
-        samples: 256,
-        shard_size: 32,
-        image_size: 32,
-        eval_samples: 16,
-        eval_shard_size: 16,
-        ..SynthConfig::default()
-    };
-    let opts = WriteOptions {
-        force: false,
-        threads: Some(2),
-        progress: false,
-    };
-    synth::write_corpus(&cfg, dir, &opts).expect("synth corpus");
-    dir.join("train")
+    hq_train::testing::tiny_corpus(dir)
 }
 
 /// The run's settings (every rank: batch 8, 4 steps, a checkpoint every 2).

@@ -59,6 +59,13 @@ struct Cli {
     /// open_clip model-config JSON instead of a preset. [model.config]
     #[arg(long, value_name = "FILE", conflicts_with = "model")]
     model_config: Option<PathBuf>,
+    /// Start from these weights instead of a random init: an open_clip Hugging Face folder
+    /// (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin), a
+    /// checkpoint of ours, or a weights file (.safetensors, or a torch.save .bin/.pt, read without
+    /// running pickle code). Its config is the model's unless --model/--model-config says
+    /// otherwise (then the weights must fit that config). [model.pretrained]
+    #[arg(long, value_name = "PATH")]
+    pretrained: Option<PathBuf>,
     /// Square image size overriding the model's (a multiple of its patch size). [model.image_size]
     #[arg(long, value_name = "PX")]
     image_size: Option<i64>,
@@ -210,6 +217,9 @@ fn main() -> Result<()> {
         // A JSON config replaces a preset from the config file.
         flag("model.preset", Some(toml_str("")));
         flag("model.config", Some(toml_str(&p.display().to_string())));
+    }
+    if let Some(p) = &cli.pretrained {
+        flag("model.pretrained", Some(toml_str(&p.display().to_string())));
     }
     flag("model.image_size", cli.image_size.map(|v| v.to_string()));
     if !cli.train.is_empty() {

@@ -4,8 +4,8 @@
 //! with the same shape and the file must hold nothing else; all missing, unexpected and misshaped
 //! tensors are reported by name in one error. Dtypes are converted (an fp16/bf16 checkpoint loads
 //! into an fp32 model). A checkpoint whose every key starts with `module.` (saved from a
-//! DistributedDataParallel wrapper) loads with the prefix stripped. Pickled `.pt` files are never
-//! read.
+//! DistributedDataParallel wrapper) loads with the prefix stripped. Pickled `torch.save` files
+//! (`.bin`, `.pt`) are read by [`crate::model::torch_pickle`], which never runs pickle code.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;

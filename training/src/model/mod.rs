@@ -30,6 +30,7 @@ pub mod config;
 pub mod layers;
 pub mod stc;
 pub mod text;
+pub mod torch_pickle;
 pub mod vision;
 
 pub use clip::{excluded_from_weight_decay, Clip, ClipOutput};
