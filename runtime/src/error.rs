@@ -219,6 +219,16 @@ pub enum RuntimeError {
         message: String,
     },
 
+    /// A `qwen2vl.plan` that cannot be used here: truncated, altered, not a plan, or built for
+    /// another machine.
+    #[error("plan `{path}`: {reason}")]
+    Plan {
+        /// The plan file.
+        path: String,
+        /// What differs, and what to do.
+        reason: String,
+    },
+
     /// An image that cannot be turned into the model's patches (undecodable, too large, too
     /// elongated).
     #[error("image: {0}")]

@@ -34,6 +34,7 @@
 pub mod clip_encoder;
 mod env;
 mod error;
+pub mod plan;
 mod provider;
 pub mod qwen2vl;
 pub mod recaption;

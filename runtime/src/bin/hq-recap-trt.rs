@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! hq-recap-trt --engine MODEL_DIR --input 'shards/{00000..00099}.tar' --output OUT
+//! hq-recap-trt build --model MODEL_DIR --provider tensorrt --out qwen2vl.plan
+//! hq-recap-trt --engine qwen2vl.plan --input 'shards/{00000..00099}.tar' --output OUT
 //! hq-recap-trt teacher --input teacher.jsonl --output sft.json --format llava
 //! hq-recap-trt teacher --from-shards 'corpus/train/shard-0000{0..3}.tar' --limit 3000 \
 //!     --prompt recaptioner/prompt_short.json --output teacher/conversations.json
@@ -21,7 +23,7 @@ use hq_runtime::recaption::teacher::{
 use hq_runtime::recaption::{
     run_job, split_from_env, ExemplarSet, JobOptions, OutputFormat, Qwen2VlGenerator,
 };
-use hq_runtime::{ExecutionProvider, PROVIDER_CHOICES};
+use hq_runtime::{plan, ExecutionProvider, PROVIDER_CHOICES};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,6 +46,42 @@ enum Command {
     /// Turn teacher answers (JSONL) into LLaVA / ShareGPT fine-tuning conversations, checking that
     /// the job's parser accepts every answer.
     Teacher(TeacherArgs),
+    /// Pack a model folder into one deployable file (qwen2vl.plan): the model, for TensorRT the
+    /// engines built here for the profile shapes, and a manifest of this machine (GPU
+    /// architecture, ONNX Runtime and TensorRT versions) and of every member's SHA-256.
+    /// `--engine PLAN` refuses a plan that does not fit its machine.
+    Build(BuildArgs),
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    /// Model directory from export/qwen2vl/export_qwen2vl.py.
+    #[arg(long)]
+    model: PathBuf,
+    /// Provider the plan is for: `cpu`, `cuda[:N]`, `tensorrt[:N]`.
+    #[arg(long, default_value = "cpu")]
+    provider: String,
+    /// The plan file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Let TensorRT use fp16 kernels.
+    #[arg(long)]
+    fp16: bool,
+    /// TensorRT profile: largest batch (and images per vision run).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// TensorRT profile: largest prompt (tokens, image tokens included).
+    #[arg(long, default_value_t = 2048)]
+    trt_max_prompt: usize,
+    /// TensorRT profile: largest prompt + answer.
+    #[arg(long, default_value_t = 2560)]
+    trt_max_total: usize,
+    /// TensorRT profile: most vision patches per batch.
+    #[arg(long, default_value_t = 8192)]
+    trt_max_patches: usize,
+    /// ONNX Runtime threads per operator (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -56,9 +94,11 @@ enum FormatArg {
 
 #[derive(Args, Debug)]
 struct RecapArgs {
-    /// Model directory from export/qwen2vl/export_qwen2vl.py (three ONNX files, tokenizer, configs).
-    /// A TensorRT cache folder inside it (`MODEL_DIR/trt_cache`, with its built engines) is also
-    /// accepted: the model is then its parent folder, the provider TensorRT, and the cache that folder.
+    /// Model directory from export/qwen2vl/export_qwen2vl.py (three ONNX files, tokenizer, configs),
+    /// or a plan file from `hq-recap-trt build` (its provider, profile and engines are used; it is
+    /// refused on a machine it was not built for). A TensorRT cache folder inside a model directory
+    /// (`MODEL_DIR/trt_cache`) is also accepted: the model is then its parent folder, the provider
+    /// TensorRT, and the cache that folder.
     #[arg(long, required = true)]
     engine: Option<PathBuf>,
     /// Inputs: webdataset .tar shards (paths, globs, brace ranges `shard-{00000..00099}.tar`,
@@ -241,6 +281,45 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     };
     let mut provider: ExecutionProvider = args.provider.parse()?;
     let mut trt_cache = args.trt_cache.clone();
+    let mut trt_profile = TrtProfile {
+        max_batch: args.batch_size.max(1),
+        max_prompt_tokens: args.trt_max_prompt,
+        max_total_tokens: args.trt_max_total.max(args.trt_max_prompt + 1),
+        max_patches: args.trt_max_patches,
+        max_images: args.batch_size.max(1),
+    };
+    let mut fp16 = args.fp16;
+    // `--engine qwen2vl.plan`: the plan's provider, profile and engines, if it fits this machine.
+    let engine_arg = if engine_arg.is_file() {
+        let manifest = plan::read_manifest(&engine_arg)?;
+        let planned: ExecutionProvider = manifest.provider.parse()?;
+        if args.provider != "cpu" && planned != provider {
+            bail!(
+                "{} was built for {}; run it with that provider (or leave --provider out)",
+                engine_arg.display(),
+                manifest.provider
+            );
+        }
+        let gpu = match &planned {
+            ExecutionProvider::Cuda { device_id }
+            | ExecutionProvider::TensorRt { device_id, .. } => Some(*device_id as usize),
+            _ => None,
+        };
+        let opened = plan::open_plan(
+            &engine_arg,
+            &plan::default_cache_root(&engine_arg),
+            &plan::machine_facts(gpu),
+        )?;
+        provider = planned;
+        if let Some(p) = &opened.manifest.trt_profile {
+            trt_profile = p.clone();
+            fp16 = opened.manifest.fp16;
+            trt_cache = Some(opened.model_dir.join("trt_cache"));
+        }
+        opened.model_dir
+    } else {
+        engine_arg
+    };
     // `--engine MODEL_DIR/trt_cache`: the TensorRT cache artefact of a model directory.
     let model_dir = if engine_arg.is_dir()
         && !engine_arg.join("config.json").is_file()
@@ -262,7 +341,7 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     if let Some(dir) = trt_cache {
         provider = provider.with_cache_dir(dir);
     }
-    provider = provider.with_fp16(args.fp16);
+    provider = provider.with_fp16(fp16);
 
     let env_split = split_from_env(|k| std::env::var(k).ok(), args.num_shards)?;
     let (shard_index, num_shards) = match (args.shard_index, args.num_shards, env_split) {
@@ -284,13 +363,7 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     let opts = EngineOptions {
         provider,
         intra_threads: args.threads,
-        trt_profile: TrtProfile {
-            max_batch: args.batch_size.max(1),
-            max_prompt_tokens: args.trt_max_prompt,
-            max_total_tokens: args.trt_max_total.max(args.trt_max_prompt + 1),
-            max_patches: args.trt_max_patches,
-            max_images: args.batch_size.max(1),
-        },
+        trt_profile,
         max_pixels: args.max_pixels,
         min_pixels: None,
         device_cache: None,
@@ -412,10 +485,47 @@ fn teacher(args: TeacherArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn build(args: BuildArgs) -> Result<ExitCode> {
+    let provider: ExecutionProvider = args.provider.parse()?;
+    let opts = EngineOptions {
+        provider: provider.with_fp16(args.fp16),
+        intra_threads: args.threads,
+        trt_profile: TrtProfile {
+            max_batch: args.batch_size.max(1),
+            max_prompt_tokens: args.trt_max_prompt,
+            max_total_tokens: args.trt_max_total.max(args.trt_max_prompt + 1),
+            max_patches: args.trt_max_patches,
+            max_images: args.batch_size.max(1),
+        },
+        ..EngineOptions::default()
+    };
+    let manifest = plan::build_plan(&args.model, &opts, &args.out)
+        .with_context(|| format!("building a plan of {}", args.model.display()))?;
+    let bytes: u64 = manifest.members.values().map(|m| m.bytes).sum();
+    eprintln!(
+        "hq-recap-trt: wrote {} ({} members, {:.1} MiB) for {}{}",
+        args.out.display(),
+        manifest.members.len(),
+        bytes as f64 / 1048576.0,
+        manifest.provider,
+        manifest
+            .built_on
+            .gpu
+            .as_ref()
+            .map(|g| format!(
+                " on {} (compute capability {})",
+                g.name, g.compute_capability
+            ))
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Teacher(t)) => teacher(t),
+        Some(Command::Build(b)) => build(b),
         None => recaption(cli.recap),
     };
     match result {

@@ -55,7 +55,7 @@ pub const DEFAULT_PREFIX_CACHE_MIB: usize = 256;
 
 /// Shape limits for TensorRT's optimisation profiles (a shape outside them makes TensorRT rebuild
 /// its engine, which takes minutes for a 7B model).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrtProfile {
     /// Largest batch.
     pub max_batch: usize,
