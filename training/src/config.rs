@@ -72,6 +72,9 @@ pub struct DataSection {
     pub tag_vocab: Option<PathBuf>,
     /// Bad samples logged one by one before only counting.
     pub max_logged_skips: usize,
+    /// Side-car annotations joined onto `train` while reading (`hq_data::shards::annotations`):
+    /// `{ path = "ann/", id_field = "uid", fields = { long_positive = "caption" } }`.
+    pub annotations: Option<hq_data::shards::AnnotationSpec>,
 }
 
 impl Default for DataSection {
@@ -88,6 +91,7 @@ impl Default for DataSection {
             tag_vocab_size: crate::data::DEFAULT_TAG_VOCAB_SIZE,
             tag_vocab: None,
             max_logged_skips: 20,
+            annotations: None,
         }
     }
 }
@@ -481,6 +485,7 @@ impl TrainConfig {
         c.readers = self.data.readers;
         c.threads = self.data.threads;
         c.max_logged_skips = self.data.max_logged_skips;
+        c.annotations = self.data.annotations.clone();
         Ok(c)
     }
 
@@ -497,6 +502,10 @@ impl TrainConfig {
                 "no training data: set data.train in the config or pass --train SHARDS \
                  (e.g. out/default/train)",
             ));
+        }
+        if let Some(a) = &d.annotations {
+            a.validate()
+                .map_err(|e| bad("data.annotations", e.to_string()))?;
         }
         if !(0.0..=1.0).contains(&d.refined_prob) {
             return Err(bad(

@@ -31,7 +31,7 @@ use tch::{nn::VarStore, Device};
 
 use crate::checkpoint::{self as ckpt, CheckpointWriter};
 use crate::config::{Precision, TrainConfig};
-use crate::data::{build_tag_vocab, Batch, DataLoader, LoaderState, SkipCounts};
+use crate::data::{build_tag_vocab_with, Batch, DataLoader, LoaderState, SkipCounts};
 use crate::encoder::TchEncoder;
 use crate::metrics::{plot_curves, MetricsLog};
 use crate::model::checkpoint::{load_named, read_safetensors};
@@ -240,7 +240,16 @@ pub fn run_on(
             (None, Some(path)) => TagVocab::load(path)?,
             (None, None) => {
                 let shards = hq_data::shards::expand_shards(&cfg.shard_specs())?;
-                build_tag_vocab(&shards, cfg.data.tag_vocab_size, cfg.data.threads)?
+                let annotations = match &cfg.data.annotations {
+                    Some(spec) => Some(hq_data::shards::Annotations::open(spec)?),
+                    None => None,
+                };
+                build_tag_vocab_with(
+                    &shards,
+                    annotations.as_ref(),
+                    cfg.data.tag_vocab_size,
+                    cfg.data.threads,
+                )?
             }
         }))
     } else {
@@ -447,9 +456,14 @@ pub fn run_on(
             let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
             window = (Instant::now(), 0);
             let skipped_total = global_skips(group, &loader.state().skipped_total)?;
+            let annotations = match loader.annotation_counts() {
+                Some(c) => Some(global_annotations(group, &c)?),
+                None => None,
+            };
             log(
                 &mut metrics,
                 &json!({
+                    "annotations": annotations,
                     "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
                     "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
                     "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
@@ -533,6 +547,9 @@ pub fn run_on(
         }
     }
     bar.finish_and_clear();
+    if let (true, Some(c)) = (lead && req.verbose, loader.annotation_counts()) {
+        eprintln!("hq-train: this rank's {c}");
+    }
     drop(loader);
 
     // ---- the end: plots and summary (rank 0)
@@ -589,6 +606,33 @@ fn global_skips(
         record: v[0] as u64,
         image: v[1] as u64,
         text: v[2] as u64,
+    })
+}
+
+/// Annotation counts summed over the ranks of `group`.
+fn global_annotations(
+    group: Option<&ProcessGroup>,
+    c: &hq_data::shards::AnnotationCounts,
+) -> Result<hq_data::shards::AnnotationCounts, TrainError> {
+    let Some(pg) = group else {
+        return Ok(*c);
+    };
+    let v = crate::distributed::sum_over_ranks(
+        pg,
+        &[
+            c.joined as f64,
+            c.missing as f64,
+            c.orphan as f64,
+            c.bad_records as f64,
+            c.missing_files as f64,
+        ],
+    )?;
+    Ok(hq_data::shards::AnnotationCounts {
+        joined: v[0] as u64,
+        missing: v[1] as u64,
+        orphan: v[2] as u64,
+        bad_records: v[3] as u64,
+        missing_files: v[4] as u64,
     })
 }
 

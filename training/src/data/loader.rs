@@ -17,7 +17,9 @@
 //! so the batches after a restore equal those of an uninterrupted run; skip counts are carried
 //! over exactly too.
 
-use super::stream::{worker_shards, Drawn, EpochStream, StreamConfig, StreamState};
+use super::stream::{
+    worker_shards, Annotated, AnnotationLog, Drawn, EpochStream, JoinCtx, StreamConfig, StreamState,
+};
 use super::tags::tag_csr;
 use super::text_policy::{TextPolicy, TextSource};
 use super::transform::{ImageTransform, TransformKind, DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE};
@@ -25,7 +27,10 @@ use super::{derive_rng, RngPurpose, SkipCounts, SkipReason};
 use crate::error::TrainError;
 use crate::model::ClipConfig;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use hq_data::shards::{expand_shards, ImageCheck, ReadOptions, DEFAULT_MAX_PIXELS};
+use hq_data::shards::{
+    expand_shards, AnnotationCounts, AnnotationSpec, Annotations, ImageCheck, ReadOptions,
+    DEFAULT_MAX_PIXELS,
+};
 use hq_data::text::tags::TagVocab;
 use hq_data::text::tokenizer::ClipTokenizer;
 use hq_data::SampleError;
@@ -82,6 +87,9 @@ pub struct LoaderConfig {
     pub max_pixels: u64,
     /// Skipped samples logged to stderr one by one (then only counted).
     pub max_logged_skips: usize,
+    /// Side-car annotations joined onto the samples while reading (`None`: the shards' own texts).
+    #[serde(default)]
+    pub annotations: Option<AnnotationSpec>,
 }
 
 impl LoaderConfig {
@@ -113,6 +121,7 @@ impl LoaderConfig {
             drop_last: true,
             max_pixels: DEFAULT_MAX_PIXELS,
             max_logged_skips: 20,
+            annotations: None,
         }
     }
 
@@ -273,6 +282,9 @@ pub struct LoaderState {
     pub samples_total: u64,
     /// Samples skipped in all, by reason.
     pub skipped_total: SkipCounts,
+    /// Drawn samples with and without a side-car annotation, in all (`joined`, `missing`).
+    #[serde(default)]
+    pub annotations_total: AnnotationCounts,
 }
 
 impl LoaderState {
@@ -328,6 +340,7 @@ impl LoaderState {
             batches_total: 0,
             samples_total: 0,
             skipped_total: SkipCounts::default(),
+            annotations_total: AnnotationCounts::default(),
         }
     }
 
@@ -423,6 +436,7 @@ struct Skip {
 
 struct ProcItem {
     errors: Vec<SampleError>,
+    annotated: Annotated,
     result: Result<Ready, Skip>,
 }
 
@@ -462,6 +476,7 @@ impl DecodeCtx {
             sample,
             errors,
             shard,
+            annotated,
         } = d;
         let what = |m: String| format!("{}: {}: {m}", shard.display(), sample.key);
         let result = (|| {
@@ -504,7 +519,11 @@ impl DecodeCtx {
                 tags,
             })
         })();
-        ProcItem { errors, result }
+        ProcItem {
+            errors,
+            annotated,
+            result,
+        }
     }
 }
 
@@ -516,6 +535,7 @@ pub struct DataLoader {
     state: LoaderState,
     finished: bool,
     worker_shards: Vec<PathBuf>,
+    annotation_log: Option<Arc<AnnotationLog>>,
 }
 
 impl DataLoader {
@@ -556,6 +576,19 @@ impl DataLoader {
                 all.len()
             )));
         }
+        let join = match &config.annotations {
+            Some(spec) => {
+                let annotations = Annotations::open(spec)?;
+                // A wrong folder, id field or mapping stops here, not after hours of raw texts.
+                annotations.check(&worker)?;
+                Some(JoinCtx {
+                    annotations: Arc::new(annotations),
+                    log: Arc::new(AnnotationLog::new(config.max_logged_skips)),
+                })
+            }
+            None => None,
+        };
+        let annotation_log = join.as_ref().map(|j| Arc::clone(&j.log));
         let readers = config.readers.min(worker.len()).max(1);
         let fresh = LoaderState::fresh(&config, &worker, readers);
         let start = match resume {
@@ -606,6 +639,7 @@ impl DataLoader {
                 image_check: ImageCheck::None,
                 ..ReadOptions::default()
             },
+            join,
         };
 
         let (job_tx, job_rx) = bounded::<JobMsg>(2);
@@ -642,6 +676,7 @@ impl DataLoader {
                 state: start.clone(),
                 pending: Vec::new(),
                 since: SkipCounts::default(),
+                ann_since: AnnotationCounts::default(),
                 logged: 0,
                 last_pos: None,
             };
@@ -656,7 +691,19 @@ impl DataLoader {
             state: start,
             finished: false,
             worker_shards: worker,
+            annotation_log,
         })
+    }
+
+    /// Annotation counts: joined and missing over every batch so far (resumed with the state),
+    /// orphans, bad records and missing files as this process found them. `None` without
+    /// annotations.
+    pub fn annotation_counts(&self) -> Option<AnnotationCounts> {
+        let log = self.annotation_log.as_ref()?;
+        let mut c = log.counts();
+        c.joined = self.state.annotations_total.joined;
+        c.missing = self.state.annotations_total.missing;
+        Some(c)
     }
 
     /// The position after the last batch returned (the start position before the first).
@@ -840,6 +887,7 @@ struct Batcher {
     state: LoaderState,
     pending: Vec<Ready>,
     since: SkipCounts,
+    ann_since: AnnotationCounts,
     logged: usize,
     /// Position after the last sample added to `pending`: (chunk start, draws used).
     last_pos: Option<(Arc<StreamState>, u64)>,
@@ -873,6 +921,11 @@ impl Batcher {
                     for (m, item) in items.into_iter().enumerate() {
                         for e in &item.errors {
                             self.skip(SkipReason::Record, &e.to_string());
+                        }
+                        match item.annotated {
+                            Some(true) => self.ann_since.joined += 1,
+                            Some(false) => self.ann_since.missing += 1,
+                            None => {}
                         }
                         match item.result {
                             Ok(r) => self.pending.push(r),
@@ -928,6 +981,8 @@ impl Batcher {
         self.state.batches_total += 1;
         self.state.samples_total += items.len() as u64;
         let skipped = std::mem::take(&mut self.since);
+        let annotations = std::mem::take(&mut self.ann_since);
+        self.state.annotations_total.merge(&annotations);
         let msg = match self.build(items, skipped, epoch, index) {
             Ok(b) => OutMsg::Batch(Box::new(b), Box::new(self.state.clone())),
             Err(e) => OutMsg::Fatal(format!("cannot build a batch: {e}")),

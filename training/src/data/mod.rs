@@ -33,7 +33,11 @@ pub mod text_policy;
 pub use hq_data::transform;
 
 pub use loader::{Batch, DataLoader, LoaderConfig, LoaderState};
-pub use tags::{build_tag_vocab, count_tags, tag_csr, DEFAULT_TAG_VOCAB_SIZE};
+pub use stream::AnnotationLog;
+pub use tags::{
+    build_tag_vocab, build_tag_vocab_with, count_tags, count_tags_with, tag_csr,
+    DEFAULT_TAG_VOCAB_SIZE,
+};
 pub use text_policy::{ChosenTexts, NegativeSource, TextPolicy, TextSource};
 pub use transform::{ImageTransform, TransformKind, CLIP_MEAN, CLIP_STD};
 
