@@ -31,7 +31,7 @@ use tch::{nn::VarStore, Device};
 
 use crate::checkpoint::{self as ckpt, CheckpointWriter};
 use crate::config::{Precision, TrainConfig};
-use crate::data::{build_tag_vocab_with, Batch, DataLoader, LoaderState, SkipCounts};
+use crate::data::{count_tags_with, Batch, DataLoader, LoaderState, SkipCounts};
 use crate::encoder::TchEncoder;
 use crate::metrics::{plot_curves, MetricsLog};
 use crate::model::checkpoint::{load_named, read_safetensors};
@@ -239,17 +239,26 @@ pub fn run_on(
             (Some(dir), _) => TagVocab::load(dir.join(ckpt::TAG_VOCAB_FILE))?,
             (None, Some(path)) => TagVocab::load(path)?,
             (None, None) => {
-                let shards = hq_data::shards::expand_shards(&cfg.shard_specs())?;
-                let annotations = match &cfg.data.annotations {
-                    Some(spec) => Some(hq_data::shards::Annotations::open(spec)?),
-                    None => None,
-                };
-                build_tag_vocab_with(
-                    &shards,
-                    annotations.as_ref(),
-                    cfg.data.tag_vocab_size,
-                    cfg.data.threads,
-                )?
+                let mut counter = hq_data::text::tags::TagCounter::new();
+                let mut samples = 0;
+                for src in cfg.data_sources() {
+                    let shards = hq_data::shards::expand_shards(&src.shards)?;
+                    let annotations = match &src.annotations {
+                        Some(spec) => Some(hq_data::shards::Annotations::open(spec)?),
+                        None => None,
+                    };
+                    let report = count_tags_with(&shards, annotations.as_ref(), cfg.data.threads)?;
+                    samples += report.samples_with_tags;
+                    counter.merge(report.counter);
+                }
+                if samples == 0 {
+                    return Err(TrainError::DataLoader(
+                        "cannot build a tag vocabulary: no training sample has refined texts \
+                         (turn stc off, or add annotations)"
+                            .into(),
+                    ));
+                }
+                counter.top_k(cfg.data.tag_vocab_size)
             }
         }))
     } else {
@@ -460,10 +469,12 @@ pub fn run_on(
                 Some(c) => Some(global_annotations(group, &c)?),
                 None => None,
             };
+            let source_samples = global_counts(group, loader.source_samples())?;
             log(
                 &mut metrics,
                 &json!({
                     "annotations": annotations,
+                    "source_samples": source_samples,
                     "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
                     "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
                     "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
@@ -607,6 +618,19 @@ fn global_skips(
         image: v[1] as u64,
         text: v[2] as u64,
     })
+}
+
+/// Per-source sample counts summed over the ranks of `group` (every rank has the same sources).
+fn global_counts(group: Option<&ProcessGroup>, counts: &[u64]) -> Result<Vec<u64>, TrainError> {
+    let Some(pg) = group else {
+        return Ok(counts.to_vec());
+    };
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    let sum = crate::distributed::sum_over_ranks(pg, &v)?;
+    Ok(sum.into_iter().map(|c| c as u64).collect())
 }
 
 /// Annotation counts summed over the ranks of `group`.

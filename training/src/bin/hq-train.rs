@@ -66,6 +66,20 @@ struct Cli {
     /// files. [data.train]
     #[arg(long, value_name = "SHARDS", num_args = 1..)]
     train: Vec<String>,
+    /// One source of a weighted mixture (repeat for each; use instead of --train): shards as
+    /// --train takes them. Sources are sampled with replacement by weight in an endless,
+    /// step-based stream (open_clip's --dataset-resampled with --train-data-upsampling-factors).
+    /// Per-source annotations: [[data.sources]] in the config file. [data.sources]
+    #[arg(long = "source", value_name = "SHARDS", conflicts_with = "train")]
+    sources: Vec<String>,
+    /// The sources' weights, in --source order (default: equal), e.g. `3,1`.
+    #[arg(
+        long,
+        value_name = "W,W,...",
+        value_delimiter = ',',
+        requires = "sources"
+    )]
+    source_weights: Vec<f64>,
     /// Side-car annotations joined onto the --train shards while reading (no copy written): a
     /// folder of per-shard files (`00012.tar` <-> `00012.jsonl` or `00012.json`, as
     /// `hq-recap-trt --format sidecar` writes them) or index files (a file, glob, brace range or
@@ -232,6 +246,27 @@ fn main() -> Result<()> {
     if !cli.train.is_empty() {
         let list: Vec<String> = cli.train.iter().map(|s| toml_str(s)).collect();
         flag("data.train", Some(format!("[{}]", list.join(", "))));
+    }
+    if !cli.sources.is_empty() {
+        if !cli.source_weights.is_empty() && cli.source_weights.len() != cli.sources.len() {
+            anyhow::bail!(
+                "--source-weights gives {} weight(s) for {} --source(s)",
+                cli.source_weights.len(),
+                cli.sources.len()
+            );
+        }
+        let list: Vec<String> = cli
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let w = cli.source_weights.get(i).copied().unwrap_or(1.0);
+                format!("{{ shards = [{}], weight = {w:?} }}", toml_str(s))
+            })
+            .collect();
+        flag("data.sources", Some(format!("[{}]", list.join(", "))));
+        // The mixture replaces a config file's single source.
+        flag("data.train", Some("[]".into()));
     }
     if let Some(spec) = &cli.annotations {
         let mut t = toml::Table::new();

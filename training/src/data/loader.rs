@@ -17,6 +17,7 @@
 //! so the batches after a restore equal those of an uninterrupted run; skip counts are carried
 //! over exactly too.
 
+use super::mixture::{source_seed, MixState, MixStream, SourcePlan};
 use super::stream::{
     worker_shards, Annotated, AnnotationLog, Drawn, EpochStream, JoinCtx, StreamConfig, StreamState,
 };
@@ -90,6 +91,24 @@ pub struct LoaderConfig {
     /// Side-car annotations joined onto the samples while reading (`None`: the shards' own texts).
     #[serde(default)]
     pub annotations: Option<AnnotationSpec>,
+    /// A weighted mixture instead of `shards` (see [`super::mixture`]): when not empty, `shards`
+    /// and `annotations` are unused, there are no epochs (`epochs` is ignored) and the stream
+    /// never ends.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+/// One source of a mixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Shard specifications of this source.
+    pub shards: Vec<String>,
+    /// Relative sampling weight (> 0): the source gives `weight / sum of weights` of the samples.
+    pub weight: f64,
+    /// Side-car annotations of this source's shards.
+    #[serde(default)]
+    pub annotations: Option<AnnotationSpec>,
 }
 
 impl LoaderConfig {
@@ -122,6 +141,7 @@ impl LoaderConfig {
             max_pixels: DEFAULT_MAX_PIXELS,
             max_logged_skips: 20,
             annotations: None,
+            sources: Vec::new(),
         }
     }
 
@@ -153,6 +173,17 @@ impl LoaderConfig {
                 "context length {} leaves no room for the start and end tokens",
                 self.context_length
             ));
+        }
+        for (i, src) in self.sources.iter().enumerate() {
+            if !(src.weight.is_finite() && src.weight > 0.0) {
+                return bad(format!(
+                    "mixture source {i} has weight {}; weights must be > 0",
+                    src.weight
+                ));
+            }
+            if src.shards.is_empty() {
+                return bad(format!("mixture source {i} names no shards"));
+            }
         }
         self.text_policy
             .validate()
@@ -285,6 +316,13 @@ pub struct LoaderState {
     /// Drawn samples with and without a side-car annotation, in all (`joined`, `missing`).
     #[serde(default)]
     pub annotations_total: AnnotationCounts,
+    /// A mixture's position (then `stream` is unused) before the chunk holding the last batch's
+    /// last sample.
+    #[serde(default)]
+    pub mixture: Option<MixState>,
+    /// Samples returned from each mixture source, in all (empty without a mixture).
+    #[serde(default)]
+    pub source_samples: Vec<u64>,
 }
 
 impl LoaderState {
@@ -341,6 +379,8 @@ impl LoaderState {
             samples_total: 0,
             skipped_total: SkipCounts::default(),
             annotations_total: AnnotationCounts::default(),
+            mixture: None,
+            source_samples: Vec::new(),
         }
     }
 
@@ -405,13 +445,53 @@ fn shards_digest(shards: &[PathBuf]) -> String {
     format!("{h:016x}")
 }
 
+/// The digest of a mixture: each source's weight and shard names.
+fn mixture_digest(plans: &[SourcePlan]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in plans {
+        let names = format!("{}:{}", p.weight, shards_digest(&p.worker));
+        for b in names.bytes().chain([0u8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// What the sampler thread reads: one stream or a mixture.
+enum Plan {
+    Single {
+        cfg: StreamConfig,
+        worker: Vec<PathBuf>,
+    },
+    Mix(Vec<SourcePlan>),
+}
+
+impl Plan {
+    /// This rank's shards (every source's, in source order).
+    fn worker_shards(&self) -> Vec<PathBuf> {
+        match self {
+            Plan::Single { worker, .. } => worker.clone(),
+            Plan::Mix(plans) => plans.iter().flat_map(|p| p.worker.clone()).collect(),
+        }
+    }
+}
+
 // ---- pipeline messages ----
+
+/// A stream position before a chunk of draws: one stream's, or a mixture's.
+#[derive(Debug, Clone)]
+struct StartPos {
+    stream: StreamState,
+    mix: Option<MixState>,
+}
 
 enum JobMsg {
     Draws {
         epoch: u64,
-        start: Arc<StreamState>,
-        items: Vec<Drawn>,
+        start: Arc<StartPos>,
+        /// Each draw with its mixture source (0 without a mixture).
+        items: Vec<(usize, Drawn)>,
     },
     EpochEnd {
         errors: Vec<SampleError>,
@@ -421,6 +501,7 @@ enum JobMsg {
 }
 
 struct Ready {
+    source: usize,
     key: String,
     pixels: Vec<f32>,
     tokens: Vec<i64>,
@@ -443,7 +524,7 @@ struct ProcItem {
 enum ProcMsg {
     Items {
         epoch: u64,
-        start: Arc<StreamState>,
+        start: Arc<StartPos>,
         items: Vec<ProcItem>,
     },
     EpochEnd {
@@ -470,7 +551,7 @@ struct DecodeCtx {
 }
 
 impl DecodeCtx {
-    fn process(&self, epoch: u64, d: Drawn) -> ProcItem {
+    fn process(&self, epoch: u64, source: usize, d: Drawn) -> ProcItem {
         let Drawn {
             draw,
             sample,
@@ -511,6 +592,7 @@ impl DecodeCtx {
                 _ => Vec::new(),
             };
             Ok(Ready {
+                source,
                 key: sample.key.clone(),
                 pixels,
                 tokens,
@@ -566,41 +648,104 @@ impl DataLoader {
                 config.context_length
             )));
         }
-        let all = expand_shards(&config.shards)?;
-        let worker = worker_shards(&all, config.rank, config.world_size);
-        if worker.is_empty() {
-            return Err(TrainError::DataLoader(format!(
-                "worker {} of {} gets no shard ({} shard(s) in all)",
-                config.rank,
-                config.world_size,
-                all.len()
-            )));
-        }
-        let join = match &config.annotations {
-            Some(spec) => {
-                let annotations = Annotations::open(spec)?;
-                // A wrong folder, id field or mapping stops here, not after hours of raw texts.
-                annotations.check(&worker)?;
-                Some(JoinCtx {
-                    annotations: Arc::new(annotations),
-                    log: Arc::new(AnnotationLog::new(config.max_logged_skips)),
-                })
+        let log = Arc::new(AnnotationLog::new(config.max_logged_skips));
+        let mut any_annotations = false;
+        // One source's shards for this rank, and its side-car join.
+        let mut source = |specs: &[String],
+                          ann: &Option<AnnotationSpec>,
+                          what: &str|
+         -> Result<(Vec<PathBuf>, Option<JoinCtx>), TrainError> {
+            let all = expand_shards(specs)?;
+            let worker = worker_shards(&all, config.rank, config.world_size);
+            if worker.is_empty() {
+                return Err(TrainError::DataLoader(format!(
+                    "worker {} of {} gets no shard of {what} ({} shard(s) in all)",
+                    config.rank,
+                    config.world_size,
+                    all.len()
+                )));
             }
-            None => None,
+            let join = match ann {
+                Some(spec) => {
+                    let annotations = Annotations::open(spec)?;
+                    // A wrong folder, id field or mapping stops here, not after hours of raw
+                    // texts.
+                    annotations.check(&worker)?;
+                    any_annotations = true;
+                    Some(JoinCtx {
+                        annotations: Arc::new(annotations),
+                        log: Arc::clone(&log),
+                    })
+                }
+                None => None,
+            };
+            Ok((worker, join))
         };
-        let annotation_log = join.as_ref().map(|j| Arc::clone(&j.log));
-        let readers = config.readers.min(worker.len()).max(1);
-        let fresh = LoaderState::fresh(&config, &worker, readers);
+        let stream_cfg = |seed: u64, readers: usize, join: Option<JoinCtx>| StreamConfig {
+            seed,
+            shuffle_shards: config.shuffle_shards,
+            buffer_size: config.shuffle_buffer,
+            readers,
+            reader_capacity: config.reader_capacity,
+            read_opts: ReadOptions {
+                image_check: ImageCheck::None,
+                ..ReadOptions::default()
+            },
+            join,
+        };
+        let (plan, fresh) = if config.sources.is_empty() {
+            let (worker, join) = source(&config.shards, &config.annotations, "the data")?;
+            let readers = config.readers.min(worker.len()).max(1);
+            let fresh = LoaderState::fresh(&config, &worker, readers);
+            let cfg = stream_cfg(config.seed, readers, join);
+            (Plan::Single { cfg, worker }, fresh)
+        } else {
+            let mut plans = Vec::with_capacity(config.sources.len());
+            for (i, src) in config.sources.iter().enumerate() {
+                let (worker, join) = source(
+                    &src.shards,
+                    &src.annotations,
+                    &format!("mixture source {i}"),
+                )?;
+                let readers = config.readers.min(worker.len()).max(1);
+                plans.push(SourcePlan {
+                    cfg: stream_cfg(source_seed(config.seed, i), readers, join),
+                    worker,
+                    weight: src.weight,
+                });
+            }
+            let all: Vec<PathBuf> = plans.iter().flat_map(|p| p.worker.clone()).collect();
+            let readers = plans.iter().map(SourcePlan::readers).sum();
+            let mut fresh = LoaderState::fresh(&config, &all, readers);
+            fresh.shards_digest = mixture_digest(&plans);
+            fresh.mixture = Some(MixState {
+                drawn: 0,
+                sources: plans
+                    .iter()
+                    .map(|p| StreamState::start(0, p.readers()))
+                    .collect(),
+            });
+            fresh.source_samples = vec![0; plans.len()];
+            (Plan::Mix(plans), fresh)
+        };
+        let annotation_log = any_annotations.then_some(log);
         let start = match resume {
             Some(s) => {
                 if let Some(why) = s.mismatch(&fresh) {
                     return Err(TrainError::LoaderState(why));
                 }
+                if s.mixture.is_some() != fresh.mixture.is_some() {
+                    return Err(TrainError::LoaderState(
+                        "the saved position is from a mixture loader and this one is not, or the \
+                         other way round"
+                            .into(),
+                    ));
+                }
                 s
             }
             None => fresh,
         };
-        if let Some(e) = config.epochs {
+        if let (Some(e), Plan::Single { .. }) = (config.epochs, &plan) {
             if start.stream.epoch > e {
                 return Err(TrainError::LoaderState(format!(
                     "the saved position is in epoch {}, past the {e} epoch(s) configured",
@@ -629,19 +774,6 @@ impl DataLoader {
             vocab,
             max_pixels: config.max_pixels,
         });
-        let stream_cfg = StreamConfig {
-            seed: config.seed,
-            shuffle_shards: config.shuffle_shards,
-            buffer_size: config.shuffle_buffer,
-            readers,
-            reader_capacity: config.reader_capacity,
-            read_opts: ReadOptions {
-                image_check: ImageCheck::None,
-                ..ReadOptions::default()
-            },
-            join,
-        };
-
         let (job_tx, job_rx) = bounded::<JobMsg>(2);
         let (proc_tx, proc_rx) = bounded::<ProcMsg>(2);
         let (out_tx, out_rx) = bounded::<OutMsg>(config.prefetch_batches.max(1));
@@ -652,15 +784,21 @@ impl DataLoader {
                 .spawn(f)
                 .map_err(|e| TrainError::DataLoader(format!("cannot start thread {name}: {e}")))
         };
+        let worker_list = plan.worker_shards();
         {
-            let worker = worker.clone();
             let start = start.clone();
             let chunk = config.chunk();
             let epochs = config.epochs;
-            threads.push(spawn(
-                "hq-data-sampler",
-                Box::new(move || sampler_main(stream_cfg, worker, start, chunk, epochs, job_tx)),
-            )?);
+            let seed = config.seed;
+            let run: Box<dyn FnOnce() + Send> = match plan {
+                Plan::Single { cfg, worker } => {
+                    Box::new(move || sampler_main(cfg, worker, start, chunk, epochs, job_tx))
+                }
+                Plan::Mix(plans) => {
+                    Box::new(move || mix_sampler_main(seed, plans, start, chunk, job_tx))
+                }
+            };
+            threads.push(spawn("hq-data-sampler", run)?);
         }
         {
             let ctx = Arc::clone(&ctx);
@@ -690,7 +828,7 @@ impl DataLoader {
             threads,
             state: start,
             finished: false,
-            worker_shards: worker,
+            worker_shards: worker_list,
             annotation_log,
         })
     }
@@ -711,7 +849,13 @@ impl DataLoader {
         &self.state
     }
 
-    /// The shards this worker reads.
+    /// Samples returned from each mixture source so far (resumed with the state; empty without
+    /// a mixture).
+    pub fn source_samples(&self) -> &[u64] {
+        &self.state.source_samples
+    }
+
+    /// The shards this worker reads (every mixture source's, in source order).
     pub fn worker_shards(&self) -> &[PathBuf] {
         &self.worker_shards
     }
@@ -800,12 +944,15 @@ fn sampler_main(
         }
         skip = 0;
         loop {
-            let start = Arc::new(stream.snapshot());
+            let start = Arc::new(StartPos {
+                stream: stream.snapshot(),
+                mix: None,
+            });
             let mut items = Vec::with_capacity(chunk);
             let mut ended = false;
             while items.len() < chunk {
                 match stream.draw() {
-                    Ok(Some(d)) => items.push(d),
+                    Ok(Some(d)) => items.push((0, d)),
                     Ok(None) => {
                         ended = true;
                         break;
@@ -840,6 +987,55 @@ fn sampler_main(
     }
 }
 
+/// The sampler of a mixture: endless chunks of mixture draws (see [`super::mixture`]).
+fn mix_sampler_main(
+    seed: u64,
+    plans: Vec<SourcePlan>,
+    start: LoaderState,
+    chunk: usize,
+    tx: Sender<JobMsg>,
+) {
+    let fatal = |e: TrainError| {
+        let _ = tx.send(JobMsg::Fatal(e.to_string()));
+    };
+    let Some(state) = start.mixture.as_ref() else {
+        return fatal(TrainError::LoaderState(
+            "a mixture loader needs a mixture position".into(),
+        ));
+    };
+    let mut mix = match MixStream::open(seed, &plans, state) {
+        Ok(m) => m,
+        Err(e) => return fatal(e),
+    };
+    // Draws the restored position has already used.
+    for _ in 0..start.skip_draws {
+        if let Err(e) = mix.draw() {
+            return fatal(e);
+        }
+    }
+    loop {
+        let start = Arc::new(StartPos {
+            stream: start.stream.clone(),
+            mix: Some(mix.snapshot()),
+        });
+        let mut items = Vec::with_capacity(chunk);
+        while items.len() < chunk {
+            match mix.draw() {
+                Ok(d) => items.push(d),
+                Err(e) => return fatal(e),
+            }
+        }
+        let msg = JobMsg::Draws {
+            epoch: 0,
+            start,
+            items,
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
 fn decoder_main(
     ctx: Arc<DecodeCtx>,
     pool: rayon::ThreadPool,
@@ -856,7 +1052,7 @@ fn decoder_main(
                 let items: Vec<ProcItem> = pool.install(|| {
                     items
                         .into_par_iter()
-                        .map(|d| ctx.process(epoch, d))
+                        .map(|(src, d)| ctx.process(epoch, src, d))
                         .collect()
                 });
                 ProcMsg::Items {
@@ -890,7 +1086,7 @@ struct Batcher {
     ann_since: AnnotationCounts,
     logged: usize,
     /// Position after the last sample added to `pending`: (chunk start, draws used).
-    last_pos: Option<(Arc<StreamState>, u64)>,
+    last_pos: Option<(Arc<StartPos>, u64)>,
 }
 
 impl Batcher {
@@ -946,7 +1142,10 @@ impl Batcher {
                             self.pending.clear();
                         } else {
                             let epoch = self.state.stream.epoch;
-                            let epoch = self.last_pos.as_ref().map_or(epoch, |(s, _)| s.epoch);
+                            let epoch = self
+                                .last_pos
+                                .as_ref()
+                                .map_or(epoch, |(s, _)| s.stream.epoch);
                             if !self.emit(epoch, &tx) {
                                 return;
                             }
@@ -973,8 +1172,17 @@ impl Batcher {
     fn emit(&mut self, epoch: u64, tx: &Sender<OutMsg>) -> bool {
         let items = std::mem::take(&mut self.pending);
         if let Some((start, used)) = &self.last_pos {
-            self.state.stream = (**start).clone();
+            self.state.stream = start.stream.clone();
+            self.state.mixture = start.mix.clone();
             self.state.skip_draws = *used;
+        }
+        if self.state.mixture.is_some() {
+            for it in &items {
+                if self.state.source_samples.len() <= it.source {
+                    self.state.source_samples.resize(it.source + 1, 0);
+                }
+                self.state.source_samples[it.source] += 1;
+            }
         }
         let index = self.state.batches_in_epoch;
         self.state.batches_in_epoch += 1;
