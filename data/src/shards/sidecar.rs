@@ -34,6 +34,8 @@ pub const DEFAULT_ID_FIELD: &str = "uid";
 struct Entry {
     refined: RefinedTexts,
     used: bool,
+    /// Line (or entry) number of the record, for duplicate reports.
+    first: u64,
 }
 
 /// A loaded side-car: id -> refined texts, plus the records that could not be read.
@@ -265,6 +267,69 @@ fn record_of(
     Ok((id, refined))
 }
 
+/// The common case without copies: our own field names (flat, or nested under `hq_clip`), tags
+/// as lists of clean strings. Moves the texts out of `value` and returns (id, texts); returns
+/// `None`, leaving `value` untouched, for anything else (the lenient path handles it).
+fn owned_record(value: &mut Value, id_field: &str) -> Option<(String, RefinedTexts)> {
+    let obj = value.as_object_mut()?;
+    let id = obj.get(id_field).and_then(id_string)?;
+    let inner: &mut Map<String, Value> = if obj.contains_key("long_positive") {
+        obj
+    } else {
+        match obj.get_mut(REFINED_JSON_KEY) {
+            Some(Value::Object(o)) if o.contains_key("long_positive") => o,
+            _ => return None,
+        }
+    };
+    let is_text = |v: Option<&Value>| matches!(v, Some(Value::String(_)));
+    let is_tags = |v: Option<&Value>| {
+        matches!(v, Some(Value::Array(a)) if a.iter().all(
+            |t| matches!(t, Value::String(s) if !s.is_empty() && s.trim().len() == s.len())
+        ))
+    };
+    let ok = is_text(inner.get("long_positive"))
+        && is_text(inner.get("long_negative"))
+        && is_tags(inner.get("tags_positive"))
+        && is_tags(inner.get("tags_negative"))
+        && matches!(
+            inner.get("source"),
+            None | Some(Value::Null) | Some(Value::String(_))
+        );
+    if !ok {
+        return None;
+    }
+    let mut text = |k: &str| match inner.remove(k) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let (long_positive, long_negative, source) = (
+        text("long_positive")?,
+        text("long_negative")?,
+        text("source"),
+    );
+    let mut tags = |k: &str| match inner.remove(k) {
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .filter_map(|t| match t {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (tags_positive, tags_negative) = (tags("tags_positive"), tags("tags_negative"));
+    Some((
+        id,
+        RefinedTexts {
+            long_positive,
+            long_negative,
+            tags_positive,
+            tags_negative,
+            source,
+        },
+    ))
+}
+
 impl Sidecar {
     /// Load a JSONL side-car keyed by `uid`.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
@@ -320,23 +385,20 @@ impl Sidecar {
         fields: &FieldMap,
     ) -> std::result::Result<Self, String> {
         let mut sc = Sidecar::empty(source);
-        let mut first: HashMap<String, u64> = HashMap::new();
         match value {
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     sc.lines += 1;
                     let r = record_of(item, None, id_field, fields);
                     let fallback = || item.get(id_field).and_then(id_string).unwrap_or_default();
-                    sc.add(r, &format!("entry {i}"), i as u64, &mut first, fallback);
+                    sc.add(r, &format!("entry {i}"), i as u64, fallback);
                 }
             }
             Value::Object(map) => {
                 for (i, (id, item)) in map.iter().enumerate() {
                     sc.lines += 1;
                     let r = record_of(item, Some(id), id_field, fields);
-                    sc.add(r, &format!("entry {id:?}"), i as u64, &mut first, || {
-                        id.clone()
-                    });
+                    sc.add(r, &format!("entry {id:?}"), i as u64, || id.clone());
                 }
             }
             _ => {
@@ -395,25 +457,22 @@ impl Sidecar {
         parsed: std::result::Result<(String, RefinedTexts), String>,
         where_: &str,
         ordinal: u64,
-        first: &mut HashMap<String, u64>,
         id_for_error: impl FnOnce() -> String,
     ) {
         match parsed {
-            Ok((id, refined)) => {
-                if first.contains_key(&id) {
-                    let reason = format!("{where_}: duplicate id; keeping the first");
-                    self.error(&id, reason);
-                } else {
-                    first.insert(id.clone(), ordinal);
-                    self.entries.insert(
-                        id,
-                        Entry {
-                            refined,
-                            used: false,
-                        },
-                    );
+            Ok((id, refined)) => match self.entries.entry(id) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let id = o.key().clone();
+                    self.error(&id, format!("{where_}: duplicate id; keeping the first"));
                 }
-            }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Entry {
+                        refined,
+                        used: false,
+                        first: ordinal,
+                    });
+                }
+            },
             Err(why) => {
                 let id = id_for_error();
                 self.error(&id, format!("{where_}: {why}"));
@@ -429,7 +488,6 @@ impl Sidecar {
         fields: &FieldMap,
     ) -> std::io::Result<Self> {
         let mut sc = Sidecar::empty(source);
-        let mut first_line: HashMap<String, u64> = HashMap::new();
         let mut buf = Vec::new();
         loop {
             buf.clear();
@@ -450,21 +508,31 @@ impl Sidecar {
             }
             let parsed = serde_json::from_str::<Value>(line)
                 .map_err(|e| format!("invalid JSON: {e}"))
-                .and_then(|v| record_of(&v, None, id_field, fields));
+                .and_then(|mut v| {
+                    let fast = if fields.is_auto() {
+                        owned_record(&mut v, id_field)
+                    } else {
+                        None
+                    };
+                    match fast {
+                        Some(r) => Ok(r),
+                        None => record_of(&v, None, id_field, fields),
+                    }
+                });
             match parsed {
                 Ok((id, refined)) => {
-                    if let Some(first) = first_line.get(&id) {
+                    if let Some(first) = sc.entries.get(&id).map(|e| e.first) {
                         let reason = format!(
                             "line {lineno}: duplicate id (first on line {first}); keeping the first"
                         );
                         sc.error(&id, reason);
                     } else {
-                        first_line.insert(id.clone(), lineno);
                         sc.entries.insert(
                             id,
                             Entry {
                                 refined,
                                 used: false,
+                                first: lineno,
                             },
                         );
                     }
@@ -507,12 +575,10 @@ impl Sidecar {
         self.entries.get(id).map(|e| &e.refined)
     }
 
-    /// The annotation of `id`, marked as used.
+    /// The annotation of `id`, moved out (no copy): afterwards the index no longer holds it, so a
+    /// second sample with the same id gets none, and [`Sidecar::unused_ids`] lists what is left.
     pub fn take_for(&mut self, id: &str) -> Option<RefinedTexts> {
-        self.entries.get_mut(id).map(|e| {
-            e.used = true;
-            e.refined.clone()
-        })
+        self.entries.remove(id).map(|e| e.refined)
     }
 
     /// Ids never asked for through [`Sidecar::take_for`], sorted.
