@@ -15,12 +15,13 @@ use std::path::PathBuf;
 #[command(
     name = "hq-data",
     version,
-    about = "HQ-CLIP data tools: the built-in synthetic corpus, shard statistics, recaption quality",
+    about = "HQ-CLIP data tools: the built-in synthetic corpus, shard statistics, recaption quality, side-car joins",
     long_about = "HQ-CLIP data tools.\n\n`synth` renders a deterministic synthetic image-text corpus \
                   (no download needed): webdataset training shards with noisy alt-text and the \
                   oracle's four refined texts, plus held-out sets in DataComp's and ARO's layouts. \
-                  `stats` summarises shards. `quality` judges recaptions against the corpus's \
-                  scene ground truth."
+                  `stats` summarises shards (with --annotations: how side-car annotations cover \
+                  them). `quality` judges recaptions against the corpus's scene ground truth. \
+                  `join` writes shards with side-car annotations joined."
 )]
 struct Cli {
     #[command(subcommand)]
