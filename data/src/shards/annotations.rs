@@ -284,8 +284,9 @@ impl Annotations {
 fn check_usable(sc: &Sidecar, spec: &AnnotationSpec) -> Result<()> {
     if sc.is_empty() && !sc.errors().is_empty() {
         return Err(DataError::Invalid(format!(
-            "{}: none of its {} record(s) is usable with id field {:?} and field mapping {}; \
-             first problem: {}",
+            "{}: none of its {} record(s) is usable with id field {:?} and field mapping {} \
+             (check --annotation-id and --annotation-fields, or the file: a recaption job whose \
+             every answer failed writes only error records); first problem: {}",
             sc.source(),
             sc.errors().len(),
             spec.record_id(),
