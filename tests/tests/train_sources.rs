@@ -426,6 +426,17 @@ fn a_mixture_follows_its_weights_and_resumes_bit_for_bit() {
         .map(|b| data(&b.expect("batch")))
         .collect();
     assert_ne!(other[..], full[..3]);
+    // A source with fewer shards than ranks (2 shards, 3 ranks) is read whole by the rank left
+    // without one, instead of refusing to start.
+    let mut rank2 = cfg.clone();
+    rank2.world_size = 3;
+    rank2.rank = 2;
+    let loader = DataLoader::new(rank2, None, None).expect("rank 2 of 3");
+    assert_eq!(
+        loader.worker_shards().len(),
+        4,
+        "both shards of each source"
+    );
     let mut reweighted = cfg.clone();
     reweighted.sources[1].weight = 2.0;
     let state = hq_train::data::LoaderState::from_json(&json).expect("state");

@@ -653,10 +653,16 @@ impl DataLoader {
         // One source's shards for this rank, and its side-car join.
         let mut source = |specs: &[String],
                           ann: &Option<AnnotationSpec>,
-                          what: &str|
+                          what: &str,
+                          resampled: bool|
          -> Result<(Vec<PathBuf>, Option<JoinCtx>), TrainError> {
             let all = expand_shards(specs)?;
-            let worker = worker_shards(&all, config.rank, config.world_size);
+            let mut worker = worker_shards(&all, config.rank, config.world_size);
+            if worker.is_empty() && resampled && !all.is_empty() {
+                // A mixture samples with replacement anyway: a source with fewer shards than
+                // ranks is read whole by every rank (each in its own order) rather than refused.
+                worker = all.clone();
+            }
             if worker.is_empty() {
                 return Err(TrainError::DataLoader(format!(
                     "worker {} of {} gets no shard of {what} ({} shard(s) in all)",
@@ -694,7 +700,7 @@ impl DataLoader {
             join,
         };
         let (plan, fresh) = if config.sources.is_empty() {
-            let (worker, join) = source(&config.shards, &config.annotations, "the data")?;
+            let (worker, join) = source(&config.shards, &config.annotations, "the data", false)?;
             let readers = config.readers.min(worker.len()).max(1);
             let fresh = LoaderState::fresh(&config, &worker, readers);
             let cfg = stream_cfg(config.seed, readers, join);
@@ -706,6 +712,7 @@ impl DataLoader {
                     &src.shards,
                     &src.annotations,
                     &format!("mixture source {i}"),
+                    true,
                 )?;
                 let readers = config.readers.min(worker.len()).max(1);
                 plans.push(SourcePlan {

@@ -5,16 +5,18 @@
 //!   generator keyed by (seed, d) ([`RngPurpose::Mixture`]); the seed is already per rank
 //!   (`hq-train` derives it from the run seed and the rank), so ranks draw independently, like
 //!   open_clip's per-worker resampled streams.
-//! - **Sources**: each is its own stream ([`super::stream`]): this rank's share of its shards, read
-//!   in a fresh shuffled order every pass, with its own shuffle buffer and its own seed; when a pass
+//! - **Sources**: each is its own stream ([`super::stream`]): this rank's share of its shards
+//!   (all of them when it has fewer shards than there are ranks) in a fresh shuffled order every
+//!   pass, with its own shuffle buffer (so k sources hold k buffers) and its own seed; when a pass
 //!   ends the next one starts at once, so a source never runs dry and there are no epochs. (open_clip
 //!   draws shards with replacement instead; both give each source its weight's share of the
 //!   samples.)
 //! - **Keys**: a drawn sample's augmentation and text generators are keyed by the mixture draw
 //!   number, so they do not depend on which source it came from.
 //! - **Position** ([`MixState`]): the mixture draws made and each source's stream position.
-//!   Restoring reopens every source at its position and replays nothing else, so the stream
-//!   continues bit for bit.
+//!   Restoring reopens every source at its position (each re-reads only what its shuffle buffer
+//!   held) and redraws the draws of the current chunk already used, so the stream continues bit
+//!   for bit.
 
 use super::stream::{Drawn, EpochStream, StreamConfig, StreamState};
 use super::{derive_rng, RngPurpose};
