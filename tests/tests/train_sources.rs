@@ -359,7 +359,7 @@ fn source(shards: &[PathBuf], weight: f64) -> hq_train::data::SourceConfig {
 fn a_mixture_follows_its_weights_and_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (raw_a, full_a) = raw_corpus(&dir.path().join("a"), 24, 12);
-    let (raw_b, _) = raw_corpus(&dir.path().join("b"), 16, 8);
+    let (raw_b, _) = raw_corpus(&dir.path().join("b"), 16, 4);
     // Source 0: raw shards + side-car annotations; source 1: the raw shards of another corpus.
     let ann_dir = dir.path().join("ann");
     write_foreign_annotations(&ann_dir, &raw_a, &full_a);
@@ -434,9 +434,26 @@ fn a_mixture_follows_its_weights_and_resumes_bit_for_bit() {
     let loader = DataLoader::new(rank2, None, None).expect("rank 2 of 3");
     assert_eq!(
         loader.worker_shards().len(),
-        4,
-        "both shards of each source"
+        3,
+        "both shards of source 0, its share of source 1's four"
     );
+    drop(loader);
+
+    // open_clip's upsampling factors: every shard of a source weighs its factor, so equal
+    // factors mix by shard count (2 vs 4 shards: source 0 gives 1/3).
+    let mut per_shard = cfg.clone();
+    per_shard.sources[0].weight = 1.0;
+    per_shard.source_weighting = hq_train::data::SourceWeighting::PerShard;
+    let mut loader = DataLoader::new(per_shard, None, None).expect("per-shard loader");
+    let n = loader
+        .by_ref()
+        .take(60)
+        .map(|b| b.expect("b").len())
+        .sum::<usize>() as f64;
+    let c0 = loader.source_samples()[0] as f64;
+    let sd = (n / 3.0 * 2.0 / 3.0).sqrt();
+    assert!((c0 - n / 3.0).abs() < 4.0 * sd, "{c0} of {n} from source 0");
+    drop(loader);
     let mut reweighted = cfg.clone();
     reweighted.sources[1].weight = 2.0;
     let state = hq_train::data::LoaderState::from_json(&json).expect("state");

@@ -79,6 +79,9 @@ pub struct DataSection {
     /// of `shards` (as `train`), `weight` and optional `annotations`. Resampled and step-based:
     /// no epochs.
     pub sources: Vec<crate::data::SourceConfig>,
+    /// What the sources' weights mean: `share` (source i gives w_i / sum(w) of the samples) or
+    /// `per-shard` (open_clip's upsampling factors: each shard of source i weighs w_i).
+    pub source_weighting: crate::data::SourceWeighting,
 }
 
 impl Default for DataSection {
@@ -97,6 +100,7 @@ impl Default for DataSection {
             max_logged_skips: 20,
             annotations: None,
             sources: Vec::new(),
+            source_weighting: crate::data::SourceWeighting::Share,
         }
     }
 }
@@ -505,6 +509,7 @@ impl TrainConfig {
             c.shards = Vec::new();
             c.annotations = None;
             c.sources = self.data_sources();
+            c.source_weighting = self.data.source_weighting;
         }
         Ok(c)
     }

@@ -80,6 +80,11 @@ struct Cli {
         requires = "sources"
     )]
     source_weights: Vec<f64>,
+    /// What the weights mean: share (source i gives w_i / sum(w) of the samples) or per-shard
+    /// (open_clip's --train-data-upsampling-factors: every shard of source i weighs w_i, so equal
+    /// weights mix the sources in proportion to their shard counts). [data.source_weighting]
+    #[arg(long, value_enum, requires = "sources")]
+    source_weighting: Option<hq_train::data::SourceWeighting>,
     /// Side-car annotations joined onto the --train shards while reading (no copy written): a
     /// folder of per-shard files (`00012.tar` <-> `00012.jsonl` or `00012.json`, as
     /// `hq-recap-trt --format sidecar` writes them) or index files (a file, glob, brace range or
@@ -265,6 +270,13 @@ fn main() -> Result<()> {
             })
             .collect();
         flag("data.sources", Some(format!("[{}]", list.join(", "))));
+        if let Some(w) = cli.source_weighting {
+            let name = match w {
+                hq_train::data::SourceWeighting::Share => "share",
+                hq_train::data::SourceWeighting::PerShard => "per-shard",
+            };
+            flag("data.source_weighting", Some(toml_str(name)));
+        }
         // The mixture replaces a config file's single source.
         flag("data.train", Some("[]".into()));
     }

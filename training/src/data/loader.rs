@@ -96,6 +96,22 @@ pub struct LoaderConfig {
     /// never ends.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// What a source's weight means (see [`SourceWeighting`]).
+    #[serde(default)]
+    pub source_weighting: SourceWeighting,
+}
+
+/// What the weights of a mixture mean.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceWeighting {
+    /// Source i gives `w_i / sum(w)` of the samples, whatever its size.
+    #[default]
+    Share,
+    /// open_clip's `--train-data-upsampling-factors`: every shard of source i has weight `w_i`,
+    /// so source i gives `w_i * shards_i / sum(w_j * shards_j)` of the samples (equal weights mix
+    /// the sources in proportion to their shard counts).
+    PerShard,
 }
 
 /// One source of a mixture.
@@ -142,6 +158,7 @@ impl LoaderConfig {
             max_logged_skips: 20,
             annotations: None,
             sources: Vec::new(),
+            source_weighting: SourceWeighting::Share,
         }
     }
 
@@ -655,7 +672,7 @@ impl DataLoader {
                           ann: &Option<AnnotationSpec>,
                           what: &str,
                           resampled: bool|
-         -> Result<(Vec<PathBuf>, Option<JoinCtx>), TrainError> {
+         -> Result<(Vec<PathBuf>, Option<JoinCtx>, usize), TrainError> {
             let all = expand_shards(specs)?;
             let mut worker = worker_shards(&all, config.rank, config.world_size);
             if worker.is_empty() && resampled && !all.is_empty() {
@@ -685,7 +702,7 @@ impl DataLoader {
                 }
                 None => None,
             };
-            Ok((worker, join))
+            Ok((worker, join, all.len()))
         };
         let stream_cfg = |seed: u64, readers: usize, join: Option<JoinCtx>| StreamConfig {
             seed,
@@ -700,7 +717,7 @@ impl DataLoader {
             join,
         };
         let (plan, fresh) = if config.sources.is_empty() {
-            let (worker, join) = source(&config.shards, &config.annotations, "the data", false)?;
+            let (worker, join, _) = source(&config.shards, &config.annotations, "the data", false)?;
             let readers = config.readers.min(worker.len()).max(1);
             let fresh = LoaderState::fresh(&config, &worker, readers);
             let cfg = stream_cfg(config.seed, readers, join);
@@ -708,7 +725,7 @@ impl DataLoader {
         } else {
             let mut plans = Vec::with_capacity(config.sources.len());
             for (i, src) in config.sources.iter().enumerate() {
-                let (worker, join) = source(
+                let (worker, join, shards) = source(
                     &src.shards,
                     &src.annotations,
                     &format!("mixture source {i}"),
@@ -718,7 +735,10 @@ impl DataLoader {
                 plans.push(SourcePlan {
                     cfg: stream_cfg(source_seed(config.seed, i), readers, join),
                     worker,
-                    weight: src.weight,
+                    weight: match config.source_weighting {
+                        SourceWeighting::Share => src.weight,
+                        SourceWeighting::PerShard => src.weight * shards as f64,
+                    },
                 });
             }
             let all: Vec<PathBuf> = plans.iter().flat_map(|p| p.worker.clone()).collect();

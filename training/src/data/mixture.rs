@@ -4,7 +4,9 @@
 //! - **Choice**: mixture draw `d` picks source `i` with probability `w_i / sum(w)`, from a
 //!   generator keyed by (seed, d) ([`RngPurpose::Mixture`]); the seed is already per rank
 //!   (`hq-train` derives it from the run seed and the rank), so ranks draw independently, like
-//!   open_clip's per-worker resampled streams.
+//!   open_clip's per-worker resampled streams. With `SourceWeighting::PerShard` the weights are
+//!   open_clip's upsampling factors, which weigh every shard of a source (`w_i` becomes
+//!   `w_i * shards_i`), so equal factors mix the sources in proportion to their size.
 //! - **Sources**: each is its own stream ([`super::stream`]): this rank's share of its shards
 //!   (all of them when it has fewer shards than there are ranks) in a fresh shuffled order every
 //!   pass, with its own shuffle buffer (so k sources hold k buffers) and its own seed; when a pass

@@ -34,7 +34,7 @@ pub mod text_policy;
 /// Re-exported from `hq-data`, where evaluation and the ONNX runtime share it.
 pub use hq_data::transform;
 
-pub use loader::{Batch, DataLoader, LoaderConfig, LoaderState, SourceConfig};
+pub use loader::{Batch, DataLoader, LoaderConfig, LoaderState, SourceConfig, SourceWeighting};
 pub use mixture::MixState;
 pub use stream::AnnotationLog;
 pub use tags::{
