@@ -687,11 +687,13 @@ fn a_mixture_with_side_car_annotations_resumes_bit_for_bit() {
         .iter()
         .rfind(|r| r["kind"] == "train")
         .expect("a train record");
-    let per_source: Vec<u64> = last["source_samples"]
-        .as_array()
-        .expect("source_samples")
+    let per_source: Vec<u64> = ["0", "1"]
         .iter()
-        .map(|v| v.as_u64().expect("count"))
+        .map(|i| {
+            last["source_samples"][i]
+                .as_u64()
+                .expect("count per source")
+        })
         .collect();
     assert_eq!(per_source.iter().sum::<u64>(), 8 * steps);
     let joined = last["annotations"]["joined"].as_u64().expect("joined");

@@ -470,11 +470,7 @@ pub fn run_on(
                 None => None,
             };
             let source_samples = global_counts(group, loader.source_samples())?;
-            log(
-                &mut metrics,
-                &json!({
-                    "annotations": annotations,
-                    "source_samples": source_samples,
+            let mut record = json!({
                     "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
                     "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
                     "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
@@ -483,8 +479,23 @@ pub fn run_on(
                     "logit_scale": stats.logit_scale, "samples_per_s": rate,
                     "samples_seen": samples_seen, "epoch": loader.state().epoch(),
                     "skipped_total": skipped_total, "world_size": world,
-                }),
-            )?;
+            });
+            // Only with annotations / a mixture; per source as an object ("0", "1", ...) so the
+            // TensorBoard mirror, which walks objects, shows one curve per source.
+            if let Some(m) = record.as_object_mut() {
+                if let Some(a) = annotations {
+                    m.insert("annotations".into(), json!(a));
+                }
+                if !source_samples.is_empty() {
+                    let per: serde_json::Map<String, serde_json::Value> = source_samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (i.to_string(), json!(c)))
+                        .collect();
+                    m.insert("source_samples".into(), serde_json::Value::Object(per));
+                }
+            }
+            log(&mut metrics, &record)?;
             bar.set_message(format!(
                 "loss {:.4} (clip {:.4} hni {:.4} stc {:.4}) lr {lr:.2e} {rate:.1} samples/s, {} skipped",
                 stats.loss,
