@@ -17,6 +17,15 @@ cargo test --workspace --locked
 # rounding fails on every machine, not only on the next AMD one.
 echo "== eval parity tie sets on MKL's non-Intel path"
 tools/cpu-paths.sh non-intel -- cargo test --workspace --locked --test eval_parity -- linear_model_matches_clip_benchmark
+# The GPU acceptance run (tools/gpu-check.sh) packed and run on the CPU, so that neither half rots
+# while no GPU is around: every step runs at small sizes or skips with its reason.
+echo "== GPU acceptance run: pack and dry run on the CPU"
+rm -rf target/gpucheck-dry target/gpucheck-dry-out
+bash tools/gpu-check.sh pack --profile test --dir target/gpucheck-dry
+bash target/gpucheck-dry/gpu-check.sh run --dry-run --python "$HQ_PYTHON" --out target/gpucheck-dry-out
+"$HQ_PYTHON" tools/gpu_check_report.py expect target/gpucheck-dry-out \
+  --passed env,losses,train,ort --skipped kernels,nccl \
+  --files losses.json,train_smoke.json,gpu_train.json,ort_cpu.json,SUMMARY.md
 # The closed loop (tools/loop.sh) at toy scale, killed in each stage and rerun: outputs identical.
 echo "== the loop survives kill -9 in every stage"
 bash tests/loop_resume.sh

@@ -27,13 +27,24 @@
 //! during criterion's back-to-back sampling.
 //! Set `HQ_LOSSES_SKIP_MEMORY=1`, `HQ_LOSSES_SKIP_PAIRED=1` or `HQ_LOSSES_SKIP_CRITERION=1` to skip
 //! a part.
+//!
+//! Device table (`HQ_LOSSES_DEVICE_TABLE=auto|cuda|cpu`, the GPU acceptance run's step 2,
+//! `tools/gpu-check.sh`): instead of all the above, on one device, fused against unfused at N in
+//! `HQ_LOSSES_GPU_SIZES` and D in `HQ_LOSSES_DIMS` (512,768): median of paired (ABAB) timings, the
+//! peak device memory of each call, and the largest N each completes (doubling; the fused search
+//! also stops when one call passes `HQ_LOSSES_MAX_SECONDS`, 15 s, since its memory is linear and
+//! the time quadratic); written as JSON to `HQ_LOSSES_JSON`. Peak memory is measured in one child
+//! process with libtorch's caching allocator off (`PYTORCH_NO_CUDA_MEMORY_CACHING=1`, so freed
+//! blocks go back to the driver) by a thread that polls the driver's used memory while the call
+//! runs, minus the memory in use before it (inputs included there). On the CPU (the dry run) the
+//! same table runs at small N, without the memory column.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::BufRead;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use tch::{Device, Kind, Tensor};
@@ -273,7 +284,6 @@ fn memory_table(ns: &[i64]) {
 /// each: on a shared machine whose load drifts, interleaving keeps both sides under the same
 /// conditions, and the minimum estimates the unloaded speed.
 fn paired_table(ns: &[i64]) {
-    use std::time::Instant;
     println!("\n== Paired timing (fused / tch alternated), forward+backward, D = {D} ==");
     println!("(for N <= 2 D the fused entry point runs the small-batch schedule; 'tiled' is the");
     println!(" tiled kernel on the same inputs, '-' where the two are the same path)");
@@ -457,6 +467,14 @@ fn main() {
         probe(&spec);
         return;
     }
+    if let Ok(spec) = std::env::var(DEVICE_MEM_PROBE) {
+        device_memory_probe(&spec);
+        return;
+    }
+    if let Ok(which) = std::env::var("HQ_LOSSES_DEVICE_TABLE") {
+        device_table(&which);
+        return;
+    }
     let ns = sizes("HQ_LOSSES_SIZES", &[256, 1024, 4096, 16384]);
     println!(
         "threads: rayon {}, libtorch {}",
@@ -479,4 +497,298 @@ fn main() {
 
 fn rayon_threads() -> usize {
     rayon::current_num_threads()
+}
+
+// ---------- device table (tools/gpu-check.sh) ----------
+
+const DEVICE_MEM_PROBE: &str = "HQ_LOSSES_DEVICE_MEM_PROBE";
+
+type Side = fn(&Tensor, &Tensor, &Tensor) -> f64;
+const SIDES: [(&str, Side); 2] = [("fused", fused), ("libtorch_unfused", unfused)];
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn synchronize(dev: Device) {
+    if let Device::Cuda(i) = dev {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// One call of `side`, synchronised; `None` when it fails (out of memory, or a kernel error). The
+/// panic hook is silenced meanwhile: an out-of-memory error is an expected answer here.
+fn try_call(side: Side, x: &Tensor, y: &Tensor, ls: &Tensor, dev: Device) -> Option<f64> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        zero_grads(&[x, y, ls]);
+        let t = Instant::now();
+        let v = side(x, y, ls);
+        synchronize(dev);
+        (v, t.elapsed().as_secs_f64())
+    }));
+    std::panic::set_hook(hook);
+    match r {
+        Ok((v, secs)) if v.is_finite() => Some(secs),
+        _ => None,
+    }
+}
+
+fn try_inputs(n: i64, d: i64, dev: Device) -> Option<(Tensor, Tensor, Tensor)> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(|| {
+        let t = inputs(n, d, dev);
+        synchronize(dev);
+        t
+    });
+    std::panic::set_hook(hook);
+    r.ok()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn device_table(which: &str) {
+    hq_kernels::cuda::load_libtorch_cuda();
+    let cuda = hq_kernels::cuda::driver_present() && tch::Cuda::is_available();
+    let dev = match which {
+        "cuda" if !cuda => {
+            eprintln!("HQ_LOSSES_DEVICE_TABLE=cuda: no CUDA device visible to libtorch");
+            std::process::exit(2);
+        }
+        "cpu" => Device::Cpu,
+        _ if cuda => Device::Cuda(0),
+        _ => Device::Cpu,
+    };
+    let on_gpu = dev != Device::Cpu;
+    let default_sizes: &[i64] = if on_gpu {
+        &[4096, 16384, 32768, 65536]
+    } else {
+        &[256, 1024]
+    };
+    let ns = sizes("HQ_LOSSES_GPU_SIZES", default_sizes);
+    let dims = sizes("HQ_LOSSES_DIMS", &[512, 768]);
+    let cap = env_f64("HQ_LOSSES_MAX_SECONDS", 15.0);
+    println!("== device table on {dev:?}: fused vs libtorch unfused, forward+backward ==");
+    let memory = if on_gpu {
+        device_memory(&ns, &dims)
+    } else {
+        Default::default()
+    };
+    let mut rows = Vec::new();
+    for &d in &dims {
+        for &n in &ns {
+            rows.push(time_row(n, d, dev, &memory));
+        }
+    }
+    let d_max = dims.iter().copied().max().unwrap_or(D);
+    let largest: Vec<serde_json::Value> = SIDES
+        .iter()
+        .map(|&(name, side)| {
+            // The search goes on from the largest N this side completed in the table.
+            let done = rows
+                .iter()
+                .filter(|r| r["d"] == d_max && r[format!("{name}_ms")].is_number())
+                .filter_map(|r| r["n"].as_i64())
+                .max();
+            largest_n(name, side, dev, d_max, done, cap)
+        })
+        .collect();
+    let out = serde_json::json!({
+        "bench": "losses_device_table",
+        "device": device_name(dev),
+        "dims": dims,
+        "sizes": ns,
+        "rows": rows,
+        "largest_n": largest,
+        "memory_method": if on_gpu {
+            "driver-reported used memory polled during the call (PYTORCH_NO_CUDA_MEMORY_CACHING=1, \
+             fresh child process), minus the memory in use before it"
+        } else {
+            "not measured on the CPU (the CPU memory table is the default mode)"
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    if let Ok(path) = std::env::var("HQ_LOSSES_JSON") {
+        let tmp = format!("{path}.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&out).unwrap_or_default())
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .unwrap_or_else(|e| panic!("write {path}: {e}"));
+    }
+}
+
+fn device_name(dev: Device) -> String {
+    match dev {
+        Device::Cuda(i) => cudarc::driver::CudaContext::new(i)
+            .and_then(|c| c.name())
+            .unwrap_or_else(|e| format!("cuda:{i} ({e})")),
+        _ => "cpu".into(),
+    }
+}
+
+/// Median milliseconds of each side at (n, d), alternated; `null` where a side does not fit.
+fn time_row(
+    n: i64,
+    d: i64,
+    dev: Device,
+    memory: &std::collections::HashMap<(String, i64, i64), f64>,
+) -> serde_json::Value {
+    let reps = match n {
+        ..=16384 => 5,
+        16385..=32768 => 3,
+        _ => 2,
+    };
+    let Some((x, y, ls)) = try_inputs(n, d, dev) else {
+        println!("N = {n}, D = {d}: the inputs do not fit");
+        return serde_json::json!({"n": n, "d": d, "inputs_fit": false});
+    };
+    // A warm-up call each (kernel compilation, allocator); a side that fails there is out.
+    let mut alive: Vec<bool> = SIDES
+        .iter()
+        .map(|&(_, f)| try_call(f, &x, &y, &ls, dev).is_some())
+        .collect();
+    let mut times = vec![Vec::new(); SIDES.len()];
+    for _ in 0..reps {
+        for (k, &(_, f)) in SIDES.iter().enumerate() {
+            if alive[k] {
+                match try_call(f, &x, &y, &ls, dev) {
+                    Some(t) => times[k].push(t * 1e3),
+                    None => alive[k] = false,
+                }
+            }
+        }
+    }
+    let mut row = serde_json::json!({"n": n, "d": d, "reps": reps});
+    for (k, &(name, _)) in SIDES.iter().enumerate() {
+        let ms = (alive[k] && !times[k].is_empty()).then(|| median(&mut times[k]));
+        row[format!("{name}_ms")] = serde_json::json!(ms);
+        row[format!("{name}_peak_mib")] =
+            serde_json::json!(memory.get(&(name.to_string(), n, d)).copied());
+    }
+    if let (Some(f), Some(u)) = (
+        row["fused_ms"].as_f64(),
+        row["libtorch_unfused_ms"].as_f64(),
+    ) {
+        row["speedup"] = serde_json::json!(u / f);
+    }
+    println!("{row}");
+    row
+}
+
+/// The largest N that `side` completes at D = `d`, doubling from `done` (the largest N it
+/// completed in the table, or 256), and why the search stopped.
+fn largest_n(
+    name: &str,
+    side: Side,
+    dev: Device,
+    d: i64,
+    done: Option<i64>,
+    cap: f64,
+) -> serde_json::Value {
+    let limit: i64 = if dev == Device::Cpu { 4096 } else { 1 << 22 };
+    let mut best = done.unwrap_or(0);
+    let mut n = done.map_or(256, |n| n * 2);
+    let stopped = loop {
+        if n > limit {
+            break format!("size cap {limit}");
+        }
+        let Some((x, y, ls)) = try_inputs(n, d, dev) else {
+            break "the inputs do not fit".to_string();
+        };
+        match try_call(side, &x, &y, &ls, dev) {
+            None => break "out of memory (or failed)".to_string(),
+            Some(t) => {
+                best = n;
+                if t > cap {
+                    break format!("time cap: one call took {t:.1} s > {cap} s");
+                }
+            }
+        }
+        n *= 2;
+    };
+    println!("largest N completed by {name} (D = {d}): {best} (stopped: {stopped})");
+    serde_json::json!({"side": name, "d": d, "largest_completed": best, "stopped_by": stopped})
+}
+
+/// Peak device memory (MiB) of every (side, N, D), from one child process without the caching
+/// allocator.
+fn device_memory(ns: &[i64], dims: &[i64]) -> std::collections::HashMap<(String, i64, i64), f64> {
+    let spec = dims
+        .iter()
+        .flat_map(|d| ns.iter().map(move |n| format!("{n}x{d}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new(exe)
+        .env(DEVICE_MEM_PROBE, spec)
+        .env("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+        .output()
+        .expect("spawn memory probe");
+    let mut m = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let ["DEVMEM", side, n, d, mib] = f[..] {
+            if let (Ok(n), Ok(d), Ok(mib)) = (n.parse(), d.parse(), mib.parse()) {
+                m.insert((side.to_string(), n, d), mib);
+            }
+        }
+    }
+    if !out.status.success() {
+        eprintln!(
+            "device memory probe stopped early: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    m
+}
+
+/// Child side of [`device_memory`]: prints `DEVMEM <side> <n> <d> <peak MiB>` per call that ran.
+fn device_memory_probe(spec: &str) {
+    hq_kernels::cuda::load_libtorch_cuda();
+    let dev = Device::Cuda(0);
+    let ctx = cudarc::driver::CudaContext::new(0).expect("CUDA context");
+    let used = |c: &cudarc::driver::CudaContext| c.mem_get_info().map(|(f, t)| t - f).unwrap_or(0);
+    for item in spec.split(',') {
+        let Some((n, d)) = item.split_once('x') else {
+            continue;
+        };
+        let (Ok(n), Ok(d)) = (n.parse::<i64>(), d.parse::<i64>()) else {
+            continue;
+        };
+        for &(name, side) in &SIDES {
+            let Some((x, y, ls)) = try_inputs(n, d, dev) else {
+                break;
+            };
+            // The gradients exist after a first call (as in training, where they persist).
+            if try_call(side, &x, &y, &ls, dev).is_none() {
+                continue;
+            }
+            let base = used(&ctx);
+            let stop = Arc::new(AtomicBool::new(false));
+            let peak = Arc::new(AtomicUsize::new(base));
+            let poller = {
+                let (stop, peak, ctx) = (stop.clone(), peak.clone(), ctx.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        peak.fetch_max(used(&ctx), Ordering::Relaxed);
+                    }
+                })
+            };
+            let ok = try_call(side, &x, &y, &ls, dev).is_some();
+            stop.store(true, Ordering::Relaxed);
+            let _ = poller.join();
+            let after = used(&ctx);
+            let peak = peak.load(Ordering::Relaxed).max(after).saturating_sub(base);
+            if ok {
+                println!("DEVMEM {name} {n} {d} {:.1}", peak as f64 / 1048576.0);
+            }
+        }
+    }
 }

@@ -43,10 +43,11 @@ use hq_train::data::Batch;
 use hq_train::model::{excluded_from_weight_decay, Clip, ClipConfig, StcHead};
 use hq_train::optim::{AdamW, AdamWConfig};
 use hq_train::step::{train_step, Objective, StepStats};
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{nn::VarStore, Device, Tensor};
 
-const TAGS: i64 = 1000;
-const TAGS_PER_SAMPLE: usize = 6;
+#[path = "common/train_batch.rs"]
+mod train_batch;
+use train_batch::{make_batch, TAGS};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -104,55 +105,6 @@ fn python() -> Option<PathBuf> {
         _ => workspace_root().join(".venv/bin/python"),
     };
     p.exists().then_some(p)
-}
-
-/// Deterministic token rows: start token, `len` ids, end token, zero padding.
-fn tokens(n: usize, ctx: usize, seed: u64) -> Tensor {
-    let mut v = vec![0i64; n * ctx];
-    let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
-    for (i, row) in v.chunks_mut(ctx).enumerate() {
-        let len = 6 + (i * 7) % 18;
-        row[0] = 49406;
-        for t in row.iter_mut().take(len + 1).skip(1) {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *t = 256 + (s % 40000) as i64;
-        }
-        row[len + 1] = 49407;
-    }
-    Tensor::from_slice(&v).view([n as i64, ctx as i64])
-}
-
-fn make_batch(cfg: &ClipConfig, n: usize) -> Batch {
-    tch::manual_seed(42);
-    let side = cfg.vision_cfg.image_size.height();
-    let ctx = cfg.text_cfg.context_length as usize;
-    let mut offsets = vec![0i64];
-    let mut indices = Vec::new();
-    for i in 0..n {
-        let mut row: Vec<i64> = (0..TAGS_PER_SAMPLE)
-            .map(|j| ((i * 37 + j * 101) % TAGS as usize) as i64)
-            .collect();
-        row.sort_unstable();
-        row.dedup();
-        indices.extend(row);
-        offsets.push(indices.len() as i64);
-    }
-    Batch {
-        images: Tensor::randn([n as i64, 3, side, side], (Kind::Float, Device::Cpu)),
-        texts: tokens(n, ctx, 1),
-        negatives: tokens(n, ctx, 2),
-        has_negative: Tensor::ones([n as i64], (Kind::Bool, Device::Cpu)),
-        negatives_per_sample: 1,
-        tag_offsets: offsets,
-        tag_indices: indices,
-        keys: (0..n).map(|i| format!("{i:09}")).collect(),
-        refined_text: vec![true; n],
-        skipped: Default::default(),
-        epoch: 0,
-        index: 0,
-    }
 }
 
 struct Trainer {

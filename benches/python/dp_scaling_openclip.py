@@ -26,6 +26,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
+from openclip_step import image_size, param_groups  # noqa: E402
 
 
 def main() -> None:
@@ -43,14 +44,9 @@ def main() -> None:
     open_clip.add_model_config(a.presets)
     torch.manual_seed(0)
     model = open_clip.create_model(a.model, precision="fp32")
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = image_size(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-              {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}]
-    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(list(model.named_parameters())), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss(rank=rank, world_size=world)
     g = torch.Generator().manual_seed(100 + rank)
     images = torch.randn(a.batch, 3, size, size, generator=g)

@@ -32,14 +32,9 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
+from openclip_step import param_groups  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-
-def param_groups(named):
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    decay = [p for n, p in named if not exclude(n, p) and p.requires_grad]
-    plain = [p for n, p in named if exclude(n, p) and p.requires_grad]
-    return [{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.2}]
 
 
 def main() -> None:

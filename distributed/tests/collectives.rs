@@ -7,6 +7,8 @@
 //! - Faults: a rank that dies, or hangs, before a collective makes the other fail within its
 //!   timeout, naming it; a port in use, a master nobody serves, and ranks that disagree on
 //!   WORLD_SIZE are clear errors.
+//! - On GPU machines (skipped elsewhere): the same collectives through NCCL on 2 GPUs, and a
+//!   one-rank NCCL group on one GPU.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -15,6 +17,8 @@ use hq_dist::{launch, Backend, ProcessGroup, ReduceOp, Rendezvous};
 use tch::{Kind, Tensor};
 
 const WORKER: &str = "HQ_DIST_WORKER";
+/// The backend a worker joins with: `gloo` (default, CPU tensors) or `nccl` (GPU `LOCAL_RANK`).
+const BACKEND: &str = "HQ_DIST_TEST_BACKEND";
 
 /// Starts `world` ranks of this binary's `worker` test in `mode`, with per-rank extra variables,
 /// and returns each rank's output (not waiting more than `limit` in all).
@@ -78,9 +82,14 @@ fn worker() {
             .unwrap_or(20_000),
     );
     let rdv = Rendezvous::from_env().expect("env").expect("launched");
-    let joined = ProcessGroup::new(&rdv, Backend::Gloo, timeout);
+    // Gloo on the CPU unless the test asks for NCCL, one GPU per rank.
+    let (backend, device) = match std::env::var(BACKEND).as_deref() {
+        Ok("nccl") => (Backend::Nccl, tch::Device::Cuda(rdv.local_rank)),
+        _ => (Backend::Gloo, tch::Device::Cpu),
+    };
+    let joined = ProcessGroup::new(&rdv, backend, timeout);
     match mode.as_str() {
-        "collectives" => collectives(&joined.expect("join")),
+        "collectives" => collectives(&joined.expect("join"), device),
         "die_before_all_reduce" => {
             let pg = joined.expect("join");
             if pg.rank() == 1 {
@@ -117,13 +126,12 @@ fn worker() {
     }
 }
 
-fn collectives(pg: &ProcessGroup) {
+fn collectives(pg: &ProcessGroup, dev: tch::Device) {
     let (r, w) = (pg.rank() as f64, pg.world_size() as f64);
     assert_eq!(pg.world_size(), 2);
-    let cpu = tch::Device::Cpu;
     // Rank r holds (r + 1) * [1, 2, ..., 8].
-    let mine = |kind: Kind| Tensor::arange_start(1, 9, (kind, cpu)) * (pg.rank() as i64 + 1);
-    let base = Tensor::arange_start(1, 9, (Kind::Double, cpu));
+    let mine = |kind: Kind| Tensor::arange_start(1, 9, (kind, dev)) * (pg.rank() as i64 + 1);
+    let base = Tensor::arange_start(1, 9, (Kind::Double, dev));
     let total = (1.0 + w) * w / 2.0; // sum over ranks of (r + 1)
     for kind in [Kind::Float, Kind::Double, Kind::Int64] {
         let mut t = mine(kind);
@@ -156,16 +164,16 @@ fn collectives(pg: &ProcessGroup) {
     }
 
     // Broadcast from the last rank.
-    let mut b = Tensor::full([3], 100.0 * (r + 1.0), (Kind::Float, cpu));
+    let mut b = Tensor::full([3], 100.0 * (r + 1.0), (Kind::Float, dev));
     pg.broadcast(&mut b, 1).expect("broadcast");
     assert!(
-        b.equal(&Tensor::full([3], 200.0, (Kind::Float, cpu))),
+        b.equal(&Tensor::full([3], 200.0, (Kind::Float, dev))),
         "broadcast {b}"
     );
     assert!(pg.broadcast(&mut b, 2).is_err(), "root outside the group");
 
     // Non-contiguous tensors are refused, not silently copied.
-    let mut nc = Tensor::zeros([4, 4], (Kind::Float, cpu)).tr();
+    let mut nc = Tensor::zeros([4, 4], (Kind::Float, dev)).tr();
     let e = pg
         .all_reduce(&mut nc, ReduceOp::Sum)
         .expect_err("non-contiguous");
@@ -183,9 +191,58 @@ fn collectives(pg: &ProcessGroup) {
     println!("COLLECTIVES OK rank {}", pg.rank());
 }
 
+/// The same collectives through NCCL, one GPU per rank: runs where libtorch sees two GPUs and
+/// hq-dist was built with NCCL (the GPU acceptance run, `tools/gpu-check.sh`), skips elsewhere.
+#[test]
+fn two_gpus_run_every_collective_through_nccl() {
+    if !Backend::Nccl.available() {
+        eprintln!("SKIP: hq-dist was built without NCCL");
+        return;
+    }
+    let gpus = tch::Cuda::device_count();
+    if gpus < 2 {
+        eprintln!("SKIP: NCCL collectives need 2 GPUs, libtorch sees {gpus}");
+        return;
+    }
+    two_ranks_pass_the_collectives(Some("nccl"), Duration::from_secs(120));
+}
+
+/// A one-rank NCCL group on one GPU is the identity: runs on any GPU machine (NCCL's
+/// communicator, our shim's NCCL path and CUDA tensors through it), skips elsewhere.
+#[test]
+fn a_single_rank_nccl_group_on_one_gpu_is_the_identity() {
+    if !Backend::Nccl.available() || tch::Cuda::device_count() < 1 {
+        eprintln!("SKIP: no GPU, or hq-dist was built without NCCL");
+        return;
+    }
+    let (_, pg) = single_rank_group(Backend::Nccl, Duration::from_secs(60));
+    let gpu = tch::Device::Cuda(0);
+    let mut t = Tensor::from_slice(&[1.5f32, -2.0, 3.25]).to_device(gpu);
+    let before = t.copy();
+    pg.all_reduce(&mut t, ReduceOp::Sum).expect("sum");
+    assert!(t.equal(&before));
+    let g = pg.all_gather(&t).expect("gather");
+    assert_eq!(g.len(), 1);
+    assert!(g[0].equal(&before));
+    pg.broadcast(&mut t, 0).expect("broadcast");
+    pg.barrier().expect("barrier");
+    eprintln!("NCCL single-rank group OK on {gpu:?}");
+}
+
 #[test]
 fn two_ranks_run_every_collective_with_known_values() {
-    let outs = run_ranks("collectives", 2, |_| vec![], Duration::from_secs(60));
+    two_ranks_pass_the_collectives(None, Duration::from_secs(60));
+}
+
+/// Runs the `collectives` worker on 2 ranks (through `backend`, Gloo by default) and checks that
+/// both ranks got every known value.
+fn two_ranks_pass_the_collectives(backend: Option<&str>, limit: Duration) {
+    let extra = |_| {
+        backend
+            .map(|b| vec![(BACKEND.to_string(), b.to_string())])
+            .unwrap_or_default()
+    };
+    let outs = run_ranks("collectives", 2, extra, limit);
     for (rank, o) in outs.iter().enumerate() {
         let t = text(o);
         assert!(o.status.success(), "rank {rank} failed:\n{t}");
@@ -296,8 +353,8 @@ fn bad_rendezvous_are_clear_errors() {
     eprintln!("no master: {msg}");
 }
 
-#[test]
-fn a_single_rank_group_is_the_identity() {
+/// A group of one rank on loopback (its rendezvous, and the group joined through `backend`).
+fn single_rank_group(backend: Backend, timeout: Duration) -> (Rendezvous, ProcessGroup) {
     let rdv = Rendezvous {
         master_addr: "127.0.0.1".into(),
         master_port: launch::free_port().expect("port"),
@@ -306,7 +363,13 @@ fn a_single_rank_group_is_the_identity() {
         local_rank: 0,
         launcher: hq_dist::Launcher::Env,
     };
-    let pg = ProcessGroup::new(&rdv, Backend::Gloo, Duration::from_secs(10)).expect("join");
+    let pg = ProcessGroup::new(&rdv, backend, timeout).expect("join");
+    (rdv, pg)
+}
+
+#[test]
+fn a_single_rank_group_is_the_identity() {
+    let (rdv, pg) = single_rank_group(Backend::Gloo, Duration::from_secs(10));
     let mut t = Tensor::from_slice(&[1.5f32, -2.0, 3.25]);
     let before = t.copy();
     pg.all_reduce(&mut t, ReduceOp::Average).expect("average");

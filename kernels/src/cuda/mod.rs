@@ -624,36 +624,39 @@ pub fn prepare_device(ordinal: usize) -> Result<String> {
     Ok(driver::loaded(ordinal)?.arch.clone())
 }
 
-/// Loads libtorch's CUDA library (`libtorch_cuda.so`, next to the libtorch this crate was built
-/// against) into the process, for binaries whose own build script does not link it (see
-/// `hq_build_support::link_libtorch_with_cuda`): its static initialisers register the CUDA backend,
-/// after which `tch::Cuda::is_available()` sees the GPUs. Does nothing (returns false) without a
-/// CUDA driver.
+/// Loads libtorch's CUDA library (`libtorch_cuda.so`) into the process, for binaries whose own
+/// build script does not link it (see `hq_build_support::link_libtorch_with_cuda`): its static
+/// initialisers register the CUDA backend, after which `tch::Cuda::is_available()` sees the GPUs.
+/// Tries the libtorch this crate was built against first, then the library path: a binary built
+/// here and run on a GPU machine (`tools/gpu-check.sh`) finds that machine's own libtorch through
+/// `LD_LIBRARY_PATH`, the build machine's folder being absent there. Does nothing (returns false)
+/// without a CUDA driver.
 pub fn load_libtorch_cuda() -> bool {
     static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *DONE.get_or_init(|| {
         if !driver_present() {
             return false;
         }
-        let Some(dir) = option_env!("HQ_KERNELS_TORCH_LIB") else {
-            return false;
-        };
         #[cfg(unix)]
         {
             use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
-            let path = std::path::Path::new(dir).join("libtorch_cuda.so");
-            // SAFETY: loading libtorch's own CUDA library runs its registration initialisers.
-            match unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_GLOBAL) } {
-                Ok(lib) => {
+            let built = option_env!("HQ_KERNELS_TORCH_LIB")
+                .map(|dir| std::path::Path::new(dir).join("libtorch_cuda.so"))
+                .filter(|p| p.exists());
+            let candidates = built
+                .into_iter()
+                .chain([std::path::PathBuf::from("libtorch_cuda.so")]);
+            for path in candidates {
+                // SAFETY: loading libtorch's own CUDA library runs its registration initialisers.
+                if let Ok(lib) = unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_GLOBAL) } {
                     std::mem::forget(lib);
-                    true
+                    return true;
                 }
-                Err(_) => false,
             }
+            false
         }
         #[cfg(not(unix))]
         {
-            let _ = dir;
             false
         }
     })
