@@ -289,8 +289,27 @@ fn bad_and_partial_annotations_are_counted_or_refused() {
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
     cfg.annotations = Some(AnnotationSpec::new(empty.display().to_string()));
-    let err = DataLoader::new(cfg, None, None).err().expect("refused");
+    let err = DataLoader::new(cfg.clone(), None, None)
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("no annotation file"), "{err}");
+    // One shard whose every record is bad (a recaption job that failed on it) is bad data, not a
+    // wrong setting: counted, and training goes on.
+    let first = ann_dir.join(format!(
+        "{}.jsonl",
+        hq_data::shards::annotations::shard_stem(&raw[0])
+    ));
+    std::fs::write(
+        &first,
+        "{\"id\": \"x\", \"error\": \"no answer\"}\nnot json\n",
+    )
+    .expect("write");
+    cfg.annotations = Some(spec);
+    let mut loader = DataLoader::new(cfg, None, None).expect("loader despite one failed file");
+    let n: usize = loader.by_ref().map(|b| b.expect("batch").len()).sum();
+    assert_eq!(n, 48);
+    let c = loader.annotation_counts().expect("counts");
+    assert!(c.missing >= 24, "two shards without annotations: {c:?}");
 }
 
 #[test]

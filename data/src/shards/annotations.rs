@@ -27,7 +27,8 @@
 //!   where the first record wins): `bad_records`, with the file, id and line in the error record;
 //! - a shard without an annotation file: `missing_files` (its samples are `missing`);
 //! - a wrong setting stops before any work ([`Annotations::check`]): no annotation file for any
-//!   shard, or a file whose records are all unusable (a wrong `id_field` or mapping).
+//!   shard, or no usable record in the first files (a wrong `id_field` or mapping); for a global
+//!   index, no usable record in all of it.
 
 use super::sidecar::{id_string, FieldMap, Sidecar, DEFAULT_ID_FIELD};
 use super::spec::expand_shard_spec;
@@ -177,7 +178,6 @@ impl Annotations {
         let mut all: Option<Sidecar> = None;
         for f in &files {
             let sc = Sidecar::load_file(f, spec.record_id(), &spec.fields)?;
-            check_usable(&sc, spec)?;
             all = Some(match all {
                 None => sc,
                 Some(acc) => acc.merged(sc),
@@ -187,6 +187,9 @@ impl Annotations {
             spec: spec.path.clone(),
             reason: "names no annotation file".into(),
         })?;
+        // One unusable file among many is bad data (counted); an index with no usable record at
+        // all is a wrong setting.
+        check_usable(&index, spec)?;
         Ok(Annotations::Global {
             index: Arc::new(SidecarHandle(index)),
             spec: spec.clone(),
@@ -260,25 +263,48 @@ impl Annotations {
         }
     }
 
-    /// Stop early on a wrong setting: no shard of `shards` has an annotation file, or the first
-    /// file found has records but none usable (wrong id field or field mapping).
+    /// Stop early on a wrong setting: no shard of `shards` has an annotation file, or none of the
+    /// first 8 files found has a usable record while one has unusable ones (wrong id field or
+    /// field mapping).
     pub fn check(&self, shards: &[PathBuf]) -> Result<()> {
         let Annotations::PerShard { dir, spec } = self else {
             return Ok(());
         };
-        let Some(file) = shards.iter().find_map(|s| self.file_for(s)) else {
-            let example = shards.first().map(|s| shard_stem(s)).unwrap_or_default();
-            return Err(DataError::Invalid(format!(
-                "{}: no annotation file for any of the {} shard(s) (expected e.g. \
-                 {example}.jsonl or {example}.json there)",
-                dir.display(),
-                shards.len()
-            )));
-        };
-        let sc = Sidecar::load_file(&file, spec.record_id(), &spec.fields)?;
-        check_usable(&sc, spec)
+        // The first few files decide: one of them usable means the setting is right (a shard
+        // whose every record failed is bad data, counted while reading).
+        let mut first_unusable = None;
+        for file in shards
+            .iter()
+            .filter_map(|s| self.file_for(s))
+            .take(CHECK_FILES)
+        {
+            let sc = Sidecar::load_file(&file, spec.record_id(), &spec.fields)?;
+            match check_usable(&sc, spec) {
+                Ok(()) if !sc.is_empty() => return Ok(()),
+                Ok(()) => {}
+                Err(e) => {
+                    first_unusable.get_or_insert(e);
+                }
+            }
+        }
+        match first_unusable {
+            Some(e) => Err(e),
+            None if shards.iter().any(|s| self.file_for(s).is_some()) => Ok(()),
+            None => {
+                let example = shards.first().map(|s| shard_stem(s)).unwrap_or_default();
+                Err(DataError::Invalid(format!(
+                    "{}: no annotation file for any of the {} shard(s) (expected e.g. \
+                     {example}.jsonl or {example}.json there)",
+                    dir.display(),
+                    shards.len()
+                )))
+            }
+        }
     }
 }
+
+/// Files [`Annotations::check`] reads at most.
+const CHECK_FILES: usize = 8;
 
 /// A file with records but no usable one means a wrong setting, not bad data.
 fn check_usable(sc: &Sidecar, spec: &AnnotationSpec) -> Result<()> {
