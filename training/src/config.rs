@@ -8,6 +8,9 @@
 //! image_size = 32             # optional override of the preset's image size
 //! [data]
 //! train = ["out/default/train"]
+//! # side-car annotations joined while reading (optional):
+//! # annotations = { path = "ann/", id_field = "uid", fields = { long_positive = "caption" } }
+//! # or, instead of train, a weighted mixture: [[data.sources]] shards = [...], weight = 3
 //! [loss]
 //! variant = "stc"             # baseline | mixed | hni | stc (the paper's ablation, cumulative)
 //! [optim]
