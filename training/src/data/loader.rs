@@ -101,6 +101,10 @@ pub struct LoaderConfig {
     pub source_weighting: SourceWeighting,
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 /// What the weights of a mixture mean.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -120,7 +124,9 @@ pub enum SourceWeighting {
 pub struct SourceConfig {
     /// Shard specifications of this source.
     pub shards: Vec<String>,
-    /// Relative sampling weight (> 0): the source gives `weight / sum of weights` of the samples.
+    /// Relative sampling weight (> 0, default 1): the source gives `weight / sum of weights` of
+    /// the samples (see [`SourceWeighting`] for the other meaning).
+    #[serde(default = "one")]
     pub weight: f64,
     /// Side-car annotations of this source's shards.
     #[serde(default)]
