@@ -146,3 +146,90 @@ fn bad_input_is_an_error_not_a_panic() {
     let o = hq_data(&["synth", "--format", "gif"]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn join_and_stats_with_side_car_annotations() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let corpus = dir.path().join("corpus");
+    let o = hq_data(&[
+        "synth",
+        "--out",
+        corpus.to_str().expect("utf-8"),
+        "--samples",
+        "30",
+        "--shard-size",
+        "10",
+        "--eval-samples",
+        "0",
+        "--image-size",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A foreign layout: id under "id", the description under "caption"; every third sample left
+    // out, one malformed line per file.
+    let train = corpus.join("train");
+    let ann = dir.path().join("ann");
+    std::fs::create_dir_all(&ann).expect("mkdir");
+    let shards =
+        hq_data::shards::expand_shard_spec(&format!("{}/*.tar", train.display())).expect("shards");
+    for shard in &shards {
+        let mut lines = Vec::new();
+        let reader = hq_data::shards::ShardReader::new(vec![shard.clone()], Default::default());
+        for (i, s) in reader.map(|s| s.expect("sample")).enumerate() {
+            if i % 3 != 0 {
+                let caption = &s.refined.as_ref().expect("refined").long_positive;
+                lines
+                    .push(serde_json::json!({"id": s.meta["uid"], "caption": caption}).to_string());
+            }
+        }
+        lines.push("{not json".into());
+        let stem = hq_data::shards::annotations::shard_stem(shard);
+        std::fs::write(ann.join(format!("{stem}.jsonl")), lines.join("\n")).expect("write");
+    }
+    let (train_s, ann_s) = (train.to_str().expect("utf-8"), ann.to_str().expect("utf-8"));
+    let common = [
+        "--annotations",
+        ann_s,
+        "--annotation-id",
+        "uid=id",
+        "--annotation-fields",
+        "long_positive=caption",
+    ];
+    let mut args = vec!["stats", train_s, "--json"];
+    args.extend(common);
+    let o = hq_data(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(report["counts"]["joined"], 18);
+    assert_eq!(report["counts"]["missing"], 12);
+    assert_eq!(report["counts"]["bad_records"], 3);
+
+    let out = dir.path().join("joined");
+    let mut args = vec!["join", train_s, "--out", out.to_str().expect("utf-8")];
+    args.extend(common);
+    let o = hq_data(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("18 joined"), "{t}");
+    assert!(out.join("shard-00002.tar").is_file());
+    // A rerun resumes: nothing left to do.
+    let o = hq_data(&args);
+    assert!(text(&o).contains("3 already joined"), "{}", text(&o));
+
+    // A mapping that names a field no record has stops with the reason.
+    let o = hq_data(&[
+        "join",
+        train_s,
+        "--out",
+        dir.path().join("j2").to_str().expect("utf-8"),
+        "--annotations",
+        ann_s,
+        "--annotation-id",
+        "uid=id",
+        "--annotation-fields",
+        "long_positive=description",
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("\"description\""), "{t}");
+}

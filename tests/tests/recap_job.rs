@@ -374,6 +374,28 @@ fn scripted_answers_give_one_record_per_sample_with_retries() -> TestResult {
         "error records are reported, not lost"
     );
     assert!(side.get("uid-s0k03").is_some());
+    // ...and it trains without re-sharding: joined onto the input shards as hq-train's
+    // --annotations does, the ok records annotate their samples, the failed ones are counted as
+    // bad records (those samples keep their alt-text).
+    let mut ok = 0;
+    let mut failed = 0;
+    for f in std::fs::read_dir(&sc_out)? {
+        let path = f?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+            continue;
+        }
+        let sc = hq_data::shards::Sidecar::load(path)?;
+        ok += sc.len() as u64;
+        failed += sc.errors().len() as u64;
+    }
+    let ann = hq_data::shards::Annotations::open(&hq_data::shards::AnnotationSpec::new(
+        sc_out.display().to_string(),
+    ))?;
+    let cov = hq_data::shards::annotations::coverage(&shards, &ann, 1, false)?;
+    assert_eq!(cov.counts.joined, ok);
+    assert_eq!(cov.counts.missing, 20 - ok);
+    assert_eq!(cov.counts.bad_records, failed);
+    assert_eq!((cov.counts.orphan, cov.counts.missing_files), (0, 0));
     Ok(())
 }
 

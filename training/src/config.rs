@@ -8,6 +8,9 @@
 //! image_size = 32             # optional override of the preset's image size
 //! [data]
 //! train = ["out/default/train"]
+//! # side-car annotations joined while reading (optional):
+//! # annotations = { path = "ann/", id_field = "uid", fields = { long_positive = "caption" } }
+//! # or, instead of train, a weighted mixture: [[data.sources]] shards = [...], weight = 3
 //! [loss]
 //! variant = "stc"             # baseline | mixed | hni | stc (the paper's ablation, cumulative)
 //! [optim]
@@ -76,6 +79,16 @@ pub struct DataSection {
     pub tag_vocab: Option<PathBuf>,
     /// Bad samples logged one by one before only counting.
     pub max_logged_skips: usize,
+    /// Side-car annotations joined onto `train` while reading (`hq_data::shards::annotations`):
+    /// `{ path = "ann/", id_field = "uid", fields = { long_positive = "caption" } }`.
+    pub annotations: Option<hq_data::shards::AnnotationSpec>,
+    /// A weighted mixture instead of `train` (`crate::data::mixture`): `[[data.sources]]` tables
+    /// of `shards` (as `train`), `weight` and optional `annotations`. Resampled and step-based:
+    /// no epochs.
+    pub sources: Vec<crate::data::SourceConfig>,
+    /// What the sources' weights mean: `share` (source i gives w_i / sum(w) of the samples) or
+    /// `per-shard` (open_clip's upsampling factors: each shard of source i weighs w_i).
+    pub source_weighting: crate::data::SourceWeighting,
 }
 
 impl Default for DataSection {
@@ -92,6 +105,9 @@ impl Default for DataSection {
             tag_vocab_size: crate::data::DEFAULT_TAG_VOCAB_SIZE,
             tag_vocab: None,
             max_logged_skips: 20,
+            annotations: None,
+            sources: Vec::new(),
+            source_weighting: crate::data::SourceWeighting::Share,
         }
     }
 }
@@ -474,15 +490,25 @@ impl TrainConfig {
 
     /// `data.train` as shard specifications: a directory stands for the `.tar` files in it.
     pub fn shard_specs(&self) -> Vec<String> {
+        specs_of(&self.data.train)
+    }
+
+    /// The training data as (shard specifications, annotations, weight) per source: `data.train`
+    /// as one source of weight 1, or the mixture's sources.
+    pub fn data_sources(&self) -> Vec<crate::data::SourceConfig> {
+        if self.data.sources.is_empty() {
+            return vec![crate::data::SourceConfig {
+                shards: self.shard_specs(),
+                weight: 1.0,
+                annotations: self.data.annotations.clone(),
+            }];
+        }
         self.data
-            .train
+            .sources
             .iter()
-            .map(|s| {
-                if Path::new(s).is_dir() {
-                    format!("{}/*.tar", s.trim_end_matches('/'))
-                } else {
-                    s.clone()
-                }
+            .map(|s| crate::data::SourceConfig {
+                shards: specs_of(&s.shards),
+                ..s.clone()
             })
             .collect()
     }
@@ -496,6 +522,13 @@ impl TrainConfig {
         c.readers = self.data.readers;
         c.threads = self.data.threads;
         c.max_logged_skips = self.data.max_logged_skips;
+        c.annotations = self.data.annotations.clone();
+        if !self.data.sources.is_empty() {
+            c.shards = Vec::new();
+            c.annotations = None;
+            c.sources = self.data_sources();
+            c.source_weighting = self.data.source_weighting;
+        }
         Ok(c)
     }
 
@@ -506,12 +539,37 @@ impl TrainConfig {
         let d = &self.data;
         let o = &self.optim;
         let r = &self.run;
-        if d.train.is_empty() {
+        if d.train.is_empty() && d.sources.is_empty() {
             return Err(bad(
                 "data.train",
                 "no training data: set data.train in the config or pass --train SHARDS \
                  (e.g. out/default/train)",
             ));
+        }
+        if !d.sources.is_empty() {
+            if !d.train.is_empty() || d.annotations.is_some() {
+                return Err(bad(
+                    "data.sources",
+                    "a mixture replaces data.train and data.annotations: put every source, with \
+                     its own annotations, in data.sources (or drop data.sources)",
+                ));
+            }
+            for (i, src) in d.sources.iter().enumerate() {
+                let field = format!("data.sources[{i}]");
+                if !(src.weight.is_finite() && src.weight > 0.0) {
+                    return Err(bad(&field, format!("weight {} must be > 0", src.weight)));
+                }
+                if src.shards.is_empty() {
+                    return Err(bad(&field, "names no shards"));
+                }
+                if let Some(a) = &src.annotations {
+                    a.validate().map_err(|e| bad(&field, e.to_string()))?;
+                }
+            }
+        }
+        if let Some(a) = &d.annotations {
+            a.validate()
+                .map_err(|e| bad("data.annotations", e.to_string()))?;
         }
         if !(0.0..=1.0).contains(&d.refined_prob) {
             return Err(bad(
@@ -654,6 +712,19 @@ impl TrainConfig {
         diff_values("", &ta, &tb, &mut out);
         out
     }
+}
+
+/// Shard specifications with a directory standing for the `.tar` files in it.
+fn specs_of(list: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|s| {
+            if Path::new(s).is_dir() {
+                format!("{}/*.tar", s.trim_end_matches('/'))
+            } else {
+                s.clone()
+            }
+        })
+        .collect()
 }
 
 fn o_positive(v: f64) -> bool {

@@ -1,6 +1,9 @@
 //! The run's metrics: one JSON object per line in `metrics.jsonl` (`"kind": "train"` every
 //! `log_every` steps, `"kind": "eval"` after each evaluation, `"kind": "skips"` when the loader
 //! skipped samples), and the loss and learning-rate curves drawn from it as PNGs at the end.
+//! With side-car annotations a train record carries `annotations` (joined, missing, orphan,
+//! bad_records, missing_files, summed over ranks); with a mixture, `source_samples` (samples each
+//! source gave so far, keyed by source index).
 //!
 //! On resume the file is cut back to the checkpoint's step (atomically), so the log of a resumed
 //! run equals the uninterrupted run's. Every record gets a `time` (Unix seconds) and is mirrored to

@@ -31,7 +31,7 @@ use tch::{nn::VarStore, Device};
 
 use crate::checkpoint::{self as ckpt, CheckpointWriter};
 use crate::config::{Precision, TrainConfig};
-use crate::data::{build_tag_vocab, Batch, DataLoader, LoaderState, SkipCounts};
+use crate::data::{count_tags_with, Batch, DataLoader, LoaderState, SkipCounts};
 use crate::encoder::TchEncoder;
 use crate::metrics::{plot_curves, MetricsLog};
 use crate::model::checkpoint::{load_named, read_safetensors};
@@ -247,8 +247,26 @@ pub fn run_on(
             (Some(dir), _) => TagVocab::load(dir.join(ckpt::TAG_VOCAB_FILE))?,
             (None, Some(path)) => TagVocab::load(path)?,
             (None, None) => {
-                let shards = hq_data::shards::expand_shards(&cfg.shard_specs())?;
-                build_tag_vocab(&shards, cfg.data.tag_vocab_size, cfg.data.threads)?
+                let mut counter = hq_data::text::tags::TagCounter::new();
+                let mut samples = 0;
+                for src in cfg.data_sources() {
+                    let shards = hq_data::shards::expand_shards(&src.shards)?;
+                    let annotations = match &src.annotations {
+                        Some(spec) => Some(hq_data::shards::Annotations::open(spec)?),
+                        None => None,
+                    };
+                    let report = count_tags_with(&shards, annotations.as_ref(), cfg.data.threads)?;
+                    samples += report.samples_with_tags;
+                    counter.merge(report.counter);
+                }
+                if samples == 0 {
+                    return Err(TrainError::DataLoader(
+                        "cannot build a tag vocabulary: no training sample has refined texts \
+                         (turn stc off, or add annotations)"
+                            .into(),
+                    ));
+                }
+                counter.top_k(cfg.data.tag_vocab_size)
             }
         }))
     } else {
@@ -455,9 +473,12 @@ pub fn run_on(
             let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
             window = (Instant::now(), 0);
             let skipped_total = global_skips(group, &loader.state().skipped_total)?;
-            log(
-                &mut metrics,
-                &json!({
+            let annotations = match loader.annotation_counts() {
+                Some(c) => Some(global_annotations(group, &c)?),
+                None => None,
+            };
+            let source_samples = global_counts(group, loader.source_samples())?;
+            let mut record = json!({
                     "kind": "train", "step": step, "lr": lr, "loss": stats.loss,
                     "loss_clip": stats.loss_clip, "loss_hni": stats.loss_hni, "loss_stc": stats.loss_stc,
                     "loss_hni_weighted": stats.loss_hni * obj.hni_weight,
@@ -466,8 +487,23 @@ pub fn run_on(
                     "logit_scale": stats.logit_scale, "samples_per_s": rate,
                     "samples_seen": samples_seen, "epoch": loader.state().epoch(),
                     "skipped_total": skipped_total, "world_size": world,
-                }),
-            )?;
+            });
+            // Only with annotations / a mixture; per source as an object ("0", "1", ...) so the
+            // TensorBoard mirror, which walks objects, shows one curve per source.
+            if let Some(m) = record.as_object_mut() {
+                if let Some(a) = annotations {
+                    m.insert("annotations".into(), json!(a));
+                }
+                if !source_samples.is_empty() {
+                    let per: serde_json::Map<String, serde_json::Value> = source_samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (i.to_string(), json!(c)))
+                        .collect();
+                    m.insert("source_samples".into(), serde_json::Value::Object(per));
+                }
+            }
+            log(&mut metrics, &record)?;
             bar.set_message(format!(
                 "loss {:.4} (clip {:.4} hni {:.4} stc {:.4}) lr {lr:.2e} {rate:.1} samples/s, {} skipped",
                 stats.loss,
@@ -541,6 +577,9 @@ pub fn run_on(
         }
     }
     bar.finish_and_clear();
+    if let (true, Some(c)) = (lead && req.verbose, loader.annotation_counts()) {
+        eprintln!("hq-train: this rank's {c}");
+    }
     drop(loader);
 
     // ---- the end: plots and summary (rank 0)
@@ -597,6 +636,46 @@ fn global_skips(
         record: v[0] as u64,
         image: v[1] as u64,
         text: v[2] as u64,
+    })
+}
+
+/// Per-source sample counts summed over the ranks of `group` (every rank has the same sources).
+fn global_counts(group: Option<&ProcessGroup>, counts: &[u64]) -> Result<Vec<u64>, TrainError> {
+    let Some(pg) = group else {
+        return Ok(counts.to_vec());
+    };
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    let sum = crate::distributed::sum_over_ranks(pg, &v)?;
+    Ok(sum.into_iter().map(|c| c as u64).collect())
+}
+
+/// Annotation counts summed over the ranks of `group`.
+fn global_annotations(
+    group: Option<&ProcessGroup>,
+    c: &hq_data::shards::AnnotationCounts,
+) -> Result<hq_data::shards::AnnotationCounts, TrainError> {
+    let Some(pg) = group else {
+        return Ok(*c);
+    };
+    let v = crate::distributed::sum_over_ranks(
+        pg,
+        &[
+            c.joined as f64,
+            c.missing as f64,
+            c.orphan as f64,
+            c.bad_records as f64,
+            c.missing_files as f64,
+        ],
+    )?;
+    Ok(hq_data::shards::AnnotationCounts {
+        joined: v[0] as u64,
+        missing: v[1] as u64,
+        orphan: v[2] as u64,
+        bad_records: v[3] as u64,
+        missing_files: v[4] as u64,
     })
 }
 

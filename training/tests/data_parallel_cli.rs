@@ -6,6 +6,8 @@
 //! - a 2-rank run stopped after a checkpoint and resumed (with the gradients all-reduced during
 //!   the backward by libtorch's DDP reducer) equals the uninterrupted one, bit for bit;
 //! - resuming with another world size is refused with a message that says which to use;
+//! - a weighted mixture (`--source`, 3:1) on 2 ranks resumes bit for bit too (every rank's
+//!   mixture position is in the checkpoint) and logs the samples per source summed over ranks;
 //! - a rank whose rendezvous fails (its peer never comes) exits within its timeout, naming it.
 
 use std::path::{Path, PathBuf};
@@ -171,6 +173,58 @@ fn two_ranks_run_resume_and_launch_alike() {
             );
         }
     }
+}
+
+#[test]
+fn a_two_rank_mixture_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let train = corpus(&tmp.path().join("corpus"));
+    let run = |name: &str| tmp.path().join(name);
+    let mixture = |out: &Path| -> Vec<String> {
+        let mut a = args(&train, out);
+        // The mixture replaces --train: two halves of the corpus, 3:1.
+        a.drain(0..2);
+        for half in ["0000{0..3}", "0000{4..7}"] {
+            a.push("--source".into());
+            a.push(format!("{}/shard-{half}.tar", train.display()));
+        }
+        a.extend(["--source-weights".into(), "3,1".into()]);
+        a.extend(["--nproc-per-node".into(), "2".into()]);
+        a
+    };
+    let o = hq_train(&mixture(&run("whole")), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut halves = mixture(&run("halves"));
+    halves.extend(["--stop-after".into(), "2".into()]);
+    assert!(hq_train(&halves, &[]).status.success());
+    let resume: Vec<String> = [
+        "--resume",
+        &run("halves").display().to_string(),
+        "--nproc-per-node",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = hq_train(&resume, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_weights(&run("whole"), &run("halves"), 4, "resumed mixture");
+    let log = std::fs::read_to_string(run("whole").join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|r| r["kind"] == "train")
+        .expect("a train record");
+    let per = &last["source_samples"];
+    let (a, b) = (per["0"].as_u64(), per["1"].as_u64());
+    assert_eq!(
+        a.zip(b).map(|(a, b)| a + b),
+        Some(64),
+        "4 steps x 2 ranks x 8 from both sources: {last}"
+    );
 }
 
 /// The venv's bin folder (torchrun lives there), if the venv exists.

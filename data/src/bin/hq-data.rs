@@ -3,7 +3,8 @@
 //! - `hq-data synth`: write the built-in synthetic corpus (training shards, held-out sets in
 //!   DataComp and ARO layouts, a manifest) and print its statistics and throughput;
 //! - `hq-data stats`: statistics of webdataset shards or of a corpus folder;
-//! - `hq-data quality`: recaption quality against the synthetic corpus's scene ground truth.
+//! - `hq-data quality`: recaption quality against the synthetic corpus's scene ground truth;
+//! - `hq-data join`: shards with side-car annotations joined, written as new shards.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,12 +15,13 @@ use std::path::PathBuf;
 #[command(
     name = "hq-data",
     version,
-    about = "HQ-CLIP data tools: the built-in synthetic corpus, shard statistics, recaption quality",
+    about = "HQ-CLIP data tools: the built-in synthetic corpus, shard statistics, recaption quality, side-car joins",
     long_about = "HQ-CLIP data tools.\n\n`synth` renders a deterministic synthetic image-text corpus \
                   (no download needed): webdataset training shards with noisy alt-text and the \
                   oracle's four refined texts, plus held-out sets in DataComp's and ARO's layouts. \
-                  `stats` summarises shards. `quality` judges recaptions against the corpus's \
-                  scene ground truth."
+                  `stats` summarises shards (with --annotations: how side-car annotations cover \
+                  them). `quality` judges recaptions against the corpus's scene ground truth. \
+                  `join` writes shards with side-car annotations joined."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -48,6 +50,71 @@ enum Command {
     /// Writes DIR/quality.json (every figure with its counts), DIR/quality.md (tables) and
     /// DIR/quality.png (bar chart). The metrics are defined in the hq_data::quality module docs.
     Quality(QualityArgs),
+    /// Write SHARDS with side-car annotations joined (the same join hq-train --annotations does
+    /// while reading) as OUT/<shard name>.tar. Atomic per shard; a rerun skips the shards already
+    /// written, so a killed join resumes.
+    Join(JoinArgs),
+}
+
+/// Where side-car annotations are (`hq_data::shards::annotations`).
+#[derive(Args, Debug, Clone)]
+struct AnnotationArgs {
+    /// Side-car annotations: a folder of per-shard files (`00012.tar` <-> `00012.jsonl` or
+    /// `00012.json`), or index files (a file, glob, brace range or @list of .jsonl/.json files).
+    #[arg(long, value_name = "SPEC")]
+    annotations: Option<String>,
+    /// The id annotations are matched by: the sample's metadata field (`uid`, `url`; `key` for
+    /// the sample key) that the records also hold, or SAMPLE=RECORD when the record names it
+    /// differently (`uid=id`).
+    #[arg(long, default_value = "uid", value_name = "FIELD")]
+    annotation_id: String,
+    /// Which record fields hold the texts, as OURS=THEIRS pairs, e.g.
+    /// `long_positive=caption,tags_positive=tags` (dotted paths reach nested fields; unmapped texts
+    /// stay empty). Default: our own names, flat or nested.
+    #[arg(long, value_name = "MAP")]
+    annotation_fields: Option<String>,
+}
+
+impl AnnotationArgs {
+    fn open(&self) -> Result<Option<hq_data::shards::Annotations>> {
+        let Some(path) = &self.annotations else {
+            return Ok(None);
+        };
+        let fields = match &self.annotation_fields {
+            Some(m) => hq_data::shards::FieldMap::parse(m)?,
+            None => Default::default(),
+        };
+        let mut spec = hq_data::shards::AnnotationSpec {
+            path: path.clone(),
+            fields,
+            ..Default::default()
+        };
+        spec.set_id(&self.annotation_id);
+        let ann = hq_data::shards::Annotations::open(&spec)
+            .with_context(|| format!("opening the annotations {path}"))?;
+        Ok(Some(ann))
+    }
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    /// Shards (a folder of .tar files, a shard file, a brace range, a glob, or an @list file).
+    #[arg(required = true, value_name = "SHARDS")]
+    shards: Vec<String>,
+    #[command(flatten)]
+    annotations: AnnotationArgs,
+    /// Output folder (created).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Shards joined at once (0: one per core).
+    #[arg(long, default_value_t = 0, value_name = "T")]
+    threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Hide the progress bar (also: environment variable HQ_NO_PROGRESS).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +215,10 @@ struct StatsArgs {
     /// Hide the progress spinner.
     #[arg(long)]
     no_progress: bool,
+    /// With --annotations: report how the side-car annotations cover the shards (joined,
+    /// missing, orphan, bad records) instead of the shard statistics.
+    #[command(flatten)]
+    annotations: AnnotationArgs,
 }
 
 #[derive(Args, Debug)]
@@ -264,7 +335,57 @@ fn run_synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
+/// A folder stands for its `*.tar` files, as in hq-train's --train.
+fn shard_list(specs: &[String]) -> Result<Vec<PathBuf>> {
+    let specs: Vec<String> = specs
+        .iter()
+        .map(|s| {
+            if std::path::Path::new(s).is_dir() {
+                format!("{}/*.tar", s.trim_end_matches('/'))
+            } else {
+                s.clone()
+            }
+        })
+        .collect();
+    Ok(hq_data::shards::expand_shards(&specs)?)
+}
+
+fn print_join_report(r: &hq_data::shards::annotations::JoinRunReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print!("{r}");
+    }
+    Ok(())
+}
+
+fn run_join(a: JoinArgs) -> Result<()> {
+    let Some(ann) = a.annotations.open()? else {
+        bail!("join needs --annotations SPEC");
+    };
+    let shards = shard_list(&a.shards)?;
+    ann.check(&shards)?;
+    let report =
+        hq_data::shards::annotations::join_shards(&shards, &ann, &a.out, a.threads, !a.no_progress)
+            .with_context(|| format!("joining into {}", a.out.display()))?;
+    print_join_report(&report, a.json)?;
+    if !a.json {
+        println!(
+            "wrote {} shard(s) to {}",
+            report.shards - report.shards_already_done,
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
 fn run_stats(a: StatsArgs) -> Result<()> {
+    if let Some(ann) = a.annotations.open()? {
+        let shards = shard_list(&a.shards)?;
+        let report =
+            hq_data::shards::annotations::coverage(&shards, &ann, a.threads, !a.no_progress)?;
+        return print_join_report(&report, a.json);
+    }
     let stats = synth::stats::stats_of(&a.shards, a.threads, !a.no_progress)
         .with_context(|| format!("reading {}", a.shards.join(" ")))?;
     if a.json {
@@ -281,6 +402,7 @@ fn main() -> std::process::ExitCode {
         Command::Synth(a) => run_synth(a),
         Command::Stats(a) => run_stats(a),
         Command::Quality(a) => run_quality(a),
+        Command::Join(a) => run_join(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

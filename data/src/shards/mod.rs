@@ -10,8 +10,11 @@
 //! - [`parallel`]: [`read_parallel`], worker threads feeding a bounded channel, for throughput.
 //! - [`writer`]: [`ShardWriter`], deterministic and atomic (`prefix-00000.tar`, ...).
 //! - [`sidecar`]: refined texts shipped as JSONL keyed by sample id, and the join onto samples.
+//! - [`annotations`]: side-car files matched to shards (per shard or one index), joined while
+//!   reading, with a field mapping for foreign layouts.
 //! - [`images`]: image probing and decoding with a pixel limit.
 
+pub mod annotations;
 pub mod images;
 pub mod parallel;
 pub mod reader;
@@ -20,12 +23,13 @@ pub mod spec;
 mod tario;
 pub mod writer;
 
+pub use annotations::{AnnotationCounts, AnnotationSpec, Annotations, ShardAnnotations};
 pub use images::{decode_image, probe_image, validate_image, ImageInfo, DEFAULT_MAX_PIXELS};
 pub use parallel::{read_parallel, ParallelOptions, ParallelReader};
 pub use reader::{
     open_shard, split_key, ImageCheck, ReadOptions, ReadStats, SampleResult, ShardReader,
     ShardStats, TarSamples,
 };
-pub use sidecar::{JoinOptions, JoinReport, Sidecar, SidecarJoin};
+pub use sidecar::{FieldMap, JoinOptions, JoinReport, Sidecar, SidecarJoin};
 pub use spec::{brace_expand, expand_shard_spec, expand_shards, expand_shards_with, ExpandOptions};
 pub use writer::{ShardWriter, ShardWriterOptions};

@@ -11,7 +11,13 @@
 //! Tags may be a list of strings or one comma-separated string. A line that is not valid JSON, or
 //! lacks a field, becomes an error record ([`SampleError`] with the side-car's path as `shard`, the
 //! id as `key` when known, and the line number in `reason`); loading goes on. The side-car is
-//! per-dataset metadata and is held in a `HashMap`.
+//! held in a `HashMap`, so one file should hold one shard's annotations (or a data set small enough
+//! for memory); [`super::annotations`] matches files to shards so only open shards' entries are held.
+//!
+//! Beyond the shapes above, [`Sidecar::load_file`] reads `.json` files (a list of records, or one
+//! object keyed by id) and takes a [`FieldMap`]: which of the record's fields hold the four texts, for
+//! layouts whose field names are not ours (VLM-150M's, say). Duplicate ids: the first record wins and
+//! each later one is an error record.
 
 use crate::error::{DataError, Result, SampleError};
 use crate::sample::{RefinedTexts, Sample, REFINED_JSON_KEY};
@@ -28,6 +34,8 @@ pub const DEFAULT_ID_FIELD: &str = "uid";
 struct Entry {
     refined: RefinedTexts,
     used: bool,
+    /// Line (or entry) number of the record, for duplicate reports.
+    first: u64,
 }
 
 /// A loaded side-car: id -> refined texts, plus the records that could not be read.
@@ -38,7 +46,8 @@ pub struct Sidecar {
     lines: u64,
 }
 
-fn id_string(v: &Value) -> Option<String> {
+/// A record's or a sample's id value as a string (non-empty strings and numbers).
+pub fn id_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -74,6 +83,119 @@ fn text(obj: &Map<String, Value>, field: &str) -> std::result::Result<String, St
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(format!("{field} must be a string, not {other}")),
         None => Err(format!("missing field {field:?}")),
+    }
+}
+
+/// Which record fields hold the refined texts. All `None` (the default) means our own names, flat or
+/// nested (see the module docs). Otherwise `long_positive` must be set, each name may be a dotted
+/// path into nested objects (`annotation.caption`), and an unmapped field is left empty (no
+/// negatives or tags). A record lacking a mapped field is an error record naming the field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FieldMap {
+    pub long_positive: Option<String>,
+    pub long_negative: Option<String>,
+    pub tags_positive: Option<String>,
+    pub tags_negative: Option<String>,
+    pub source: Option<String>,
+}
+
+impl FieldMap {
+    /// Our own field names (flat or nested).
+    pub fn is_auto(&self) -> bool {
+        *self == FieldMap::default()
+    }
+
+    /// Parse `long_positive=caption,tags_positive=meta.tags` (the command-line form).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut m = FieldMap::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (ours, theirs) = part.split_once('=').ok_or_else(|| {
+                DataError::Invalid(format!(
+                    "annotation field mapping {part:?} is not OURS=THEIRS (e.g. long_positive=caption)"
+                ))
+            })?;
+            let theirs = Some(theirs.trim().to_string()).filter(|t| !t.is_empty());
+            let slot = match ours.trim() {
+                "long_positive" => &mut m.long_positive,
+                "long_negative" => &mut m.long_negative,
+                "tags_positive" => &mut m.tags_positive,
+                "tags_negative" => &mut m.tags_negative,
+                "source" => &mut m.source,
+                other => {
+                    return Err(DataError::Invalid(format!(
+                        "annotation field mapping names {other:?}; the texts are long_positive, \
+                         long_negative, tags_positive, tags_negative and source"
+                    )))
+                }
+            };
+            *slot = theirs;
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !self.is_auto() && self.long_positive.is_none() {
+            return Err(DataError::Invalid(
+                "an annotation field mapping must name the field of long_positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The refined texts of one record under this mapping.
+    pub fn refined(&self, obj: &Map<String, Value>) -> std::result::Result<RefinedTexts, String> {
+        let Some(lp) = &self.long_positive else {
+            return refined_from_record(obj);
+        };
+        let get = |path: &str| -> std::result::Result<&Value, String> {
+            let mut cur: Option<&Value> = None;
+            for (i, part) in path.split('.').enumerate() {
+                let next = match (i, cur) {
+                    (0, _) => obj.get(part),
+                    (_, Some(Value::Object(o))) => o.get(part),
+                    _ => None,
+                };
+                cur = Some(next.ok_or_else(|| format!("missing mapped field {path:?}"))?);
+            }
+            cur.ok_or_else(|| format!("missing mapped field {path:?}"))
+        };
+        let text_of = |field: &Option<String>| -> std::result::Result<String, String> {
+            match field {
+                None => Ok(String::new()),
+                Some(f) => match get(f)? {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(format!("{f} must be a string, not {other}")),
+                },
+            }
+        };
+        let tags_of = |field: &Option<String>| -> std::result::Result<Vec<String>, String> {
+            match field {
+                None => Ok(Vec::new()),
+                Some(f) => {
+                    let v = get(f)?;
+                    let mut one = Map::new();
+                    one.insert(f.clone(), v.clone());
+                    tags(&one, f)
+                }
+            }
+        };
+        let source = match &self.source {
+            None => None,
+            Some(f) => match get(f)? {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => return Err(format!("{f} must be a string, not {other}")),
+            },
+        };
+        Ok(RefinedTexts {
+            long_positive: text_of(&Some(lp.clone()))?,
+            long_negative: text_of(&self.long_negative)?,
+            tags_positive: tags_of(&self.tags_positive)?,
+            tags_negative: tags_of(&self.tags_negative)?,
+            source,
+        })
     }
 }
 
@@ -119,15 +241,93 @@ pub fn parse_record(
     id_field: &str,
 ) -> std::result::Result<(String, RefinedTexts), String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    record_of(&value, None, id_field, &FieldMap::default())
+}
+
+/// (id, refined texts) of one record value; `id` given (an object keyed by id) or read from
+/// `id_field`.
+fn record_of(
+    value: &Value,
+    id: Option<&str>,
+    id_field: &str,
+    fields: &FieldMap,
+) -> std::result::Result<(String, RefinedTexts), String> {
     let Value::Object(obj) = value else {
         return Err("the record is not a JSON object".into());
     };
-    let id = obj
-        .get(id_field)
-        .and_then(id_string)
-        .ok_or_else(|| format!("no usable {id_field:?} field (a non-empty string or a number)"))?;
-    let refined = refined_from_record(&obj).map_err(|e| format!("record {id}: {e}"))?;
+    let id = match id {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => obj.get(id_field).and_then(id_string).ok_or_else(|| {
+            format!("no usable {id_field:?} field (a non-empty string or a number)")
+        })?,
+    };
+    let refined = fields
+        .refined(obj)
+        .map_err(|e| format!("record {id}: {e}"))?;
     Ok((id, refined))
+}
+
+/// The common case without copies: our own field names (flat, or nested under `hq_clip`), tags
+/// as lists of clean strings. Moves the texts out of `value` and returns (id, texts); returns
+/// `None`, leaving `value` untouched, for anything else (the lenient path handles it).
+fn owned_record(value: &mut Value, id_field: &str) -> Option<(String, RefinedTexts)> {
+    let obj = value.as_object_mut()?;
+    let id = obj.get(id_field).and_then(id_string)?;
+    let inner: &mut Map<String, Value> = if obj.contains_key("long_positive") {
+        obj
+    } else {
+        match obj.get_mut(REFINED_JSON_KEY) {
+            Some(Value::Object(o)) if o.contains_key("long_positive") => o,
+            _ => return None,
+        }
+    };
+    let is_text = |v: Option<&Value>| matches!(v, Some(Value::String(_)));
+    let is_tags = |v: Option<&Value>| {
+        matches!(v, Some(Value::Array(a)) if a.iter().all(
+            |t| matches!(t, Value::String(s) if !s.is_empty() && s.trim().len() == s.len())
+        ))
+    };
+    let ok = is_text(inner.get("long_positive"))
+        && is_text(inner.get("long_negative"))
+        && is_tags(inner.get("tags_positive"))
+        && is_tags(inner.get("tags_negative"))
+        && matches!(
+            inner.get("source"),
+            None | Some(Value::Null) | Some(Value::String(_))
+        );
+    if !ok {
+        return None;
+    }
+    let mut text = |k: &str| match inner.remove(k) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let (long_positive, long_negative, source) = (
+        text("long_positive")?,
+        text("long_negative")?,
+        text("source"),
+    );
+    let mut tags = |k: &str| match inner.remove(k) {
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .filter_map(|t| match t {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (tags_positive, tags_negative) = (tags("tags_positive"), tags("tags_negative"));
+    Some((
+        id,
+        RefinedTexts {
+            long_positive,
+            long_negative,
+            tags_positive,
+            tags_negative,
+            source,
+        },
+    ))
 }
 
 impl Sidecar {
@@ -147,17 +347,147 @@ impl Sidecar {
 
     /// Read side-car records from any buffered reader; `source` names it in error records.
     pub fn from_reader<R: BufRead>(
-        mut reader: R,
+        reader: R,
         source: &str,
         id_field: &str,
     ) -> std::io::Result<Self> {
-        let mut sc = Sidecar {
+        Self::from_jsonl(reader, source, id_field, &FieldMap::default())
+    }
+
+    /// Load a `.jsonl` file (one record a line) or a `.json` file (a list of records, or one object
+    /// mapping id -> record), with a field mapping. Only I/O failures and a `.json` file that is not
+    /// JSON at all are errors; bad records are kept in [`Sidecar::errors`].
+    pub fn load_file(path: impl AsRef<Path>, id_field: &str, fields: &FieldMap) -> Result<Self> {
+        let path = path.as_ref();
+        let source = path.display().to_string();
+        let is_json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        if !is_json {
+            return Self::from_jsonl(BufReader::new(file), &source, id_field, fields)
+                .map_err(|e| DataError::io(path, e));
+        }
+        let value: Value =
+            serde_json::from_reader(BufReader::new(file)).map_err(|e| DataError::Json {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        Self::from_json_value(value, &source, id_field, fields)
+            .map_err(|why| DataError::Invalid(format!("{source}: {why}")))
+    }
+
+    /// Records from one JSON document: a list of records, or an object keyed by id.
+    pub fn from_json_value(
+        value: Value,
+        source: &str,
+        id_field: &str,
+        fields: &FieldMap,
+    ) -> std::result::Result<Self, String> {
+        let mut sc = Sidecar::empty(source);
+        match value {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    sc.lines += 1;
+                    let r = record_of(item, None, id_field, fields);
+                    let fallback = || item.get(id_field).and_then(id_string).unwrap_or_default();
+                    sc.add(r, &format!("entry {i}"), i as u64, fallback);
+                }
+            }
+            Value::Object(map) => {
+                for (i, (id, item)) in map.iter().enumerate() {
+                    sc.lines += 1;
+                    let r = record_of(item, Some(id), id_field, fields);
+                    sc.add(r, &format!("entry {id:?}"), i as u64, || id.clone());
+                }
+            }
+            _ => {
+                return Err(
+                    "a .json annotation file must hold a list of records or an object keyed by \
+                     id"
+                    .into(),
+                )
+            }
+        }
+        Ok(sc)
+    }
+
+    /// No records; `source` names it.
+    pub fn from_entries_of(source: &str) -> Self {
+        Self::empty(source)
+    }
+
+    /// This index followed by `other`'s records: ids already here win, and each later duplicate is
+    /// an error record.
+    pub fn merged(mut self, other: Sidecar) -> Sidecar {
+        self.errors.extend(other.errors);
+        self.lines += other.lines;
+        for (id, e) in other.entries {
+            match self.entries.entry(id) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    self.errors.push(SampleError {
+                        shard: other.source.clone(),
+                        key: o.key().clone(),
+                        reason: format!(
+                            "duplicate id (first in {}); keeping the first",
+                            self.source
+                        ),
+                    });
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(e);
+                }
+            }
+        }
+        self
+    }
+
+    fn empty(source: &str) -> Self {
+        Sidecar {
             source: source.to_string(),
             entries: HashMap::new(),
             errors: Vec::new(),
             lines: 0,
-        };
-        let mut first_line: HashMap<String, u64> = HashMap::new();
+        }
+    }
+
+    /// Keep a parsed record (first id wins) or note why it could not be used.
+    fn add(
+        &mut self,
+        parsed: std::result::Result<(String, RefinedTexts), String>,
+        where_: &str,
+        ordinal: u64,
+        id_for_error: impl FnOnce() -> String,
+    ) {
+        match parsed {
+            Ok((id, refined)) => match self.entries.entry(id) {
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let id = o.key().clone();
+                    self.error(&id, format!("{where_}: duplicate id; keeping the first"));
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Entry {
+                        refined,
+                        used: false,
+                        first: ordinal,
+                    });
+                }
+            },
+            Err(why) => {
+                let id = id_for_error();
+                self.error(&id, format!("{where_}: {why}"));
+            }
+        }
+    }
+
+    /// JSONL records with a field mapping.
+    pub fn from_jsonl<R: BufRead>(
+        mut reader: R,
+        source: &str,
+        id_field: &str,
+        fields: &FieldMap,
+    ) -> std::io::Result<Self> {
+        let mut sc = Sidecar::empty(source);
         let mut buf = Vec::new();
         loop {
             buf.clear();
@@ -176,20 +506,33 @@ impl Sidecar {
             if line.is_empty() {
                 continue;
             }
-            match parse_record(line, id_field) {
+            let parsed = serde_json::from_str::<Value>(line)
+                .map_err(|e| format!("invalid JSON: {e}"))
+                .and_then(|mut v| {
+                    let fast = if fields.is_auto() {
+                        owned_record(&mut v, id_field)
+                    } else {
+                        None
+                    };
+                    match fast {
+                        Some(r) => Ok(r),
+                        None => record_of(&v, None, id_field, fields),
+                    }
+                });
+            match parsed {
                 Ok((id, refined)) => {
-                    if let Some(first) = first_line.get(&id) {
+                    if let Some(first) = sc.entries.get(&id).map(|e| e.first) {
                         let reason = format!(
                             "line {lineno}: duplicate id (first on line {first}); keeping the first"
                         );
                         sc.error(&id, reason);
                     } else {
-                        first_line.insert(id.clone(), lineno);
                         sc.entries.insert(
                             id,
                             Entry {
                                 refined,
                                 used: false,
+                                first: lineno,
                             },
                         );
                     }
@@ -230,6 +573,34 @@ impl Sidecar {
 
     pub fn get(&self, id: &str) -> Option<&RefinedTexts> {
         self.entries.get(id).map(|e| &e.refined)
+    }
+
+    /// The annotation of `id`, moved out (no copy): afterwards the index no longer holds it, so a
+    /// second sample with the same id gets none, and [`Sidecar::unused_ids`] lists what is left.
+    pub fn take_for(&mut self, id: &str) -> Option<RefinedTexts> {
+        self.entries.remove(id).map(|e| e.refined)
+    }
+
+    /// Ids never asked for through [`Sidecar::take_for`], sorted.
+    pub fn unused_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.used)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Every id, unsorted.
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    /// The file (or stream) the records came from.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The records that could not be used.
@@ -388,15 +759,7 @@ impl SidecarJoin {
 
     /// Every annotation never used so far, sorted.
     pub fn unused_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .sidecar
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.used)
-            .map(|(id, _)| id.clone())
-            .collect();
-        ids.sort();
-        ids
+        self.sidecar.unused_ids()
     }
 
     /// The report so far (unused annotations counted now).

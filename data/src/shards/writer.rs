@@ -69,6 +69,8 @@ pub struct ShardWriter {
     finished: Vec<PathBuf>,
     samples: u64,
     failed: bool,
+    /// One shard at exactly this path (see [`ShardWriter::single`]).
+    fixed: Option<PathBuf>,
 }
 
 fn padded(len: u64) -> u64 {
@@ -145,11 +147,31 @@ impl ShardWriter {
             finished: Vec::new(),
             samples: 0,
             failed: false,
+            fixed: None,
         })
+    }
+
+    /// A writer of exactly one shard at `path` (no size limit): rewriting a shard under its own
+    /// name, as `hq-data join` does. Atomic like the others.
+    pub fn single(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let mut w = ShardWriter::new(
+            &path,
+            ShardWriterOptions {
+                max_samples: None,
+                max_bytes: None,
+                first_index: 0,
+            },
+        )?;
+        w.fixed = Some(path);
+        Ok(w)
     }
 
     /// The path of shard number `index`.
     pub fn shard_path(&self, index: u64) -> PathBuf {
+        if let Some(p) = &self.fixed {
+            return p.clone();
+        }
         let mut name: OsString = self.prefix.clone().into_os_string();
         name.push(format!("-{index:05}.tar"));
         PathBuf::from(name)

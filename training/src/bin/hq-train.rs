@@ -73,6 +73,42 @@ struct Cli {
     /// files. [data.train]
     #[arg(long, value_name = "SHARDS", num_args = 1..)]
     train: Vec<String>,
+    /// One source of a weighted mixture (repeat for each; use instead of --train): shards as
+    /// --train takes them. Sources are sampled with replacement by weight in an endless,
+    /// step-based stream (open_clip's --dataset-resampled with --train-data-upsampling-factors).
+    /// Per-source annotations: [[data.sources]] in the config file. [data.sources]
+    #[arg(long = "source", value_name = "SHARDS", conflicts_with = "train")]
+    sources: Vec<String>,
+    /// The sources' weights, in --source order (default: equal), e.g. `3,1`.
+    #[arg(
+        long,
+        value_name = "W,W,...",
+        value_delimiter = ',',
+        requires = "sources"
+    )]
+    source_weights: Vec<f64>,
+    /// What the weights mean: share (source i gives w_i / sum(w) of the samples) or per-shard
+    /// (open_clip's --train-data-upsampling-factors: every shard of source i weighs w_i, so equal
+    /// weights mix the sources in proportion to their shard counts). [data.source_weighting]
+    #[arg(long, value_enum, requires = "sources")]
+    source_weighting: Option<hq_train::data::SourceWeighting>,
+    /// Side-car annotations joined onto the --train shards while reading (no copy written): a
+    /// folder of per-shard files (`00012.tar` <-> `00012.jsonl` or `00012.json`, as
+    /// `hq-recap-trt --format sidecar` writes them) or index files (a file, glob, brace range or
+    /// @list of .jsonl/.json). Samples without an annotation keep their raw alt-text.
+    /// [data.annotations.path]
+    #[arg(long, value_name = "SPEC")]
+    annotations: Option<String>,
+    /// The id annotations are matched by: the sample's metadata field (uid, url; key for the sample
+    /// key) that the records also hold, or SAMPLE=RECORD when the record names it differently
+    /// (uid=id). [data.annotations.id_field, record_id_field]
+    #[arg(long, value_name = "FIELD", requires = "annotations")]
+    annotation_id: Option<String>,
+    /// Which annotation fields hold the texts: OURS=THEIRS pairs, e.g.
+    /// `long_positive=caption,tags_positive=tags` (dotted paths for nested fields; unmapped texts
+    /// stay empty). [data.annotations.fields]
+    #[arg(long, value_name = "MAP", requires = "annotations")]
+    annotation_fields: Option<String>,
     /// Held-out sets for the zero-shot evaluation (hq-data synth's eval/ folder). [run.eval_dir]
     #[arg(long, value_name = "DIR")]
     eval_dir: Option<PathBuf>,
@@ -225,6 +261,51 @@ fn main() -> Result<()> {
     if !cli.train.is_empty() {
         let list: Vec<String> = cli.train.iter().map(|s| toml_str(s)).collect();
         flag("data.train", Some(format!("[{}]", list.join(", "))));
+    }
+    if !cli.sources.is_empty() {
+        if !cli.source_weights.is_empty() && cli.source_weights.len() != cli.sources.len() {
+            anyhow::bail!(
+                "--source-weights gives {} weight(s) for {} --source(s)",
+                cli.source_weights.len(),
+                cli.sources.len()
+            );
+        }
+        let list: Vec<String> = cli
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let w = cli.source_weights.get(i).copied().unwrap_or(1.0);
+                format!("{{ shards = [{}], weight = {w:?} }}", toml_str(s))
+            })
+            .collect();
+        flag("data.sources", Some(format!("[{}]", list.join(", "))));
+        if let Some(w) = cli.source_weighting {
+            let name = match w {
+                hq_train::data::SourceWeighting::Share => "share",
+                hq_train::data::SourceWeighting::PerShard => "per-shard",
+            };
+            flag("data.source_weighting", Some(toml_str(name)));
+        }
+        // The mixture replaces a config file's single source.
+        flag("data.train", Some("[]".into()));
+    }
+    if let Some(spec) = &cli.annotations {
+        let mut t = toml::Table::new();
+        t.insert("path".into(), toml::Value::String(spec.clone()));
+        if let Some(id) = &cli.annotation_id {
+            let mut a = hq_data::shards::AnnotationSpec::default();
+            a.set_id(id);
+            t.insert("id_field".into(), toml::Value::String(a.id_field.clone()));
+            if let Some(r) = a.record_id_field {
+                t.insert("record_id_field".into(), toml::Value::String(r));
+            }
+        }
+        if let Some(m) = &cli.annotation_fields {
+            let map = hq_data::shards::FieldMap::parse(m)?;
+            t.insert("fields".into(), toml::Value::try_from(&map)?);
+        }
+        flag("data.annotations", Some(toml::Value::Table(t).to_string()));
     }
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| toml_str(&p.display().to_string()));
     flag("run.eval_dir", path(&cli.eval_dir));

@@ -17,7 +17,10 @@
 //! so the batches after a restore equal those of an uninterrupted run; skip counts are carried
 //! over exactly too.
 
-use super::stream::{worker_shards, Drawn, EpochStream, StreamConfig, StreamState};
+use super::mixture::{source_seed, MixState, MixStream, SourcePlan};
+use super::stream::{
+    worker_shards, Annotated, AnnotationLog, Drawn, EpochStream, JoinCtx, StreamConfig, StreamState,
+};
 use super::tags::tag_csr;
 use super::text_policy::{TextPolicy, TextSource};
 use super::transform::{ImageTransform, TransformKind, DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE};
@@ -25,7 +28,10 @@ use super::{derive_rng, RngPurpose, SkipCounts, SkipReason};
 use crate::error::TrainError;
 use crate::model::ClipConfig;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use hq_data::shards::{expand_shards, ImageCheck, ReadOptions, DEFAULT_MAX_PIXELS};
+use hq_data::shards::{
+    expand_shards, AnnotationCounts, AnnotationSpec, Annotations, ImageCheck, ReadOptions,
+    DEFAULT_MAX_PIXELS,
+};
 use hq_data::text::tags::TagVocab;
 use hq_data::text::tokenizer::ClipTokenizer;
 use hq_data::SampleError;
@@ -82,6 +88,49 @@ pub struct LoaderConfig {
     pub max_pixels: u64,
     /// Skipped samples logged to stderr one by one (then only counted).
     pub max_logged_skips: usize,
+    /// Side-car annotations joined onto the samples while reading (`None`: the shards' own texts).
+    #[serde(default)]
+    pub annotations: Option<AnnotationSpec>,
+    /// A weighted mixture instead of `shards` (see [`super::mixture`]): when not empty, `shards`
+    /// and `annotations` are unused, there are no epochs (`epochs` is ignored) and the stream
+    /// never ends.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// What a source's weight means (see [`SourceWeighting`]).
+    #[serde(default)]
+    pub source_weighting: SourceWeighting,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// What the weights of a mixture mean.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceWeighting {
+    /// Source i gives `w_i / sum(w)` of the samples, whatever its size.
+    #[default]
+    Share,
+    /// open_clip's `--train-data-upsampling-factors`: every shard of source i has weight `w_i`,
+    /// so source i gives `w_i * shards_i / sum(w_j * shards_j)` of the samples (equal weights mix
+    /// the sources in proportion to their shard counts).
+    PerShard,
+}
+
+/// One source of a mixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Shard specifications of this source.
+    pub shards: Vec<String>,
+    /// Relative sampling weight (> 0, default 1): the source gives `weight / sum of weights` of
+    /// the samples (see [`SourceWeighting`] for the other meaning).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Side-car annotations of this source's shards.
+    #[serde(default)]
+    pub annotations: Option<AnnotationSpec>,
 }
 
 impl LoaderConfig {
@@ -113,6 +162,9 @@ impl LoaderConfig {
             drop_last: true,
             max_pixels: DEFAULT_MAX_PIXELS,
             max_logged_skips: 20,
+            annotations: None,
+            sources: Vec::new(),
+            source_weighting: SourceWeighting::Share,
         }
     }
 
@@ -144,6 +196,17 @@ impl LoaderConfig {
                 "context length {} leaves no room for the start and end tokens",
                 self.context_length
             ));
+        }
+        for (i, src) in self.sources.iter().enumerate() {
+            if !(src.weight.is_finite() && src.weight > 0.0) {
+                return bad(format!(
+                    "mixture source {i} has weight {}; weights must be > 0",
+                    src.weight
+                ));
+            }
+            if src.shards.is_empty() {
+                return bad(format!("mixture source {i} names no shards"));
+            }
         }
         self.text_policy
             .validate()
@@ -273,6 +336,16 @@ pub struct LoaderState {
     pub samples_total: u64,
     /// Samples skipped in all, by reason.
     pub skipped_total: SkipCounts,
+    /// Drawn samples with and without a side-car annotation, in all (`joined`, `missing`).
+    #[serde(default)]
+    pub annotations_total: AnnotationCounts,
+    /// A mixture's position (then `stream` is unused) before the chunk holding the last batch's
+    /// last sample.
+    #[serde(default)]
+    pub mixture: Option<MixState>,
+    /// Samples returned from each mixture source, in all (empty without a mixture).
+    #[serde(default)]
+    pub source_samples: Vec<u64>,
 }
 
 impl LoaderState {
@@ -328,6 +401,9 @@ impl LoaderState {
             batches_total: 0,
             samples_total: 0,
             skipped_total: SkipCounts::default(),
+            annotations_total: AnnotationCounts::default(),
+            mixture: None,
+            source_samples: Vec::new(),
         }
     }
 
@@ -392,13 +468,53 @@ fn shards_digest(shards: &[PathBuf]) -> String {
     format!("{h:016x}")
 }
 
+/// The digest of a mixture: each source's weight and shard names.
+fn mixture_digest(plans: &[SourcePlan]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in plans {
+        let names = format!("{}:{}", p.weight, shards_digest(&p.worker));
+        for b in names.bytes().chain([0u8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// What the sampler thread reads: one stream or a mixture.
+enum Plan {
+    Single {
+        cfg: StreamConfig,
+        worker: Vec<PathBuf>,
+    },
+    Mix(Vec<SourcePlan>),
+}
+
+impl Plan {
+    /// This rank's shards (every source's, in source order).
+    fn worker_shards(&self) -> Vec<PathBuf> {
+        match self {
+            Plan::Single { worker, .. } => worker.clone(),
+            Plan::Mix(plans) => plans.iter().flat_map(|p| p.worker.clone()).collect(),
+        }
+    }
+}
+
 // ---- pipeline messages ----
+
+/// A stream position before a chunk of draws: one stream's, or a mixture's.
+#[derive(Debug, Clone)]
+struct StartPos {
+    stream: StreamState,
+    mix: Option<MixState>,
+}
 
 enum JobMsg {
     Draws {
         epoch: u64,
-        start: Arc<StreamState>,
-        items: Vec<Drawn>,
+        start: Arc<StartPos>,
+        /// Each draw with its mixture source (0 without a mixture).
+        items: Vec<(usize, Drawn)>,
     },
     EpochEnd {
         errors: Vec<SampleError>,
@@ -408,6 +524,7 @@ enum JobMsg {
 }
 
 struct Ready {
+    source: usize,
     key: String,
     pixels: Vec<f32>,
     tokens: Vec<i64>,
@@ -423,13 +540,14 @@ struct Skip {
 
 struct ProcItem {
     errors: Vec<SampleError>,
+    annotated: Annotated,
     result: Result<Ready, Skip>,
 }
 
 enum ProcMsg {
     Items {
         epoch: u64,
-        start: Arc<StreamState>,
+        start: Arc<StartPos>,
         items: Vec<ProcItem>,
     },
     EpochEnd {
@@ -456,12 +574,13 @@ struct DecodeCtx {
 }
 
 impl DecodeCtx {
-    fn process(&self, epoch: u64, d: Drawn) -> ProcItem {
+    fn process(&self, epoch: u64, source: usize, d: Drawn) -> ProcItem {
         let Drawn {
             draw,
             sample,
             errors,
             shard,
+            annotated,
         } = d;
         let what = |m: String| format!("{}: {}: {m}", shard.display(), sample.key);
         let result = (|| {
@@ -496,6 +615,7 @@ impl DecodeCtx {
                 _ => Vec::new(),
             };
             Ok(Ready {
+                source,
                 key: sample.key.clone(),
                 pixels,
                 tokens,
@@ -504,7 +624,11 @@ impl DecodeCtx {
                 tags,
             })
         })();
-        ProcItem { errors, result }
+        ProcItem {
+            errors,
+            annotated,
+            result,
+        }
     }
 }
 
@@ -516,6 +640,7 @@ pub struct DataLoader {
     state: LoaderState,
     finished: bool,
     worker_shards: Vec<PathBuf>,
+    annotation_log: Option<Arc<AnnotationLog>>,
 }
 
 impl DataLoader {
@@ -546,28 +671,114 @@ impl DataLoader {
                 config.context_length
             )));
         }
-        let all = expand_shards(&config.shards)?;
-        let worker = worker_shards(&all, config.rank, config.world_size);
-        if worker.is_empty() {
-            return Err(TrainError::DataLoader(format!(
-                "worker {} of {} gets no shard ({} shard(s) in all)",
-                config.rank,
-                config.world_size,
-                all.len()
-            )));
-        }
-        let readers = config.readers.min(worker.len()).max(1);
-        let fresh = LoaderState::fresh(&config, &worker, readers);
+        let log = Arc::new(AnnotationLog::new(config.max_logged_skips));
+        let mut any_annotations = false;
+        // One source's shards for this rank, and its side-car join.
+        let mut source = |specs: &[String],
+                          ann: &Option<AnnotationSpec>,
+                          what: &str,
+                          resampled: bool|
+         -> Result<(Vec<PathBuf>, Option<JoinCtx>, usize), TrainError> {
+            let all = expand_shards(specs)?;
+            let mut worker = worker_shards(&all, config.rank, config.world_size);
+            if worker.is_empty() && resampled && !all.is_empty() {
+                // A mixture samples with replacement anyway: a source with fewer shards than
+                // ranks is read whole by every rank (each in its own order) rather than refused.
+                worker = all.clone();
+            }
+            if worker.is_empty() {
+                return Err(TrainError::DataLoader(format!(
+                    "worker {} of {} gets no shard of {what} ({} shard(s) in all)",
+                    config.rank,
+                    config.world_size,
+                    all.len()
+                )));
+            }
+            let join = match ann {
+                Some(spec) => {
+                    let annotations = Annotations::open(spec)?;
+                    // A wrong folder, id field or mapping stops here, not after hours of raw
+                    // texts.
+                    annotations.check(&worker)?;
+                    any_annotations = true;
+                    Some(JoinCtx {
+                        annotations: Arc::new(annotations),
+                        log: Arc::clone(&log),
+                    })
+                }
+                None => None,
+            };
+            Ok((worker, join, all.len()))
+        };
+        let stream_cfg = |seed: u64, readers: usize, join: Option<JoinCtx>| StreamConfig {
+            seed,
+            shuffle_shards: config.shuffle_shards,
+            buffer_size: config.shuffle_buffer,
+            readers,
+            reader_capacity: config.reader_capacity,
+            read_opts: ReadOptions {
+                image_check: ImageCheck::None,
+                ..ReadOptions::default()
+            },
+            join,
+        };
+        let (plan, fresh) = if config.sources.is_empty() {
+            let (worker, join, _) = source(&config.shards, &config.annotations, "the data", false)?;
+            let readers = config.readers.min(worker.len()).max(1);
+            let fresh = LoaderState::fresh(&config, &worker, readers);
+            let cfg = stream_cfg(config.seed, readers, join);
+            (Plan::Single { cfg, worker }, fresh)
+        } else {
+            let mut plans = Vec::with_capacity(config.sources.len());
+            for (i, src) in config.sources.iter().enumerate() {
+                let (worker, join, shards) = source(
+                    &src.shards,
+                    &src.annotations,
+                    &format!("mixture source {i}"),
+                    true,
+                )?;
+                let readers = config.readers.min(worker.len()).max(1);
+                plans.push(SourcePlan {
+                    cfg: stream_cfg(source_seed(config.seed, i), readers, join),
+                    worker,
+                    weight: match config.source_weighting {
+                        SourceWeighting::Share => src.weight,
+                        SourceWeighting::PerShard => src.weight * shards as f64,
+                    },
+                });
+            }
+            let all: Vec<PathBuf> = plans.iter().flat_map(|p| p.worker.clone()).collect();
+            let readers = plans.iter().map(SourcePlan::readers).sum();
+            let mut fresh = LoaderState::fresh(&config, &all, readers);
+            fresh.shards_digest = mixture_digest(&plans);
+            fresh.mixture = Some(MixState {
+                drawn: 0,
+                sources: plans
+                    .iter()
+                    .map(|p| StreamState::start(0, p.readers()))
+                    .collect(),
+            });
+            fresh.source_samples = vec![0; plans.len()];
+            (Plan::Mix(plans), fresh)
+        };
+        let annotation_log = any_annotations.then_some(log);
         let start = match resume {
             Some(s) => {
                 if let Some(why) = s.mismatch(&fresh) {
                     return Err(TrainError::LoaderState(why));
                 }
+                if s.mixture.is_some() != fresh.mixture.is_some() {
+                    return Err(TrainError::LoaderState(
+                        "the saved position is from a mixture loader and this one is not, or the \
+                         other way round"
+                            .into(),
+                    ));
+                }
                 s
             }
             None => fresh,
         };
-        if let Some(e) = config.epochs {
+        if let (Some(e), Plan::Single { .. }) = (config.epochs, &plan) {
             if start.stream.epoch > e {
                 return Err(TrainError::LoaderState(format!(
                     "the saved position is in epoch {}, past the {e} epoch(s) configured",
@@ -596,18 +807,6 @@ impl DataLoader {
             vocab,
             max_pixels: config.max_pixels,
         });
-        let stream_cfg = StreamConfig {
-            seed: config.seed,
-            shuffle_shards: config.shuffle_shards,
-            buffer_size: config.shuffle_buffer,
-            readers,
-            reader_capacity: config.reader_capacity,
-            read_opts: ReadOptions {
-                image_check: ImageCheck::None,
-                ..ReadOptions::default()
-            },
-        };
-
         let (job_tx, job_rx) = bounded::<JobMsg>(2);
         let (proc_tx, proc_rx) = bounded::<ProcMsg>(2);
         let (out_tx, out_rx) = bounded::<OutMsg>(config.prefetch_batches.max(1));
@@ -618,15 +817,21 @@ impl DataLoader {
                 .spawn(f)
                 .map_err(|e| TrainError::DataLoader(format!("cannot start thread {name}: {e}")))
         };
+        let worker_list = plan.worker_shards();
         {
-            let worker = worker.clone();
             let start = start.clone();
             let chunk = config.chunk();
             let epochs = config.epochs;
-            threads.push(spawn(
-                "hq-data-sampler",
-                Box::new(move || sampler_main(stream_cfg, worker, start, chunk, epochs, job_tx)),
-            )?);
+            let seed = config.seed;
+            let run: Box<dyn FnOnce() + Send> = match plan {
+                Plan::Single { cfg, worker } => {
+                    Box::new(move || sampler_main(cfg, worker, start, chunk, epochs, job_tx))
+                }
+                Plan::Mix(plans) => {
+                    Box::new(move || mix_sampler_main(seed, plans, start, chunk, job_tx))
+                }
+            };
+            threads.push(spawn("hq-data-sampler", run)?);
         }
         {
             let ctx = Arc::clone(&ctx);
@@ -642,6 +847,7 @@ impl DataLoader {
                 state: start.clone(),
                 pending: Vec::new(),
                 since: SkipCounts::default(),
+                ann_since: AnnotationCounts::default(),
                 logged: 0,
                 last_pos: None,
             };
@@ -655,8 +861,20 @@ impl DataLoader {
             threads,
             state: start,
             finished: false,
-            worker_shards: worker,
+            worker_shards: worker_list,
+            annotation_log,
         })
+    }
+
+    /// Annotation counts: joined and missing over every batch so far (resumed with the state),
+    /// orphans, bad records and missing files as this process found them. `None` without
+    /// annotations.
+    pub fn annotation_counts(&self) -> Option<AnnotationCounts> {
+        let log = self.annotation_log.as_ref()?;
+        let mut c = log.counts();
+        c.joined = self.state.annotations_total.joined;
+        c.missing = self.state.annotations_total.missing;
+        Some(c)
     }
 
     /// The position after the last batch returned (the start position before the first).
@@ -664,7 +882,13 @@ impl DataLoader {
         &self.state
     }
 
-    /// The shards this worker reads.
+    /// Samples returned from each mixture source so far (resumed with the state; empty without
+    /// a mixture).
+    pub fn source_samples(&self) -> &[u64] {
+        &self.state.source_samples
+    }
+
+    /// The shards this worker reads (every mixture source's, in source order).
     pub fn worker_shards(&self) -> &[PathBuf] {
         &self.worker_shards
     }
@@ -753,12 +977,15 @@ fn sampler_main(
         }
         skip = 0;
         loop {
-            let start = Arc::new(stream.snapshot());
+            let start = Arc::new(StartPos {
+                stream: stream.snapshot(),
+                mix: None,
+            });
             let mut items = Vec::with_capacity(chunk);
             let mut ended = false;
             while items.len() < chunk {
                 match stream.draw() {
-                    Ok(Some(d)) => items.push(d),
+                    Ok(Some(d)) => items.push((0, d)),
                     Ok(None) => {
                         ended = true;
                         break;
@@ -793,6 +1020,55 @@ fn sampler_main(
     }
 }
 
+/// The sampler of a mixture: endless chunks of mixture draws (see [`super::mixture`]).
+fn mix_sampler_main(
+    seed: u64,
+    plans: Vec<SourcePlan>,
+    start: LoaderState,
+    chunk: usize,
+    tx: Sender<JobMsg>,
+) {
+    let fatal = |e: TrainError| {
+        let _ = tx.send(JobMsg::Fatal(e.to_string()));
+    };
+    let Some(state) = start.mixture.as_ref() else {
+        return fatal(TrainError::LoaderState(
+            "a mixture loader needs a mixture position".into(),
+        ));
+    };
+    let mut mix = match MixStream::open(seed, &plans, state) {
+        Ok(m) => m,
+        Err(e) => return fatal(e),
+    };
+    // Draws the restored position has already used.
+    for _ in 0..start.skip_draws {
+        if let Err(e) = mix.draw() {
+            return fatal(e);
+        }
+    }
+    loop {
+        let start = Arc::new(StartPos {
+            stream: start.stream.clone(),
+            mix: Some(mix.snapshot()),
+        });
+        let mut items = Vec::with_capacity(chunk);
+        while items.len() < chunk {
+            match mix.draw() {
+                Ok(d) => items.push(d),
+                Err(e) => return fatal(e),
+            }
+        }
+        let msg = JobMsg::Draws {
+            epoch: 0,
+            start,
+            items,
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
 fn decoder_main(
     ctx: Arc<DecodeCtx>,
     pool: rayon::ThreadPool,
@@ -809,7 +1085,7 @@ fn decoder_main(
                 let items: Vec<ProcItem> = pool.install(|| {
                     items
                         .into_par_iter()
-                        .map(|d| ctx.process(epoch, d))
+                        .map(|(src, d)| ctx.process(epoch, src, d))
                         .collect()
                 });
                 ProcMsg::Items {
@@ -840,9 +1116,10 @@ struct Batcher {
     state: LoaderState,
     pending: Vec<Ready>,
     since: SkipCounts,
+    ann_since: AnnotationCounts,
     logged: usize,
     /// Position after the last sample added to `pending`: (chunk start, draws used).
-    last_pos: Option<(Arc<StreamState>, u64)>,
+    last_pos: Option<(Arc<StartPos>, u64)>,
 }
 
 impl Batcher {
@@ -874,6 +1151,11 @@ impl Batcher {
                         for e in &item.errors {
                             self.skip(SkipReason::Record, &e.to_string());
                         }
+                        match item.annotated {
+                            Some(true) => self.ann_since.joined += 1,
+                            Some(false) => self.ann_since.missing += 1,
+                            None => {}
+                        }
                         match item.result {
                             Ok(r) => self.pending.push(r),
                             Err(s) => self.skip(s.reason, &s.what),
@@ -893,7 +1175,10 @@ impl Batcher {
                             self.pending.clear();
                         } else {
                             let epoch = self.state.stream.epoch;
-                            let epoch = self.last_pos.as_ref().map_or(epoch, |(s, _)| s.epoch);
+                            let epoch = self
+                                .last_pos
+                                .as_ref()
+                                .map_or(epoch, |(s, _)| s.stream.epoch);
                             if !self.emit(epoch, &tx) {
                                 return;
                             }
@@ -920,14 +1205,25 @@ impl Batcher {
     fn emit(&mut self, epoch: u64, tx: &Sender<OutMsg>) -> bool {
         let items = std::mem::take(&mut self.pending);
         if let Some((start, used)) = &self.last_pos {
-            self.state.stream = (**start).clone();
+            self.state.stream = start.stream.clone();
+            self.state.mixture = start.mix.clone();
             self.state.skip_draws = *used;
+        }
+        if self.state.mixture.is_some() {
+            for it in &items {
+                if self.state.source_samples.len() <= it.source {
+                    self.state.source_samples.resize(it.source + 1, 0);
+                }
+                self.state.source_samples[it.source] += 1;
+            }
         }
         let index = self.state.batches_in_epoch;
         self.state.batches_in_epoch += 1;
         self.state.batches_total += 1;
         self.state.samples_total += items.len() as u64;
         let skipped = std::mem::take(&mut self.since);
+        let annotations = std::mem::take(&mut self.ann_since);
+        self.state.annotations_total.merge(&annotations);
         let msg = match self.build(items, skipped, epoch, index) {
             Ok(b) => OutMsg::Batch(Box::new(b), Box::new(self.state.clone())),
             Err(e) => OutMsg::Fatal(format!("cannot build a batch: {e}")),

@@ -16,6 +16,7 @@
 //! - [`tags`]: the STC tag vocabulary (one streaming pass) and CSR targets.
 //! - [`stream`]: worker shard split, per-epoch shard order, round-robin readers, shuffle buffer,
 //!   resumable position.
+//! - [`mixture`]: weighted mixtures of several sources, resampled and step-based.
 //! - [`loader`]: [`DataLoader`], [`LoaderConfig`], [`LoaderState`] (save / restore as JSON).
 //!
 //! # Determinism
@@ -26,14 +27,20 @@
 //! would have yielded.
 
 pub mod loader;
+pub mod mixture;
 pub mod stream;
 pub mod tags;
 pub mod text_policy;
 /// Re-exported from `hq-data`, where evaluation and the ONNX runtime share it.
 pub use hq_data::transform;
 
-pub use loader::{Batch, DataLoader, LoaderConfig, LoaderState};
-pub use tags::{build_tag_vocab, count_tags, tag_csr, DEFAULT_TAG_VOCAB_SIZE};
+pub use loader::{Batch, DataLoader, LoaderConfig, LoaderState, SourceConfig, SourceWeighting};
+pub use mixture::MixState;
+pub use stream::AnnotationLog;
+pub use tags::{
+    build_tag_vocab, build_tag_vocab_with, count_tags, count_tags_with, tag_csr,
+    DEFAULT_TAG_VOCAB_SIZE,
+};
 pub use text_policy::{ChosenTexts, NegativeSource, TextPolicy, TextSource};
 pub use transform::{ImageTransform, TransformKind, CLIP_MEAN, CLIP_STD};
 
@@ -48,6 +55,7 @@ pub enum RngPurpose {
     Shuffle = 2,
     Image = 3,
     Text = 4,
+    Mixture = 5,
 }
 
 /// The generator for (seed, epoch, index, purpose).

@@ -12,6 +12,11 @@
 //!   buffer is topped up from the interleaved readers, then the draw takes slot
 //!   `uniform(0..len)` (a generator keyed by (seed, epoch, draw number)) and swap-removes it. At
 //!   the end of the epoch the buffer drains. Size 0 or 1 keeps the read order.
+//! - **Annotations**: with side-car annotations configured, each reader joins its open shard's
+//!   annotations onto the samples as it reads them (`hq_data::shards::annotations`); a sample
+//!   carries whether it got one to the batcher, which counts joined / missing exactly (and
+//!   resumably). Orphans, bad annotation records and missing files are counted per process in an
+//!   [`AnnotationLog`] when a shard is opened or finished.
 //! - **Bad records** from the readers (damaged shards, missing members, unreadable shards) never
 //!   enter the buffer; they ride along with the next draw so they are counted in order.
 //!
@@ -27,15 +32,117 @@ use super::{derive_rng, RngPurpose};
 use crate::error::TrainError;
 use crossbeam_channel::{bounded, Receiver};
 use hq_data::shards::reader::ShardStream;
-use hq_data::shards::{open_shard, ReadOptions, SampleResult};
+use hq_data::shards::{
+    open_shard, AnnotationCounts, Annotations, ReadOptions, SampleResult, ShardAnnotations,
+};
 use hq_data::{Sample, SampleError};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// Whether a sample got a side-car annotation (`None`: no annotations configured).
+pub(crate) type Annotated = Option<bool>;
+
+/// Per-process counts of the annotation problems found when shards are opened (bad records,
+/// missing files) and finished (orphans), and the first few of them logged to stderr. Each shard
+/// counts once per process (the next epoch re-reads it without counting again); after a resume the
+/// shards read again are counted again.
+#[derive(Debug, Default)]
+pub struct AnnotationLog {
+    opened: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    finished: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    orphan: AtomicU64,
+    bad_records: AtomicU64,
+    missing_files: AtomicU64,
+    logged: AtomicU64,
+    max_logged: u64,
+}
+
+impl AnnotationLog {
+    pub fn new(max_logged: usize) -> Self {
+        AnnotationLog {
+            max_logged: max_logged as u64,
+            ..Default::default()
+        }
+    }
+
+    /// Orphan, bad-record and missing-file counts so far (joined and missing are the loader's).
+    pub fn counts(&self) -> AnnotationCounts {
+        AnnotationCounts {
+            orphan: self.orphan.load(Ordering::Relaxed),
+            bad_records: self.bad_records.load(Ordering::Relaxed),
+            missing_files: self.missing_files.load(Ordering::Relaxed),
+            ..Default::default()
+        }
+    }
+
+    fn log(&self, what: &str) {
+        let n = self.logged.fetch_add(1, Ordering::Relaxed);
+        if n < self.max_logged {
+            eprintln!("hq-train data: annotations: {what}");
+            if n + 1 == self.max_logged {
+                eprintln!(
+                    "hq-train data: annotations: {n} problems logged; further ones are only \
+                     counted (metrics: annotations)",
+                    n = n + 1
+                );
+            }
+        }
+    }
+
+    /// True the first time `shard` is passed for `set`.
+    fn first(set: &std::sync::Mutex<std::collections::HashSet<PathBuf>>, shard: &Path) -> bool {
+        // A poisoned lock only means another reader panicked; that panic is reported anyway.
+        match set.lock() {
+            Ok(mut s) => s.insert(shard.to_path_buf()),
+            Err(p) => p.into_inner().insert(shard.to_path_buf()),
+        }
+    }
+
+    fn opened(&self, shard: &Path, sa: &ShardAnnotations) {
+        if !Self::first(&self.opened, shard) {
+            return;
+        }
+        if sa.missing_file {
+            self.missing_files.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bad_records
+            .fetch_add(sa.bad_records(), Ordering::Relaxed);
+        for e in &sa.errors {
+            self.log(&e.to_string());
+        }
+    }
+
+    fn finished(&self, shard: &Path, sa: &ShardAnnotations) {
+        if !Self::first(&self.finished, shard) {
+            return;
+        }
+        let orphans = sa.orphans();
+        if !orphans.is_empty() {
+            self.orphan
+                .fetch_add(orphans.len() as u64, Ordering::Relaxed);
+            let ex: Vec<&str> = orphans.iter().take(5).map(String::as_str).collect();
+            self.log(&format!(
+                "{}: {} annotation(s) match no sample of the shard, e.g. {}",
+                shard.display(),
+                orphans.len(),
+                ex.join(", ")
+            ));
+        }
+    }
+}
+
+/// The side-car join of one stream.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinCtx {
+    pub annotations: Arc<Annotations>,
+    pub log: Arc<AnnotationLog>,
+}
 
 /// Where an item sits in an epoch's stream: (reader, shard slot of that reader, item index within
 /// the shard, bad records included).
@@ -116,10 +223,18 @@ pub(crate) struct ShardCursor {
     index: u64,
     state: SlotState,
     opts: ReadOptions,
+    join: Option<JoinCtx>,
+    /// The open shard's annotations.
+    current: Option<ShardAnnotations>,
 }
 
 impl ShardCursor {
-    fn new(reader: u32, shards: Arc<Vec<PathBuf>>, opts: ReadOptions) -> Self {
+    fn new(
+        reader: u32,
+        shards: Arc<Vec<PathBuf>>,
+        opts: ReadOptions,
+        join: Option<JoinCtx>,
+    ) -> Self {
         ShardCursor {
             reader,
             shards,
@@ -127,6 +242,8 @@ impl ShardCursor {
             index: 0,
             state: SlotState::NotOpened,
             opts,
+            join,
+            current: None,
         }
     }
 
@@ -140,9 +257,10 @@ impl ShardCursor {
         self.slot = slot;
         self.index = 0;
         self.state = SlotState::NotOpened;
+        self.current = None;
         for _ in 0..skip {
             match self.next_item() {
-                Some((pos, _)) if pos.1 as usize == slot => {}
+                Some((pos, _, _)) if pos.1 as usize == slot => {}
                 _ => {
                     let name = self
                         .shards
@@ -158,12 +276,19 @@ impl ShardCursor {
         Ok(())
     }
 
-    fn next_item(&mut self) -> Option<(ItemPos, SampleResult)> {
+    fn next_item(&mut self) -> Option<ReaderItem> {
         loop {
             let path = self.shards.get(self.slot)?;
             match &mut self.state {
                 SlotState::NotOpened => match open_shard(path, &self.opts) {
-                    Ok(s) => self.state = SlotState::Open(Box::new(s)),
+                    Ok(s) => {
+                        self.state = SlotState::Open(Box::new(s));
+                        if let Some(j) = &self.join {
+                            let sa = j.annotations.for_shard(path);
+                            j.log.opened(path, &sa);
+                            self.current = Some(sa);
+                        }
+                    }
                     Err(reason) => {
                         self.state = SlotState::Finished;
                         let pos = ItemPos(self.reader, self.slot as u32, self.index);
@@ -173,16 +298,28 @@ impl ShardCursor {
                             key: String::new(),
                             reason,
                         };
-                        return Some((pos, Err(e)));
+                        return Some((pos, Err(e), None));
                     }
                 },
                 SlotState::Open(s) => match s.next() {
                     Some(item) => {
                         let pos = ItemPos(self.reader, self.slot as u32, self.index);
                         self.index += 1;
-                        return Some((pos, item));
+                        let (item, annotated) = match (item, self.current.as_mut()) {
+                            (Ok(mut sample), Some(sa)) => {
+                                let got = sa.attach(&mut sample);
+                                (Ok(sample), Some(got))
+                            }
+                            (item, _) => (item, None),
+                        };
+                        return Some((pos, item, annotated));
                     }
-                    None => self.state = SlotState::Finished,
+                    None => {
+                        self.state = SlotState::Finished;
+                        if let (Some(j), Some(sa)) = (&self.join, self.current.take()) {
+                            j.log.finished(path, &sa);
+                        }
+                    }
                 },
                 SlotState::Finished => {
                     self.slot += 1;
@@ -194,7 +331,7 @@ impl ShardCursor {
     }
 }
 
-type ReaderItem = (ItemPos, SampleResult);
+type ReaderItem = (ItemPos, SampleResult, Annotated);
 
 struct ReaderHandle {
     rx: Option<Receiver<ReaderItem>>,
@@ -211,6 +348,7 @@ pub(crate) struct Drawn {
     pub shard: PathBuf,
     /// Bad records the readers produced since the previous draw.
     pub errors: Vec<SampleError>,
+    pub annotated: Annotated,
 }
 
 /// Settings of a stream.
@@ -222,6 +360,7 @@ pub(crate) struct StreamConfig {
     pub readers: usize,
     pub reader_capacity: usize,
     pub read_opts: ReadOptions,
+    pub join: Option<JoinCtx>,
 }
 
 /// One epoch of one worker's stream (see the module docs).
@@ -233,7 +372,7 @@ pub(crate) struct EpochStream {
     readers: Vec<ReaderHandle>,
     positions: Vec<ReaderPos>,
     next_reader: usize,
-    buffer: Vec<(ItemPos, Sample)>,
+    buffer: Vec<(ItemPos, Sample, Annotated)>,
     drawn: u64,
     pending_errors: Vec<SampleError>,
 }
@@ -271,10 +410,16 @@ impl EpochStream {
             }
             wanted[r].push(*p);
         }
-        let mut found: HashMap<ItemPos, Sample> = HashMap::with_capacity(state.buffer.len());
+        let mut found: HashMap<ItemPos, (Sample, Annotated)> =
+            HashMap::with_capacity(state.buffer.len());
         let mut readers = Vec::with_capacity(k);
         for (r, list) in lists.iter().enumerate() {
-            let mut cursor = ShardCursor::new(r as u32, Arc::clone(list), cfg.read_opts.clone());
+            let mut cursor = ShardCursor::new(
+                r as u32,
+                Arc::clone(list),
+                cfg.read_opts.clone(),
+                cfg.join.clone(),
+            );
             let pos = state.readers[r];
             let target = (pos.slot as usize, pos.consumed);
             let want = &mut wanted[r];
@@ -290,7 +435,7 @@ impl EpochStream {
                     .map_err(TrainError::LoaderState)?;
                 let mut need = want.iter().copied().peekable();
                 while cursor.position() != target {
-                    let Some((p, item)) = cursor.next_item() else {
+                    let Some((p, item, annotated)) = cursor.next_item() else {
                         return Err(TrainError::LoaderState(format!(
                             "reader {r} ended before its saved position {pos:?}; the shards \
                              changed since the state was saved"
@@ -305,7 +450,7 @@ impl EpochStream {
                         need.next();
                         match item {
                             Ok(s) => {
-                                found.insert(p, s);
+                                found.insert(p, (s, annotated));
                             }
                             Err(e) => {
                                 return Err(TrainError::LoaderState(format!(
@@ -325,10 +470,10 @@ impl EpochStream {
         }
         let mut buffer = Vec::with_capacity(cfg.buffer_size.max(state.buffer.len()));
         for p in &state.buffer {
-            let s = found.remove(p).ok_or_else(|| {
+            let (s, a) = found.remove(p).ok_or_else(|| {
                 TrainError::LoaderState(format!("buffered item {p:?} was not found again"))
             })?;
-            buffer.push((*p, s));
+            buffer.push((*p, s, a));
         }
         Ok(EpochStream {
             seed: cfg.seed,
@@ -356,7 +501,7 @@ impl EpochStream {
             drawn: self.drawn,
             next_reader: self.next_reader as u32,
             readers: self.positions.clone(),
-            buffer: self.buffer.iter().map(|(p, _)| *p).collect(),
+            buffer: self.buffer.iter().map(|(p, _, _)| *p).collect(),
         }
     }
 
@@ -399,8 +544,8 @@ impl EpochStream {
     pub fn draw(&mut self) -> Result<Option<Drawn>, TrainError> {
         while self.buffer.len() < self.buffer_size {
             match self.pull()? {
-                Some((p, Ok(s))) => self.buffer.push((p, s)),
-                Some((_, Err(e))) => self.pending_errors.push(e),
+                Some((p, Ok(s), a)) => self.buffer.push((p, s, a)),
+                Some((_, Err(e), _)) => self.pending_errors.push(e),
                 None => break,
             }
         }
@@ -409,7 +554,7 @@ impl EpochStream {
         }
         let mut rng = derive_rng(self.seed, self.epoch, self.drawn, RngPurpose::Shuffle);
         let slot = rng.gen_range(0..self.buffer.len());
-        let (pos, sample) = self.buffer.swap_remove(slot);
+        let (pos, sample, annotated) = self.buffer.swap_remove(slot);
         let shard = self.lists[pos.0 as usize]
             .get(pos.1 as usize)
             .cloned()
@@ -419,6 +564,7 @@ impl EpochStream {
             sample,
             shard,
             errors: std::mem::take(&mut self.pending_errors),
+            annotated,
         };
         self.drawn += 1;
         Ok(Some(d))

@@ -2,8 +2,11 @@
 //! streaming pass, and the sparse (CSR) multi-hot targets of a batch.
 
 use crate::error::TrainError;
-use hq_data::shards::{read_parallel, ImageCheck, ParallelOptions, ReadOptions, ReadStats};
+use hq_data::shards::{
+    open_shard, read_parallel, Annotations, ImageCheck, ParallelOptions, ReadOptions, ReadStats,
+};
 use hq_data::text::tags::{TagCounter, TagVocab};
+
 use std::path::PathBuf;
 
 /// The paper's default vocabulary size K.
@@ -49,6 +52,91 @@ pub fn count_tags(shards: &[PathBuf], threads: usize) -> TagCountReport {
     }
 }
 
+/// [`count_tags`] with side-car annotations joined first (the tags the loader will see): one
+/// shard per task on `threads` threads (0: one per core), so only the open shards' annotations are
+/// in memory.
+pub fn count_tags_with(
+    shards: &[PathBuf],
+    annotations: Option<&Annotations>,
+    threads: usize,
+) -> Result<TagCountReport, TrainError> {
+    let Some(ann) = annotations else {
+        return Ok(count_tags(shards, threads));
+    };
+    use rayon::prelude::*;
+    let opts = ReadOptions {
+        image_check: ImageCheck::None,
+        ..ReadOptions::default()
+    };
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if threads > 0 {
+        b = b.num_threads(threads);
+    }
+    let pool = b
+        .build()
+        .map_err(|e| TrainError::DataLoader(format!("cannot start the tag-count pool: {e}")))?;
+    let parts: Vec<(TagCounter, u64, u64, u64)> = pool.install(|| {
+        shards
+            .par_iter()
+            .map(|shard| {
+                let mut counter = TagCounter::new();
+                let (mut with_tags, mut good, mut bad) = (0, 0, 0);
+                let mut sa = ann.for_shard(shard);
+                match open_shard(shard, &opts) {
+                    Ok(stream) => {
+                        for item in stream {
+                            match item {
+                                Ok(mut s) => {
+                                    good += 1;
+                                    sa.attach(&mut s);
+                                    if let Some(r) = &s.refined {
+                                        counter.add_sample(&r.tags_positive);
+                                        with_tags += 1;
+                                    }
+                                }
+                                Err(_) => bad += 1,
+                            }
+                        }
+                    }
+                    Err(_) => bad += 1,
+                }
+                (counter, with_tags, good, bad)
+            })
+            .collect()
+    });
+    let mut counter = TagCounter::new();
+    let mut read = ReadStats::default();
+    let mut with_tags = 0;
+    for ((c, w, good, bad), shard) in parts.into_iter().zip(shards) {
+        counter.merge(c);
+        with_tags += w;
+        read.good += good;
+        read.bad += bad;
+        read.shards.push(hq_data::shards::ShardStats {
+            shard: shard.display().to_string(),
+            good,
+            bad,
+            ..Default::default()
+        });
+    }
+    Ok(TagCountReport {
+        counter,
+        samples_with_tags: with_tags,
+        read,
+    })
+}
+
+/// [`build_tag_vocab`] over the samples as joined with `annotations`.
+pub fn build_tag_vocab_with(
+    shards: &[PathBuf],
+    annotations: Option<&Annotations>,
+    top_k: usize,
+    threads: usize,
+) -> Result<TagVocab, TrainError> {
+    let report = count_tags_with(shards, annotations, threads)?;
+    vocab_of(report, shards.len(), top_k)
+}
+
 /// The K most frequent positive tags over `shards` (see [`count_tags`]). Fails when no sample
 /// carries refined texts.
 pub fn build_tag_vocab(
@@ -56,12 +144,15 @@ pub fn build_tag_vocab(
     top_k: usize,
     threads: usize,
 ) -> Result<TagVocab, TrainError> {
-    let report = count_tags(shards, threads);
+    vocab_of(count_tags(shards, threads), shards.len(), top_k)
+}
+
+fn vocab_of(report: TagCountReport, shards: usize, top_k: usize) -> Result<TagVocab, TrainError> {
     if report.samples_with_tags == 0 {
         return Err(TrainError::DataLoader(format!(
             "cannot build a tag vocabulary: none of the {} samples in {} shard(s) has refined texts",
             report.read.samples(),
-            shards.len()
+            shards
         )));
     }
     Ok(report.counter.top_k(top_k))
