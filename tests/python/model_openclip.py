@@ -8,6 +8,10 @@ Builds open_clip's CLIP from a model-config JSON file (registered with
       to OUT_DIR/openclip.safetensors, write deterministic inputs to OUT_DIR/inputs.safetensors
       (`images` float [N, 3, H, W], `text` int64 [N, context] with the end token at varied
       positions) and the model's outputs on them to OUT_DIR/reference.safetensors.
+  locks CONFIG
+      for k in 0..=layers+3, the parameters open_clip leaves trainable after
+      lock_image_tower(unlocked_groups=k) and, on a fresh model, lock_text_tower(unlocked_layers=k),
+      as JSON {"image": {k: [names]}, "text": {k: [names]}} (the model-lock parity test).
   check CONFIG CHECKPOINT INPUTS OUT
       load CHECKPOINT (safetensors) into the model with load_state_dict(strict=True) and write
       its outputs on INPUTS to OUT.
@@ -81,6 +85,8 @@ def main() -> None:
     r.add_argument("out_dir", type=Path)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch", type=int, default=4)
+    lk = sub.add_parser("locks")
+    lk.add_argument("config", type=Path)
     c = sub.add_parser("check")
     c.add_argument("config", type=Path)
     c.add_argument("checkpoint", type=Path)
@@ -88,7 +94,18 @@ def main() -> None:
     c.add_argument("out", type=Path)
     args = ap.parse_args()
 
-    if args.cmd == "reference":
+    if args.cmd == "locks":
+        import json
+        out = {"image": {}, "text": {}}
+        for k in range(0, 8):
+            model = build(args.config)
+            model.lock_image_tower(unlocked_groups=k)
+            out["image"][k] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+            model = build(args.config)
+            model.lock_text_tower(unlocked_layers=k)
+            out["text"][k] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        print(json.dumps(out))
+    elif args.cmd == "reference":
         torch.manual_seed(args.seed)
         model = build(args.config)
         args.out_dir.mkdir(parents=True, exist_ok=True)

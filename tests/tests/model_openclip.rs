@@ -323,6 +323,53 @@ fn vit_b_32_matches_open_clip_both_ways() {
 
 /// Every config open_clip ships either parses (all plain ViT CLIPs must) or is refused with an
 /// error naming the field that asks for an unsupported feature.
+/// `--lock-image` / `--lock-text` with k unlocked groups leave trainable exactly the parameters
+/// open_clip's `lock_image_tower(unlocked_groups=k)` / `lock_text_tower(unlocked_layers=k)` do.
+#[test]
+fn tower_locks_match_open_clip() {
+    use hq_train::model::lock::{is_frozen, TowerLocks};
+    let config = presets_dir().join("hq-tiny.json");
+    let out = run_python(&["locks".as_ref(), config.as_os_str()]);
+    let theirs: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or("{}")).expect("json");
+    let cfg = ClipConfig::from_json_file(&config).expect("config");
+    let vs = VarStore::new(Device::Cpu);
+    let model = Clip::new(vs.root(), &cfg).expect("model");
+    let names: Vec<String> = model.state_dict().into_iter().map(|(n, _)| n).collect();
+    for k in 0..8usize {
+        for (tower, locks) in [
+            (
+                "image",
+                TowerLocks {
+                    image: Some(k),
+                    text: None,
+                },
+            ),
+            (
+                "text",
+                TowerLocks {
+                    image: None,
+                    text: Some(k),
+                },
+            ),
+        ] {
+            let mut ours: Vec<&str> = names
+                .iter()
+                .filter(|n| !is_frozen(n, &cfg, &locks))
+                .map(String::as_str)
+                .collect();
+            ours.sort_unstable();
+            let want: Vec<&str> = theirs[tower][k.to_string()]
+                .as_array()
+                .expect("names")
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            assert_eq!(ours, want, "{tower} tower, {k} unlocked groups");
+        }
+    }
+}
+
 #[test]
 fn open_clip_model_configs_parse_or_name_the_unsupported_field() {
     let dir = run_python_inline(

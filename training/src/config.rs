@@ -54,6 +54,23 @@ pub struct ModelSection {
     pub image_size: Option<i64>,
     /// Width of the STC head's hidden layer (default: the embedding width).
     pub stc_hidden: Option<i64>,
+    /// Freeze the image tower (open_clip's `--lock-image`; LiT), but for its last
+    /// `lock_image_unlocked_groups` groups (`model::lock`).
+    pub lock_image: bool,
+    pub lock_image_unlocked_groups: usize,
+    /// Freeze the text tower (`--lock-text`), but for its last `lock_text_unlocked_layers` groups.
+    pub lock_text: bool,
+    pub lock_text_unlocked_layers: usize,
+}
+
+impl ModelSection {
+    /// The tower locks these settings ask for.
+    pub fn locks(&self) -> crate::model::lock::TowerLocks {
+        crate::model::lock::TowerLocks {
+            image: self.lock_image.then_some(self.lock_image_unlocked_groups),
+            text: self.lock_text.then_some(self.lock_text_unlocked_layers),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +276,9 @@ pub struct OptimSection {
     pub grad_clip: Option<f64>,
     /// Upper bound of exp(logit_scale), applied after every step (CLIP: 100).
     pub max_logit_scale: f64,
+    /// Peak learning rate of the new heads (the STC head) when it should differ from `lr`, the
+    /// pretrained weights' (fine-tuning): the same schedule, scaled by `head_lr / lr`.
+    pub head_lr: Option<f64>,
 }
 
 impl Default for OptimSection {
@@ -274,6 +294,7 @@ impl Default for OptimSection {
             weight_decay: a.weight_decay,
             grad_clip: Some(1.0),
             max_logit_scale: 100.0,
+            head_lr: None,
         }
     }
 }
@@ -608,6 +629,21 @@ impl TrainConfig {
             }
             if d.tag_vocab_size == 0 && d.tag_vocab.is_none() {
                 return Err(bad("data.tag_vocab_size", "must be > 0 with stc on"));
+            }
+            if matches!(self.optim.head_lr, Some(h) if !(h.is_finite() && h > 0.0)) {
+                return Err(bad("optim.head_lr", "must be a positive number"));
+            }
+            if self.model.lock_image_unlocked_groups > 0 && !self.model.lock_image {
+                return Err(bad(
+                    "model.lock_image_unlocked_groups",
+                    "only applies to a locked image tower: set model.lock_image (--lock-image)",
+                ));
+            }
+            if self.model.lock_text_unlocked_layers > 0 && !self.model.lock_text {
+                return Err(bad(
+                    "model.lock_text_unlocked_layers",
+                    "only applies to a locked text tower: set model.lock_text (--lock-text)",
+                ));
             }
             if matches!(self.model.stc_hidden, Some(h) if h <= 0) {
                 return Err(bad("model.stc_hidden", "must be > 0"));

@@ -35,7 +35,8 @@ use crate::data::{count_tags_with, Batch, DataLoader, LoaderState, SkipCounts};
 use crate::encoder::TchEncoder;
 use crate::metrics::{plot_curves, MetricsLog};
 use crate::model::checkpoint::{load_named, read_safetensors};
-use crate::model::{excluded_from_weight_decay, Clip, StcHead};
+use crate::model::stc::STC_PREFIX;
+use crate::model::{excluded_from_weight_decay, lock, Clip, StcHead};
 use crate::optim::AdamW;
 use crate::step::{train_step_on, Objective, StepStats};
 use crate::TrainError;
@@ -295,6 +296,11 @@ pub fn run_on(
         // Every rank starts from rank 0's weights (a resumed run loads them from the checkpoint).
         crate::distributed::broadcast_from_rank0(pg, params.iter().map(|(_, t)| t))?;
     }
+    // Locked towers (fine-tuning): frozen parameters leave the optimizer (and the reducer).
+    let (params, frozen) = lock::apply(params, &model_cfg, &cfg.model.locks());
+    if lead && frozen > 0 {
+        eprintln!("hq-train: {frozen} parameter tensors frozen by the tower locks");
+    }
     // Gradients all-reduced during the backward pass, as DDP does, when asked.
     let overlap = match (group, overlap) {
         (Some(pg), true) => Some(crate::distributed::OverlappedGradients::new(pg, &params)?),
@@ -303,6 +309,16 @@ pub fn run_on(
     let mut optimizer = AdamW::new(cfg.adamw(), params, |n, t| {
         !excluded_from_weight_decay(n, t)
     })?;
+    if let Some(head_lr) = cfg.optim.head_lr {
+        let scale = head_lr / cfg.optim.lr;
+        optimizer.set_lr_scales(|n| {
+            if n.starts_with(STC_PREFIX) {
+                scale
+            } else {
+                1.0
+            }
+        });
+    }
 
     // ---- resume
     let (mut step, loader_state, mut samples_seen, mut train_seconds) =

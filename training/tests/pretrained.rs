@@ -45,6 +45,10 @@ fn hq_train(args: &[&str]) -> Output {
         .expect("run hq-train")
 }
 
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -154,6 +158,42 @@ fn open_clip_folders_torch_files_and_our_checkpoints_start_a_run_alike() {
     // The folder's config was used (no --model given) and the run says where it started.
     let saved = std::fs::read_to_string(out_b.join("config.toml")).expect("config.toml");
     assert!(saved.contains("pretrained"), "{saved}");
+
+    // Fine-tuning with the image tower locked (LiT) and the new STC head at its own rate: the
+    // image tower's weights stay exactly the pretrained ones, the text tower's move.
+    let out_l = dir.path().join("locked");
+    first_loss(
+        &train,
+        &out_l,
+        "2",
+        &[
+            "--pretrained",
+            s(&a),
+            "--set",
+            "loss.variant=stc",
+            "--lock-image",
+            "--head-lr",
+            "1e-2",
+        ],
+    );
+    let before = hq_train::checkpoint::read_weights(&ckpt.join("model.safetensors")).expect("a");
+    let after_dir = hq_train::checkpoint::resolve(&out_l).expect("locked checkpoint");
+    let after =
+        hq_train::checkpoint::read_weights(&after_dir.join("model.safetensors")).expect("l");
+    let (mut same, mut moved) = (0, 0);
+    for (name, t) in &before {
+        let equal = after.get(name).is_some_and(|u| u.equal(t));
+        if name.starts_with("visual.") {
+            assert!(equal, "{name} changed under --lock-image");
+            same += 1;
+        } else if !equal {
+            moved += 1;
+        }
+    }
+    assert!(
+        same > 0 && moved > 0,
+        "{same} image tensors kept, {moved} others moved"
+    );
 
     // Weights that do not fit the config given are refused by name.
     let o = hq_train(&[

@@ -66,6 +66,23 @@ struct Cli {
     /// otherwise (then the weights must fit that config). [model.pretrained]
     #[arg(long, value_name = "PATH")]
     pretrained: Option<PathBuf>,
+    /// Freeze the image tower (LiT), as open_clip's --lock-image. [model.lock_image]
+    #[arg(long)]
+    lock_image: bool,
+    /// Leave the image tower's last N groups trainable (open_clip's groups: the projection, the
+    /// last block with ln_post, each earlier block, the stem). [model.lock_image_unlocked_groups]
+    #[arg(long, value_name = "N")]
+    lock_image_unlocked_groups: Option<usize>,
+    /// Freeze the text tower, as open_clip's --lock-text. [model.lock_text]
+    #[arg(long)]
+    lock_text: bool,
+    /// Leave the text tower's last N groups trainable. [model.lock_text_unlocked_layers]
+    #[arg(long, value_name = "N")]
+    lock_text_unlocked_layers: Option<usize>,
+    /// Peak learning rate of the new heads (the STC head), when it should differ from --lr
+    /// (fine-tuning a pretrained model). [optim.head_lr]
+    #[arg(long, value_name = "LR")]
+    head_lr: Option<f64>,
     /// Square image size overriding the model's (a multiple of its patch size). [model.image_size]
     #[arg(long, value_name = "PX")]
     image_size: Option<i64>,
@@ -258,6 +275,20 @@ fn main() -> Result<()> {
         flag("model.pretrained", Some(toml_str(&p.display().to_string())));
     }
     flag("model.image_size", cli.image_size.map(|v| v.to_string()));
+    flag(
+        "model.lock_image",
+        cli.lock_image.then(|| "true".to_string()),
+    );
+    flag(
+        "model.lock_image_unlocked_groups",
+        cli.lock_image_unlocked_groups.map(|v| v.to_string()),
+    );
+    flag("model.lock_text", cli.lock_text.then(|| "true".to_string()));
+    flag(
+        "model.lock_text_unlocked_layers",
+        cli.lock_text_unlocked_layers.map(|v| v.to_string()),
+    );
+    flag("optim.head_lr", cli.head_lr.map(|v| v.to_string()));
     if !cli.train.is_empty() {
         let list: Vec<String> = cli.train.iter().map(|s| toml_str(s)).collect();
         flag("data.train", Some(format!("[{}]", list.join(", "))));

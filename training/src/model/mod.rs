@@ -28,6 +28,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod lock;
 pub mod stc;
 pub mod text;
 pub mod torch_pickle;
