@@ -5,7 +5,8 @@ Builds open_clip's CLIP from a model-config JSON file (registered with
 
   reference CONFIG OUT_DIR --seed S --batch N
       random-init the model (torch.manual_seed(S)), save its state dict (persistent tensors only)
-      to OUT_DIR/openclip.safetensors, write deterministic inputs to OUT_DIR/inputs.safetensors
+      to OUT_DIR/openclip.safetensors (and as OUT_DIR/hf/, an open_clip HF folder with a torch.save
+      .bin, and OUT_DIR/epoch_1.pt, an open_clip_train checkpoint), write deterministic inputs to OUT_DIR/inputs.safetensors
       (`images` float [N, 3, H, W], `text` int64 [N, context] with the end token at varied
       positions) and the model's outputs on them to OUT_DIR/reference.safetensors.
   locks CONFIG
@@ -112,6 +113,21 @@ def main() -> None:
         # state_dict() holds persistent tensors only (attn_mask is a non-persistent buffer).
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(args.out_dir / "openclip.safetensors"))
+        # The same weights as users get them: an open_clip Hugging Face folder (torch.save .bin)
+        # and an open_clip_train checkpoint (DDP "module." prefixes); small models only (the
+        # reader is the same at any size, and CI's disk and time are not).
+        if sum(v.numel() for v in state.values()) <= 20_000_000:
+            import json
+            hf = args.out_dir / "hf"
+            hf.mkdir(exist_ok=True)
+            (hf / "open_clip_config.json").write_text(json.dumps({
+                "model_cfg": json.loads(args.config.read_text()),
+                "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                   "std": list(open_clip.OPENAI_DATASET_STD)}}))
+            torch.save(state, str(hf / "open_clip_pytorch_model.bin"))
+            torch.save({"epoch": 1, "name": args.config.stem,
+                        "state_dict": {"module." + k: v for k, v in state.items()}},
+                       str(args.out_dir / "epoch_1.pt"))
         inputs = make_inputs(model, args.batch, args.seed + 1)
         save_file(inputs, str(args.out_dir / "inputs.safetensors"))
         save_file(run(model, inputs), str(args.out_dir / "reference.safetensors"))

@@ -7,6 +7,10 @@
 //! open_clip with `load_state_dict(strict=True)`, and both must agree on the same inputs.
 //! Tolerance: 1e-4 absolute on every output.
 //!
+//! For the small configs open_clip's weights also come as its Hugging Face folder (a `torch.save`
+//! `.bin`) and as an open_clip_train `.pt` checkpoint: the tensors read back bit for bit and the
+//! folder loads with its own config.
+//!
 //! Configs: the `hq-tiny` preset file, a variant written by our serialiser that turns on
 //! `quick_gelu` and the other optional features we implement, and the `ViT-B-32` preset (batch 2).
 //! A last test reads every model config open_clip ships: each either parses or is refused with an
@@ -190,6 +194,34 @@ fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
     }
     let ours = our_outputs(&model, &inputs);
     let mut d1 = compare(&format!("{name} open_clip -> ours"), &ours, &reference);
+    // The same weights from open_clip's HF folder (torch.save .bin, config from the folder) and
+    // from an open_clip_train checkpoint (.pt, DDP prefixes): bit-identical tensors, and a model
+    // loaded from the folder reproduces open_clip's outputs.
+    // (Written for small models only, see the script.)
+    if dir.path().join("epoch_1.pt").is_file() {
+        let st = read(&dir.path().join("openclip.safetensors"));
+        for file in ["hf/open_clip_pytorch_model.bin", "epoch_1.pt"] {
+            let got = hq_train::checkpoint::read_weights(&dir.path().join(file))
+                .unwrap_or_else(|e| panic!("{name}: {file}: {e}"));
+            assert_eq!(got.len(), st.len(), "{name}: {file}");
+            for (k, t) in &st {
+                assert!(
+                    got.get(k).is_some_and(|g| g.equal(t)),
+                    "{name}: {file}: {k} differs"
+                );
+            }
+        }
+        let (_hf_vs, from_hf) =
+            hq_train::checkpoint::load_clip(&dir.path().join("hf"), None, Device::Cpu)
+                .unwrap_or_else(|e| panic!("{name}: the HF folder: {e}"));
+        assert_eq!(from_hf.config(), &cfg, "{name}: the HF folder's config");
+        let d_hf = compare(
+            &format!("{name} open_clip HF folder -> ours"),
+            &our_outputs(&from_hf, &inputs),
+            &reference,
+        );
+        d1.insert("outputs, loaded from the HF folder".into(), max_of(&d_hf));
+    }
     eprintln!("{name}: open_clip checkpoint in our model, max abs diff per output: {d1:?}");
     let trimmed = trimmed_rows_diff(&model, &inputs, &reference);
     eprintln!("{name}: each text row alone (trimmed to its end token) vs open_clip: {trimmed:.3e}");
