@@ -567,6 +567,92 @@ pub enum TransformKind {
     },
     /// Shortest-side bicubic resize + centre crop + normalise.
     Eval,
+    /// Bicubic resize of both sides to the output size, no crop (open_clip's
+    /// `resize_mode="squash"`, CLIPA's eval transform) + normalise.
+    EvalSquash,
+}
+
+/// A checkpoint's own preprocessing (open_clip's `preprocess_cfg` in `open_clip_config.json`):
+/// normalisation and the eval resize. The train transform is `RandomResizedCrop` whatever the
+/// resize mode, as in open_clip.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocess {
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    /// `resize_mode="squash"` (else `"shortest"`).
+    pub squash: bool,
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Preprocess {
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+            squash: false,
+        }
+    }
+}
+
+impl Preprocess {
+    /// Reads open_clip's `preprocess_cfg` object. Keys we do not reproduce are refused rather than
+    /// silently evaluated differently: an interpolation other than bicubic, `resize_mode
+    /// "longest"`.
+    pub fn from_open_clip(cfg: &serde_json::Value) -> Result<Self, String> {
+        let mut p = Preprocess::default();
+        let three = |key: &str| -> Result<Option<[f64; 3]>, String> {
+            match cfg.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => {
+                    let xs: Vec<f64> = v
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                        .unwrap_or_default();
+                    match xs[..] {
+                        [a, b, c] => Ok(Some([a, b, c])),
+                        [a] => Ok(Some([a, a, a])),
+                        _ => Err(format!("preprocess_cfg.{key} must be 1 or 3 numbers: {v}")),
+                    }
+                }
+            }
+        };
+        if let Some(m) = three("mean")? {
+            p.mean = m;
+        }
+        if let Some(s) = three("std")? {
+            if s.iter().any(|&x| x <= 0.0) {
+                return Err(format!("preprocess_cfg.std must be positive: {s:?}"));
+            }
+            p.std = s;
+        }
+        match cfg.get("interpolation").and_then(|v| v.as_str()) {
+            None | Some("bicubic") => {}
+            Some(other) => {
+                return Err(format!(
+                    "preprocess_cfg.interpolation {other:?} is not supported (only bicubic, \
+                     open_clip's default, is reproduced bit for bit)"
+                ))
+            }
+        }
+        match cfg.get("resize_mode").and_then(|v| v.as_str()) {
+            None | Some("shortest") => {}
+            Some("squash") => p.squash = true,
+            Some(other) => {
+                return Err(format!(
+                    "preprocess_cfg.resize_mode {other:?} is not supported (shortest, squash)"
+                ))
+            }
+        }
+        Ok(p)
+    }
+
+    /// The eval transform at `size x size`.
+    pub fn eval_transform(&self, size: u32) -> ImageTransform {
+        let mut t = ImageTransform::eval(size);
+        if self.squash {
+            t.kind = TransformKind::EvalSquash;
+        }
+        t.with_normalization(self.mean, self.std)
+    }
 }
 
 /// open_clip's image transform producing normalised CHW float32 pixels.
@@ -593,7 +679,7 @@ impl ImageTransform {
                 return Err(format!("crop ratio {ratio:?} must satisfy 0 < min <= max"));
             }
         }
-        if kind == TransformKind::Eval && height != width {
+        if matches!(kind, TransformKind::Eval | TransformKind::EvalSquash) && height != width {
             return Err(format!(
                 "the eval transform needs a square image size, not {height}x{width}"
             ));
@@ -629,6 +715,12 @@ impl ImageTransform {
         }
     }
 
+    /// The same transform normalising with `mean` and `std` instead of CLIP's.
+    pub fn with_normalization(mut self, mean: [f64; 3], std: [f64; 3]) -> Self {
+        self.norm = Normalizer::new(mean, std);
+        self
+    }
+
     pub fn kind(&self) -> TransformKind {
         self.kind
     }
@@ -656,6 +748,12 @@ impl ImageTransform {
                     window: CropBox::full(self.width, self.height),
                 }
             }
+            TransformKind::EvalSquash => ResizePlan {
+                src: CropBox::full(width, height),
+                out_width: self.width,
+                out_height: self.height,
+                window: CropBox::full(self.width, self.height),
+            },
             TransformKind::Eval => {
                 let size = self.width;
                 let (rw, rh) = shortest_side_size(width, height, size);

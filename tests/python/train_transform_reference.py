@@ -5,7 +5,8 @@ Usage: train_transform_reference.py MANIFEST.json OUTDIR
 MANIFEST is a JSON object with any of:
   "eval":   [{"path": P, "size": S, "out": NAME}, ...]
             open_clip.image_transform(S, is_train=False) of PIL.Image.open(P); float32 CHW written
-            little-endian to OUTDIR/NAME.
+            little-endian to OUTDIR/NAME. Optional "mean", "std", "resize_mode" keys pass a
+            checkpoint's preprocess_cfg on.
   "train":  [{"path": P, "size": S, "top": i, "left": j, "height": h, "width": w, "out": NAME}]
             open_clip.image_transform(S, is_train=True) with its RandomResizedCrop's get_params
             replaced by the given crop (so only the random draw is ours), written as above.
@@ -85,11 +86,18 @@ def main():
     eval_tf = {}
     for job in manifest.get("eval", []):
         size = job["size"]
-        if size not in eval_tf:
-            eval_tf[size] = open_clip.image_transform(size, is_train=False)
+        # Optional: a checkpoint's preprocess_cfg (mean, std, resize_mode).
+        extra = {k: job[k] for k in ("mean", "std", "resize_mode") if k in job}
+        key = (size, json.dumps(extra, sort_keys=True))
+        if key not in eval_tf:
+            if "mean" in extra:
+                extra["mean"] = tuple(extra["mean"])
+            if "std" in extra:
+                extra["std"] = tuple(extra["std"])
+            eval_tf[key] = open_clip.image_transform(size, is_train=False, **extra)
         with Image.open(job["path"]) as img:
             img.load()
-            out = eval_tf[size](img)
+            out = eval_tf[key](img)
         write_tensor(out, os.path.join(outdir, job["out"]))
         written += 1
 

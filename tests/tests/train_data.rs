@@ -168,6 +168,57 @@ fn eval_transform_matches_open_clip_on_png() {
     );
 }
 
+/// A checkpoint's own `preprocess_cfg` (CLIPA-style: another mean and std, `resize_mode
+/// "squash"`) gives open_clip's eval transform for it.
+#[test]
+fn eval_transform_with_a_checkpoints_preprocess_matches_open_clip() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfgs = [
+        json!({"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"}),
+        json!({"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize_mode": "shortest"}),
+    ];
+    let mut images = Vec::new();
+    let mut jobs = Vec::new();
+    for (i, &(w, h)) in [(100u32, 50u32), (37, 91), (300, 200), (64, 64)]
+        .iter()
+        .enumerate()
+    {
+        let img = DynamicImage::ImageRgb8(test_image(w, h, 40 + i as u32));
+        let path = dir.path().join(format!("pp_{w}x{h}.png"));
+        save_png(&img, &path);
+        for (c, cfg) in cfgs.iter().enumerate() {
+            let mut job = cfg.clone();
+            job["path"] = json!(path);
+            job["size"] = json!(48);
+            job["out"] = json!(format!("pp_{i}_{c}.f32"));
+            jobs.push(job);
+        }
+        images.push(img);
+    }
+    reference(&py, &json!({"eval": jobs}), dir.path());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for (i, img) in images.iter().enumerate() {
+        for (c, cfg) in cfgs.iter().enumerate() {
+            let pre = hq_data::transform::Preprocess::from_open_clip(cfg).expect("preprocess_cfg");
+            let ours = pre.eval_transform(48).apply(img, &mut rng);
+            let theirs = read_f32(&dir.path().join(format!("pp_{i}_{c}.f32")));
+            let d = max_abs_diff(&ours, &theirs);
+            assert!(d <= 1e-6, "image {i}, {cfg}: differs from open_clip by {d}");
+        }
+    }
+    // What we do not reproduce is refused, not approximated.
+    for bad in [
+        json!({"interpolation": "bilinear"}),
+        json!({"resize_mode": "longest"}),
+    ] {
+        assert!(
+            hq_data::transform::Preprocess::from_open_clip(&bad).is_err(),
+            "{bad}"
+        );
+    }
+}
+
 #[test]
 fn train_transform_matches_open_clip_with_the_same_crop() {
     let Some(py) = python() else { return };

@@ -332,6 +332,8 @@ pub struct WeightsSource {
     /// The config the source carries (`model_config.json`, `open_clip_config.json`'s
     /// `model_cfg`, or such a file next to a bare weights file), if any.
     pub config: Option<ClipConfig>,
+    /// `open_clip_config.json`'s `preprocess_cfg` (normalisation, eval resize), if any.
+    pub preprocess: Option<hq_data::transform::Preprocess>,
 }
 
 /// Resolves `path`: a checkpoint or run directory of ours (verified), an open_clip HF folder
@@ -353,29 +355,40 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
                         ),
                     )
                 })?;
-            let config = Some(read_file_config(&path.join(OPEN_CLIP_CONFIG_FILE))?);
-            return Ok(WeightsSource { weights, config });
+            let file = path.join(OPEN_CLIP_CONFIG_FILE);
+            let config = Some(read_file_config(&file)?);
+            let preprocess = read_preprocess(&file)?;
+            return Ok(WeightsSource {
+                weights,
+                config,
+                preprocess,
+            });
         }
         let dir = resolve(path)?;
         verify(&dir)?;
         return Ok(WeightsSource {
             weights: dir.join(MODEL_FILE),
             config: Some(read_model_config(&dir)?),
+            preprocess: None,
         });
     }
     if !path.is_file() {
         return Err(err(path, "does not exist"));
     }
     let parent = path.parent().unwrap_or(Path::new("."));
-    let config = [MODEL_CONFIG_FILE, OPEN_CLIP_CONFIG_FILE]
+    let config_file = [MODEL_CONFIG_FILE, OPEN_CLIP_CONFIG_FILE]
         .iter()
         .map(|n| parent.join(n))
-        .find(|p| p.is_file())
-        .map(|p| read_file_config(&p))
-        .transpose()?;
+        .find(|p| p.is_file());
+    let config = config_file.as_deref().map(read_file_config).transpose()?;
+    let preprocess = match config_file {
+        Some(f) => read_preprocess(&f)?,
+        None => None,
+    };
     Ok(WeightsSource {
         weights: path.to_path_buf(),
         config,
+        preprocess,
     })
 }
 
@@ -427,6 +440,17 @@ pub fn load_clip(
     let model = Clip::new(vs.root(), &cfg)?;
     load_weights(&model, &source)?;
     Ok((vs, model))
+}
+
+/// The `preprocess_cfg` of an HF-hub `open_clip_config.json` (none in other config files).
+fn read_preprocess(path: &Path) -> Result<Option<hq_data::transform::Preprocess>, TrainError> {
+    let text = fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(path, format!("invalid JSON: {e}")))?;
+    value
+        .get("preprocess_cfg")
+        .map(|p| hq_data::transform::Preprocess::from_open_clip(p).map_err(|e| err(path, e)))
+        .transpose()
 }
 
 /// A model config from a JSON file: open_clip's model config, or an HF-hub

@@ -78,6 +78,10 @@ impl ModelSection {
 pub struct DataSection {
     /// Training shards: directories (their `*.tar`), globs, brace ranges, @lists.
     pub train: Vec<String>,
+    /// Per-channel mean and std of the pixel normalisation (default: a pretrained checkpoint's
+    /// `preprocess_cfg`, else CLIP's).
+    pub image_mean: Option<[f64; 3]>,
+    pub image_std: Option<[f64; 3]>,
     /// r: probability of a refined segment instead of the raw alt-text (mixed training).
     pub refined_prob: f64,
     /// N-: hard negatives per sample.
@@ -113,6 +117,8 @@ impl Default for DataSection {
         let policy = TextPolicy::default();
         DataSection {
             train: Vec::new(),
+            image_mean: None,
+            image_std: None,
             refined_prob: policy.refined_prob,
             negatives: policy.negatives,
             negative_segment_prob: policy.negative_segment_prob,
@@ -544,6 +550,7 @@ impl TrainConfig {
         c.threads = self.data.threads;
         c.max_logged_skips = self.data.max_logged_skips;
         c.annotations = self.data.annotations.clone();
+        c.normalize = self.normalization()?;
         if !self.data.sources.is_empty() {
             c.shards = Vec::new();
             c.annotations = None;
@@ -551,6 +558,22 @@ impl TrainConfig {
             c.source_weighting = self.data.source_weighting;
         }
         Ok(c)
+    }
+
+    /// The pixel normalisation: `data.image_mean` / `data.image_std` when set, else a pretrained
+    /// checkpoint's `preprocess_cfg`, else CLIP's (`None`).
+    pub fn normalization(&self) -> Result<Option<crate::data::loader::Normalization>, TrainError> {
+        let from_weights = match &self.model.pretrained {
+            Some(p) => crate::checkpoint::weights_source(p)?.preprocess,
+            None => None,
+        };
+        let base = from_weights.unwrap_or_default();
+        Ok(
+            match (self.data.image_mean, self.data.image_std, from_weights) {
+                (None, None, None) => None,
+                (mean, std, _) => Some((mean.unwrap_or(base.mean), std.unwrap_or(base.std))),
+            },
+        )
     }
 
     /// Checks the whole config; the error names the setting and says what to change.

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use hq_data::transform::ImageTransform;
+use hq_data::transform::{ImageTransform, Preprocess};
 use hq_eval::{EncodeError, Encoder};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -34,6 +34,8 @@ pub struct TchEncoder<'m> {
     device: Device,
     name: String,
     max_batch: usize,
+    /// The checkpoint's own normalisation and eval resize (open_clip's `preprocess_cfg`).
+    preprocess: Preprocess,
 }
 
 impl std::fmt::Debug for TchEncoder<'_> {
@@ -82,6 +84,9 @@ impl TchEncoder<'static> {
     ) -> Result<Self, TrainError> {
         let path = path.as_ref();
         let (vs, model) = load_clip(path, config, device)?;
+        let preprocess = crate::checkpoint::weights_source(path)?
+            .preprocess
+            .unwrap_or_default();
         square_size(model.config())?;
         let name = format!(
             "tch {} {}",
@@ -98,6 +103,7 @@ impl TchEncoder<'static> {
             device,
             name,
             max_batch: DEFAULT_MAX_BATCH,
+            preprocess,
         })
     }
 }
@@ -112,7 +118,14 @@ impl<'m> TchEncoder<'m> {
             device,
             name: format!("tch {} (in training)", device_name(device)),
             max_batch: DEFAULT_MAX_BATCH,
+            preprocess: Preprocess::default(),
         })
+    }
+
+    /// Evaluates with `preprocess` (a pretrained checkpoint's normalisation and resize).
+    pub fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
+        self.preprocess = preprocess;
+        self
     }
 
     /// Rows per forward pass (at least 1).
@@ -205,7 +218,7 @@ impl Encoder for TchEncoder<'_> {
     fn image_transform(&self) -> ImageTransform {
         // The constructors checked that the size is square and fits a u32.
         let (h, _) = self.image_hw();
-        ImageTransform::eval(h as u32)
+        self.preprocess.eval_transform(h as u32)
     }
 
     fn context_length(&self) -> usize {

@@ -254,3 +254,67 @@ fn views_shared_storages_and_dtypes_read_exactly() {
         assert!(o.equal(w), "{name}: {o} vs {w}");
     }
 }
+
+/// An open_clip folder's `preprocess_cfg` (here CLIPA-like: mean and std 0.5/0.25, squash resize)
+/// is what evaluation and training normalise with; `data.image_*` overrides it; what we cannot
+/// reproduce (bilinear) is refused.
+#[test]
+fn a_folders_preprocess_cfg_is_honoured() {
+    use hq_data::transform::{ImageTransform, Preprocess};
+    use hq_eval::Encoder;
+    use hq_train::model::{Clip, ClipConfig};
+    use rand::SeedableRng;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hf = dir.path().join("hf");
+    std::fs::create_dir_all(&hf).expect("mkdir");
+    let cfg = ClipConfig::hq_tiny();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = Clip::new(vs.root(), &cfg).expect("model");
+    model
+        .save_safetensors(hf.join("open_clip_model.safetensors"))
+        .expect("save");
+    let write_cfg = |pre: serde_json::Value| {
+        let model_cfg: serde_json::Value =
+            serde_json::from_str(&cfg.to_json_string().expect("json")).expect("json");
+        let v = serde_json::json!({"model_cfg": model_cfg, "preprocess_cfg": pre});
+        std::fs::write(hf.join("open_clip_config.json"), v.to_string()).expect("write");
+    };
+    write_cfg(
+        serde_json::json!({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                                 "resize_mode": "squash", "interpolation": "bicubic"}),
+    );
+
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(100, 50, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 5) as u8, ((x + y) % 256) as u8])
+    }));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let enc = hq_train::TchEncoder::from_checkpoint(&hf, None, tch::Device::Cpu).expect("encoder");
+    let want = Preprocess {
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        squash: true,
+    }
+    .eval_transform(64)
+    .apply(&img, &mut rng);
+    assert_eq!(enc.image_transform().apply(&img, &mut rng), want);
+    assert_ne!(ImageTransform::eval(64).apply(&img, &mut rng), want);
+
+    let mut tc = hq_train::config::TrainConfig::default();
+    tc.model.pretrained = Some(hf.clone());
+    assert_eq!(
+        tc.normalization().expect("norm"),
+        Some(([0.5; 3], [0.25; 3]))
+    );
+    tc.data.image_std = Some([0.3; 3]);
+    assert_eq!(
+        tc.normalization().expect("norm"),
+        Some(([0.5; 3], [0.3; 3]))
+    );
+
+    write_cfg(serde_json::json!({"interpolation": "bilinear"}));
+    let e = hq_train::TchEncoder::from_checkpoint(&hf, None, tch::Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("bilinear"), "{e}");
+}

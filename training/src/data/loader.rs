@@ -99,7 +99,14 @@ pub struct LoaderConfig {
     /// What a source's weight means (see [`SourceWeighting`]).
     #[serde(default)]
     pub source_weighting: SourceWeighting,
+    /// The pixel normalisation (`None`: CLIP's); a pretrained checkpoint's `preprocess_cfg`
+    /// sets it.
+    #[serde(default)]
+    pub normalize: Option<Normalization>,
 }
+
+/// Per-channel `(mean, std)` of the pixel normalisation.
+pub type Normalization = ([f64; 3], [f64; 3]);
 
 fn one() -> f64 {
     1.0
@@ -165,6 +172,7 @@ impl LoaderConfig {
             annotations: None,
             sources: Vec::new(),
             source_weighting: SourceWeighting::Share,
+            normalize: None,
         }
     }
 
@@ -786,9 +794,12 @@ impl DataLoader {
                 )));
             }
         }
-        let transform =
+        let mut transform =
             ImageTransform::new(config.transform, config.image_height, config.image_width)
                 .map_err(TrainError::DataLoader)?;
+        if let Some((mean, std)) = config.normalize {
+            transform = transform.with_normalization(mean, std);
+        }
         let pool = {
             let mut b =
                 rayon::ThreadPoolBuilder::new().thread_name(|i| format!("hq-data-decode-{i}"));
