@@ -1,8 +1,8 @@
 //! Reading a CLIP checkpoint for export: safetensors under open_clip's state-dict names plus its
 //! open_clip model config, checked tensor by tensor against what the config implies.
 //!
-//! The file is read with the `safetensors` crate, not libtorch, so an export never loads a model
-//! runtime. Every tensor becomes f32 (f16, bf16 and f64 checkpoints are converted exactly or by
+//! A safetensors file is read with the `safetensors` crate; a `torch.save` zip (`.bin`, `.pt`, as in
+//! open_clip's Hugging Face folders) through hq-train's pickle reader, which runs no pickle code. Every tensor becomes f32 (f16, bf16 and f64 checkpoints are converted exactly or by
 //! rounding to nearest); integer or boolean tensors are refused by name. A checkpoint saved from a
 //! DistributedDataParallel wrapper (every key starting with `module.`) is read with the prefix
 //! stripped, as `hq-train` and open_clip do.
@@ -133,8 +133,44 @@ fn convert(name: &str, view: &safetensors::tensor::TensorView<'_>, path: &Path) 
     })
 }
 
+/// The tensors of a `torch.save` zip (`.bin`, `.pt`), read by hq-train's pickle reader that runs
+/// no pickle code, as f32 (integer or boolean tensors refused by name).
+fn read_torch(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    use tch::Kind;
+    let tensors =
+        hq_train::checkpoint::read_weights(path).map_err(|e| ckpt_err(path, e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in tensors {
+        let stored = match t.kind() {
+            Kind::Float => "F32",
+            Kind::Half => "F16",
+            Kind::BFloat16 => "BF16",
+            Kind::Double => "F64",
+            other => {
+                return Err(ckpt_err(
+                    path,
+                    format!("tensor `{name}` is {other:?}, not a floating-point weight"),
+                ))
+            }
+        };
+        let shape = t.size().iter().map(|&d| d.max(0) as usize).collect();
+        let data = Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1))
+            .map_err(|e| ckpt_err(path, format!("tensor `{name}`: {e}")))?;
+        out.insert(
+            name,
+            Tensor {
+                shape,
+                data,
+                stored_dtype: stored.to_string(),
+            },
+        );
+    }
+    Ok(out)
+}
+
 impl Checkpoint {
-    /// Reads every tensor of a safetensors file (as f32) and hashes the file.
+    /// Reads every tensor of a safetensors file, or of a `torch.save` zip (`.bin`, `.pt`: told
+    /// apart by content), as f32, and hashes the file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| ExportError::Io {
@@ -143,6 +179,15 @@ impl Checkpoint {
             source: e,
         })?;
         let sha256 = sha256_hex(&bytes);
+        if bytes.starts_with(b"PK\x03\x04") {
+            drop(bytes);
+            return Ok(Self {
+                path: path.to_path_buf(),
+                sha256,
+                tensors: read_torch(path)?,
+                metadata: BTreeMap::new(),
+            });
+        }
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| ckpt_err(path, format!("not a valid safetensors file: {e:?}")))?;
         let metadata = safetensors::SafeTensors::read_metadata(&bytes)
@@ -247,14 +292,29 @@ pub struct CheckpointLocation {
 /// the newest checkpoint directory, or an `hq-train` run directory (its `checkpoints/`).
 pub fn locate(path: &Path) -> Result<CheckpointLocation> {
     if path.is_file() {
-        let config = path
-            .parent()
-            .map(|d| d.join(CHECKPOINT_CONFIG_FILE))
-            .filter(|p| p.is_file());
+        let config = path.parent().and_then(|d| {
+            [CHECKPOINT_CONFIG_FILE, OPEN_CLIP_HF_CONFIG_FILE]
+                .iter()
+                .map(|n| d.join(n))
+                .find(|p| p.is_file())
+        });
         return Ok(CheckpointLocation {
             weights: path.to_path_buf(),
             config,
         });
+    }
+    if path.is_dir() && path.join(OPEN_CLIP_HF_CONFIG_FILE).is_file() {
+        // An open_clip Hugging Face folder: its config and its weights, safetensors first.
+        if let Some(weights) = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            .iter()
+            .map(|n| path.join(n))
+            .find(|p| p.is_file())
+        {
+            return Ok(CheckpointLocation {
+                weights,
+                config: Some(path.join(OPEN_CLIP_HF_CONFIG_FILE)),
+            });
+        }
     }
     if path.is_dir() {
         let weights = path.join(CHECKPOINT_MODEL_FILE);
@@ -426,6 +486,25 @@ impl ConfigSource {
     }
 }
 
+/// open_clip's Hugging Face config file (`{"model_cfg": ..., "preprocess_cfg": ...}`).
+pub const OPEN_CLIP_HF_CONFIG_FILE: &str = "open_clip_config.json";
+
+/// A model config from a JSON file: open_clip's model config, or an HF-hub `open_clip_config.json`
+/// (its `model_cfg`).
+fn read_config_file(path: &Path) -> std::result::Result<ClipConfig, hq_train::TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| hq_train::TrainError::ModelConfig {
+        field: path.display().to_string(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    match serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("model_cfg").cloned())
+    {
+        Some(inner) => ClipConfig::from_json_str(&inner.to_string()),
+        None => ClipConfig::from_json_str(&text),
+    }
+}
+
 /// Finds the model config: `given` (a JSON file or a preset name) if set, else the config next to
 /// the checkpoint (`model_config.json`), else the checkpoint's metadata. An unknown preset, a bad
 /// file or no config at all is an error saying what was tried.
@@ -438,7 +517,7 @@ pub fn resolve_config(
     if let Some(arg) = given {
         let path = Path::new(arg);
         if path.is_file() {
-            let cfg = ClipConfig::from_json_file(path).map_err(cfg_err)?;
+            let cfg = read_config_file(path).map_err(cfg_err)?;
             return Ok((cfg, ConfigSource::File(path.to_path_buf())));
         }
         if hq_train::model::PRESET_NAMES.contains(&arg) {
@@ -451,7 +530,7 @@ pub fn resolve_config(
         )));
     }
     if let Some(path) = &location.config {
-        let cfg = ClipConfig::from_json_file(path).map_err(cfg_err)?;
+        let cfg = read_config_file(path).map_err(cfg_err)?;
         return Ok((cfg, ConfigSource::File(path.clone())));
     }
     if let Some(json) = ckpt.metadata_config() {

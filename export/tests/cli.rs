@@ -244,3 +244,66 @@ fn failures_name_the_tensor_or_option() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("missing"), "{}", stderr(&o));
 }
+
+/// The same weights as an open_clip Hugging Face folder (`open_clip_config.json` +
+/// `open_clip_pytorch_model.bin`, written by PyTorch's `torch.save` in the venv) export to the same
+/// ONNX weights as the safetensors checkpoint they came from.
+#[test]
+fn an_open_clip_folder_with_a_torch_bin_exports_the_same_weights() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = small_config();
+    let ckpt_dir = tmp.path().join("ckpt");
+    write_checkpoint(&ckpt_dir, &cfg, None);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let py = std::env::var_os("HQ_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
+    let oc = tmp.path().join("oc");
+    let o = Command::new(&py)
+        .arg(root.join("tests/python/torch_checkpoints.py"))
+        .arg("open-clip-folder")
+        .arg(&ckpt_dir)
+        .arg(&oc)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (source tools/env.sh): {e}", py.display()));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let weights = |out: &Path| -> Vec<(String, Vec<u8>)> {
+        let model = ModelProto::decode(
+            std::fs::read(out.join("image_encoder.onnx"))
+                .expect("model")
+                .as_slice(),
+        )
+        .expect("decode");
+        let graph = model.graph.expect("graph");
+        graph
+            .initializer
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone().unwrap_or_default(),
+                    t.raw_data.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (tmp.path().join("from-st"), tmp.path().join("from-bin"));
+    for (src, out) in [(&ckpt_dir, &a), (&oc.join("hf"), &b)] {
+        let o = hq_export(&[
+            "--checkpoint".as_ref(),
+            src.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        assert!(o.status.success(), "{}: {}", src.display(), stderr(&o));
+    }
+    let (wa, wb) = (weights(&a), weights(&b));
+    assert!(!wa.is_empty());
+    assert_eq!(
+        wa, wb,
+        "the .bin exported other weights than the safetensors"
+    );
+}
