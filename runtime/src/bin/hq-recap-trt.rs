@@ -64,12 +64,22 @@ struct BuildArgs {
     /// The plan file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Let TensorRT use fp16 kernels.
-    #[arg(long)]
-    fp16: bool,
     /// TensorRT profile: largest batch (and images per vision run).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    #[command(flatten)]
+    trt: TrtArgs,
+    /// ONNX Runtime threads per operator (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// TensorRT's precision and profile shapes (the recaption job's and `build`'s).
+#[derive(Args, Debug, Clone)]
+struct TrtArgs {
+    /// Let TensorRT use fp16 kernels.
+    #[arg(long)]
+    fp16: bool,
     /// TensorRT profile: largest prompt (tokens, image tokens included).
     #[arg(long, default_value_t = 2048)]
     trt_max_prompt: usize,
@@ -79,9 +89,19 @@ struct BuildArgs {
     /// TensorRT profile: most vision patches per batch.
     #[arg(long, default_value_t = 8192)]
     trt_max_patches: usize,
-    /// ONNX Runtime threads per operator (default: one per core).
-    #[arg(long)]
-    threads: Option<usize>,
+}
+
+impl TrtArgs {
+    /// The profile for batches of `batch_size` samples (one image each).
+    fn profile(&self, batch_size: usize) -> TrtProfile {
+        TrtProfile {
+            max_batch: batch_size.max(1),
+            max_prompt_tokens: self.trt_max_prompt,
+            max_total_tokens: self.trt_max_total.max(self.trt_max_prompt + 1),
+            max_patches: self.trt_max_patches,
+            max_images: batch_size.max(1),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -117,18 +137,8 @@ struct RecapArgs {
     /// TensorRT engine and timing cache folder (default MODEL_DIR/trt_cache).
     #[arg(long)]
     trt_cache: Option<PathBuf>,
-    /// Let TensorRT use fp16 kernels.
-    #[arg(long)]
-    fp16: bool,
-    /// TensorRT profile: largest prompt (tokens, image tokens included).
-    #[arg(long, default_value_t = 2048)]
-    trt_max_prompt: usize,
-    /// TensorRT profile: largest prompt + answer.
-    #[arg(long, default_value_t = 2560)]
-    trt_max_total: usize,
-    /// TensorRT profile: most vision patches per batch.
-    #[arg(long, default_value_t = 8192)]
-    trt_max_patches: usize,
+    #[command(flatten)]
+    trt: TrtArgs,
     /// ONNX Runtime threads per operator (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -281,14 +291,8 @@ fn recaption(args: RecapArgs) -> Result<ExitCode> {
     };
     let mut provider: ExecutionProvider = args.provider.parse()?;
     let mut trt_cache = args.trt_cache.clone();
-    let mut trt_profile = TrtProfile {
-        max_batch: args.batch_size.max(1),
-        max_prompt_tokens: args.trt_max_prompt,
-        max_total_tokens: args.trt_max_total.max(args.trt_max_prompt + 1),
-        max_patches: args.trt_max_patches,
-        max_images: args.batch_size.max(1),
-    };
-    let mut fp16 = args.fp16;
+    let mut trt_profile = args.trt.profile(args.batch_size);
+    let mut fp16 = args.trt.fp16;
     // `--engine qwen2vl.plan`: the plan's provider, profile and engines, if it fits this machine.
     let engine_arg = if engine_arg.is_file() {
         let manifest = plan::read_manifest(&engine_arg)?;
@@ -488,15 +492,9 @@ fn teacher(args: TeacherArgs) -> Result<ExitCode> {
 fn build(args: BuildArgs) -> Result<ExitCode> {
     let provider: ExecutionProvider = args.provider.parse()?;
     let opts = EngineOptions {
-        provider: provider.with_fp16(args.fp16),
+        provider: provider.with_fp16(args.trt.fp16),
         intra_threads: args.threads,
-        trt_profile: TrtProfile {
-            max_batch: args.batch_size.max(1),
-            max_prompt_tokens: args.trt_max_prompt,
-            max_total_tokens: args.trt_max_total.max(args.trt_max_prompt + 1),
-            max_patches: args.trt_max_patches,
-            max_images: args.batch_size.max(1),
-        },
+        trt_profile: args.trt.profile(args.batch_size),
         ..EngineOptions::default()
     };
     let manifest = plan::build_plan(&args.model, &opts, &args.out)
