@@ -14,6 +14,9 @@
 //! threads, one epoch) on both inputs (best of 5, interleaved), prints samples/s and the ratios, and writes
 //! `benches/results/annotations_join.json`.
 
+#[path = "common/synthetic.rs"]
+mod synthetic;
+
 use criterion::{black_box, Criterion, Throughput};
 use hq_data::shards::annotations::join_shards;
 use hq_data::shards::{
@@ -21,27 +24,13 @@ use hq_data::shards::{
     ShardWriterOptions,
 };
 use hq_data::{ImageBytes, RefinedTexts, Sample};
-use image::{ImageEncoder, RgbImage};
+use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use synthetic::{jpeg, Rng};
 
 const SAMPLES: usize = 4000;
 const PER_SHARD: u64 = 500;
-
-/// xorshift64*: deterministic data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + (self.next() % u64::from(hi - lo + 1)) as u32
-    }
-}
 
 const WORDS: [&str; 16] = [
     "red", "cube", "small", "left", "of", "a", "dotted", "ring", "large", "blue", "sphere", "next",
@@ -64,16 +53,7 @@ fn make_jpeg(rng: &mut Rng, w: u32, h: u32) -> Vec<u8> {
             ((x + y) % 256) as u8,
         ])
     });
-    let mut out = Vec::new();
-    if let Err(e) = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).write_image(
-        img.as_raw(),
-        w,
-        h,
-        image::ExtendedColorType::Rgb8,
-    ) {
-        panic!("jpeg encoding failed: {e}");
-    }
-    out
+    jpeg(&img)
 }
 
 /// Raw shards in `dir/raw`, side-car files in `dir/ann`, the joined copy in `dir/joined`.

@@ -519,35 +519,35 @@ fn synchronize(dev: Device) {
     }
 }
 
-/// One call of `side`, synchronised; `None` when it fails (out of memory, or a kernel error). The
-/// panic hook is silenced meanwhile: an out-of-memory error is an expected answer here.
-fn try_call(side: Side, x: &Tensor, y: &Tensor, ls: &Tensor, dev: Device) -> Option<f64> {
+/// `f()`, or `None` when it panics (tch turns an out-of-memory error into a panic), with the panic
+/// hook silenced meanwhile: out of memory is an expected answer here.
+fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.ok()
+}
+
+/// One call of `side`, synchronised, in seconds; `None` when it fails (out of memory, or a kernel
+/// error).
+fn try_call(side: Side, x: &Tensor, y: &Tensor, ls: &Tensor, dev: Device) -> Option<f64> {
+    let (v, secs) = quietly(|| {
         zero_grads(&[x, y, ls]);
         let t = Instant::now();
         let v = side(x, y, ls);
         synchronize(dev);
         (v, t.elapsed().as_secs_f64())
-    }));
-    std::panic::set_hook(hook);
-    match r {
-        Ok((v, secs)) if v.is_finite() => Some(secs),
-        _ => None,
-    }
+    })?;
+    v.is_finite().then_some(secs)
 }
 
 fn try_inputs(n: i64, d: i64, dev: Device) -> Option<(Tensor, Tensor, Tensor)> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(|| {
+    quietly(|| {
         let t = inputs(n, d, dev);
         synchronize(dev);
         t
-    });
-    std::panic::set_hook(hook);
-    r.ok()
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {

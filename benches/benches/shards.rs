@@ -12,34 +12,23 @@
 //! prints samples/s, MB/s and the Rust/Python ratios. Set `HQ_PYTHON` (`source tools/env.sh`) for the
 //! Python side; without it only the Rust numbers are printed.
 
+#[path = "common/synthetic.rs"]
+mod synthetic;
+
 use criterion::{black_box, Criterion, Throughput};
 use hq_data::shards::{
     decode_image, read_parallel, ImageCheck, ParallelOptions, ReadOptions, ShardReader,
     ShardWriter, ShardWriterOptions,
 };
 use hq_data::{ImageBytes, RefinedTexts, Sample};
-use image::{ImageEncoder, RgbImage};
+use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use synthetic::{jpeg, Rng};
 
 const SAMPLES: usize = 2000;
 const PER_SHARD: u64 = 500;
-
-/// xorshift64*: deterministic data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + (self.next() % u64::from(hi - lo + 1)) as u32
-    }
-}
 
 fn make_jpeg(rng: &mut Rng, w: u32, h: u32) -> Vec<u8> {
     let (a, b, c) = (rng.range(0, 255), rng.range(1, 6), rng.range(1, 6));
@@ -52,16 +41,7 @@ fn make_jpeg(rng: &mut Rng, w: u32, h: u32) -> Vec<u8> {
             (((x + y) / 2 + a / 2 + n) % 256) as u8,
         ])
     });
-    let mut out = Vec::new();
-    if let Err(e) = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).write_image(
-        img.as_raw(),
-        w,
-        h,
-        image::ExtendedColorType::Rgb8,
-    ) {
-        panic!("jpeg encoding failed: {e}");
-    }
-    out
+    jpeg(&img)
 }
 
 fn make_shards(dir: &Path) -> Vec<PathBuf> {

@@ -489,22 +489,6 @@ impl ConfigSource {
 /// open_clip's Hugging Face config file (`{"model_cfg": ..., "preprocess_cfg": ...}`).
 pub const OPEN_CLIP_HF_CONFIG_FILE: &str = "open_clip_config.json";
 
-/// A model config from a JSON file: open_clip's model config, or an HF-hub `open_clip_config.json`
-/// (its `model_cfg`).
-fn read_config_file(path: &Path) -> std::result::Result<ClipConfig, hq_train::TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| hq_train::TrainError::ModelConfig {
-        field: path.display().to_string(),
-        reason: format!("cannot read: {e}"),
-    })?;
-    match serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("model_cfg").cloned())
-    {
-        Some(inner) => ClipConfig::from_json_str(&inner.to_string()),
-        None => ClipConfig::from_json_str(&text),
-    }
-}
-
 /// Finds the model config: `given` (a JSON file or a preset name) if set, else the config next to
 /// the checkpoint (`model_config.json`), else the checkpoint's metadata. An unknown preset, a bad
 /// file or no config at all is an error saying what was tried.
@@ -517,7 +501,7 @@ pub fn resolve_config(
     if let Some(arg) = given {
         let path = Path::new(arg);
         if path.is_file() {
-            let cfg = read_config_file(path).map_err(cfg_err)?;
+            let cfg = hq_train::checkpoint::read_file_config(path).map_err(cfg_err)?;
             return Ok((cfg, ConfigSource::File(path.to_path_buf())));
         }
         if hq_train::model::PRESET_NAMES.contains(&arg) {
@@ -530,7 +514,7 @@ pub fn resolve_config(
         )));
     }
     if let Some(path) = &location.config {
-        let cfg = read_config_file(path).map_err(cfg_err)?;
+        let cfg = hq_train::checkpoint::read_file_config(path).map_err(cfg_err)?;
         return Ok((cfg, ConfigSource::File(path.clone())));
     }
     if let Some(json) = ckpt.metadata_config() {

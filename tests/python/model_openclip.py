@@ -118,16 +118,9 @@ def main() -> None:
         # reader is the same at any size, and CI's disk and time are not).
         if sum(v.numel() for v in state.values()) <= 20_000_000:
             import json
-            hf = args.out_dir / "hf"
-            hf.mkdir(exist_ok=True)
-            (hf / "open_clip_config.json").write_text(json.dumps({
-                "model_cfg": json.loads(args.config.read_text()),
-                "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
-                                   "std": list(open_clip.OPENAI_DATASET_STD)}}))
-            torch.save(state, str(hf / "open_clip_pytorch_model.bin"))
-            torch.save({"epoch": 1, "name": args.config.stem,
-                        "state_dict": {"module." + k: v for k, v in state.items()}},
-                       str(args.out_dir / "epoch_1.pt"))
+            from torch_checkpoints import write_open_clip_formats
+            write_open_clip_formats(state, json.loads(args.config.read_text()), str(args.out_dir),
+                                    args.config.stem)
         inputs = make_inputs(model, args.batch, args.seed + 1)
         save_file(inputs, str(args.out_dir / "inputs.safetensors"))
         save_file(run(model, inputs), str(args.out_dir / "reference.safetensors"))

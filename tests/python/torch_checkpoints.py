@@ -21,19 +21,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def write_open_clip_formats(state, model_cfg, out, name="test"):
+    """`state` as open_clip users get it: OUT/hf (open_clip_config.json + a torch.save .bin) and
+    OUT/epoch_1.pt (an open_clip_train checkpoint with DDP's "module." prefixes)."""
+    hf = os.path.join(out, "hf")
+    os.makedirs(hf, exist_ok=True)
+    with open(os.path.join(hf, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                              "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
+    torch.save(state, os.path.join(hf, "open_clip_pytorch_model.bin"))
+    ddp = {"module." + k: v for k, v in state.items()}
+    torch.save({"epoch": 1, "name": name, "state_dict": ddp, "optimizer": None},
+               os.path.join(out, "epoch_1.pt"))
+
+
 def open_clip_folder(ckpt, out):
     state = load_file(os.path.join(ckpt, "model.safetensors"))
     with open(os.path.join(ckpt, "model_config.json")) as f:
         cfg = json.load(f)
-    hf = os.path.join(out, "hf")
-    os.makedirs(hf, exist_ok=True)
-    with open(os.path.join(hf, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                                        "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
-    torch.save(state, os.path.join(hf, "open_clip_pytorch_model.bin"))
-    ddp = {"module." + k: v for k, v in state.items()}
-    torch.save({"epoch": 1, "name": "test", "state_dict": ddp, "optimizer": None},
-               os.path.join(out, "epoch_1.pt"))
+    write_open_clip_formats(state, cfg, out)
 
 
 def views(out):

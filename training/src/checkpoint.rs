@@ -455,7 +455,7 @@ fn read_preprocess(path: &Path) -> Result<Option<hq_data::transform::Preprocess>
 
 /// A model config from a JSON file: open_clip's model config, or an HF-hub
 /// `open_clip_config.json` (`{"model_cfg": {...}, ...}`).
-fn read_file_config(path: &Path) -> Result<ClipConfig, TrainError> {
+pub fn read_file_config(path: &Path) -> Result<ClipConfig, TrainError> {
     let text = fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| err(path, format!("invalid JSON: {e}")))?;
