@@ -1310,3 +1310,107 @@ fn tokenizer_matches_open_clip() {
         "ids differ from open_clip's at context length 12"
     );
 }
+
+/// Runs `tests/python/hf_tokenizer_reference.py` with `args`; panics with its output on failure.
+fn hf_script(args: &[&std::ffi::OsStr]) {
+    let script = workspace_root().join("tests/python/hf_tokenizer_reference.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("cannot run {} (set HQ_PYTHON): {e}", script.display()),
+    }
+}
+
+/// `HfTokenizer` against open_clip's `HFTokenizer` on a WordPiece tokenizer folder built by
+/// transformers: CLIPA's settings (context 32, `strip_sep_token`, whitespace clean) and a short
+/// context with lower-casing clean-up, on a fifth of the adversarial corpus.
+#[test]
+fn hf_tokenizer_matches_open_clips_hf_tokenizer() {
+    use hq_data::text::hf_tokenizer::{HfTokenizer, HfTokenizerOptions, TextClean};
+    let texts: Vec<String> = corpus()
+        .into_iter()
+        .step_by(5)
+        .filter(|t| t.len() < 100_000)
+        .collect();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let folder = dir.path().join("wordpiece");
+    hf_script(&["make".as_ref(), folder.as_os_str()]);
+    let input = dir.path().join("texts.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap_or_default())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap_or_else(|e| panic!("write: {e}"));
+    for (context_length, strip_sep_token, clean) in [
+        (32, true, TextClean::Whitespace),
+        (12, false, TextClean::Lower),
+    ] {
+        let output = dir.path().join(format!("reference_{context_length}.jsonl"));
+        let clean_arg = match clean {
+            TextClean::Whitespace => "whitespace",
+            TextClean::Lower => "lower",
+        };
+        let ctx = context_length.to_string();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "reference".as_ref(),
+            folder.as_os_str(),
+            input.as_os_str(),
+            output.as_os_str(),
+            "--context-length".as_ref(),
+            ctx.as_ref(),
+            "--clean".as_ref(),
+            clean_arg.as_ref(),
+        ];
+        if strip_sep_token {
+            args.push("--strip-sep-token".as_ref());
+        }
+        hf_script(&args);
+        let options = HfTokenizerOptions {
+            context_length,
+            clean,
+            strip_sep_token,
+        };
+        let ours = HfTokenizer::from_folder(&folder, options)
+            .unwrap_or_else(|e| panic!("load: {e}"))
+            .tokenize_batch_flat(&texts)
+            .unwrap_or_else(|e| panic!("tokenize: {e}"));
+        let rows = std::fs::read_to_string(&output).unwrap_or_else(|e| panic!("read: {e}"));
+        let mut matched = 0;
+        let mut shown = 0;
+        for (i, (line, text)) in rows.lines().zip(&texts).enumerate() {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            let theirs: Vec<i64> = row["ids"]
+                .as_array()
+                .unwrap_or_else(|| panic!("#{i}: open_clip raised {:?} on {text:?}", row["error"]))
+                .iter()
+                .map(|x| x.as_i64().unwrap_or(-1))
+                .collect();
+            let mine = &ours[i * context_length..(i + 1) * context_length];
+            if mine == theirs.as_slice() {
+                matched += 1;
+            } else if shown < 10 {
+                shown += 1;
+                eprintln!("#{i} MISMATCH {text:?}\n  ours:   {mine:?}\n  theirs: {theirs:?}");
+            }
+        }
+        eprintln!(
+            "HF tokenizer parity (context {context_length}, strip_sep_token {strip_sep_token}, \
+             clean {clean_arg}): {matched}/{} strings give identical ids",
+            texts.len()
+        );
+        assert_eq!(
+            matched,
+            texts.len(),
+            "ids differ from open_clip's HFTokenizer"
+        );
+    }
+}
