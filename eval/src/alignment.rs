@@ -100,7 +100,7 @@ fn text_of(sample: &hq_data::Sample, field: TextField) -> Option<String> {
 /// The image-text cosine of each (image, text) pair of a batch.
 fn cosines_of(
     encoder: &mut dyn Encoder,
-    tokenizer: &hq_data::text::tokenizer::ClipTokenizer,
+    tokenizer: &hq_data::text::TextTokenizer,
     pixels: &[f32],
     texts: &[String],
     opts: &RunOptions,

@@ -49,4 +49,10 @@ pub trait Encoder {
 
     /// Embed `n` tokenised texts.
     fn encode_texts(&mut self, tokens: &[i64], n: usize) -> Result<Vec<f32>, EncodeError>;
+
+    /// The tokenizer this model reads, when it is not open_clip's CLIP BPE at
+    /// [`context_length`](Self::context_length) (a Hugging Face tokenizer, for CLIPA).
+    fn text_tokenizer(&self) -> Option<std::sync::Arc<hq_data::text::TextTokenizer>> {
+        None
+    }
 }

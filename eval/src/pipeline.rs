@@ -364,7 +364,7 @@ where
 /// Tokenise and embed texts in batches; rows are L2-normalised when `normalize`.
 pub fn encode_texts(
     encoder: &mut dyn Encoder,
-    tokenizer: &hq_data::text::tokenizer::ClipTokenizer,
+    tokenizer: &hq_data::text::TextTokenizer,
     texts: &[String],
     opts: &RunOptions,
     normalize: bool,
@@ -397,12 +397,28 @@ pub fn encode_texts(
     Ok(out)
 }
 
-/// The tokenizer for `encoder` (open_clip's, at the model's context length).
+/// The tokenizer for `encoder`: its own ([`Encoder::text_tokenizer`]), else open_clip's CLIP BPE at
+/// the model's context length.
 pub fn tokenizer_for(
     encoder: &dyn Encoder,
-) -> Result<hq_data::text::tokenizer::ClipTokenizer, EvalError> {
-    Ok(hq_data::text::tokenizer::ClipTokenizer::from_bundled()?
-        .with_context_length(encoder.context_length())?)
+) -> Result<std::sync::Arc<hq_data::text::TextTokenizer>, EvalError> {
+    let tokenizer = match encoder.text_tokenizer() {
+        Some(t) => t,
+        None => std::sync::Arc::new(
+            hq_data::text::tokenizer::ClipTokenizer::from_bundled()?
+                .with_context_length(encoder.context_length())?
+                .into(),
+        ),
+    };
+    if tokenizer.context_length() != encoder.context_length() {
+        return Err(EvalError::Invalid(format!(
+            "the model's tokenizer ({}) gives {} ids per text, the model reads {}",
+            tokenizer.describe(),
+            tokenizer.context_length(),
+            encoder.context_length()
+        )));
+    }
+    Ok(tokenizer)
 }
 
 #[cfg(test)]

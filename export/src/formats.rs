@@ -27,6 +27,8 @@ use safetensors::Dtype;
 
 use crate::checkpoint::{expected_tensors, sha256_hex, Checkpoint};
 use crate::clip::{Precision, MANIFEST_FILE};
+use hq_data::text::hf_tokenizer;
+
 use crate::error::{ExportError, Result};
 use crate::model::write_atomic;
 use crate::tensor::f32_to_f16_bits;
@@ -47,6 +49,37 @@ pub struct FormatSummary {
     pub config: PathBuf,
     /// Number of tensors written.
     pub tensors: usize,
+}
+
+/// Copies the Hugging Face tokenizer files of a model whose config names one (CLIPA:
+/// `text_cfg.hf_tokenizer_name`) from `from_dir`, the folder of the weights, into `out_dir`, so
+/// that the export alone is enough to tokenize texts for it (each file written atomically).
+/// Returns the files written; none for a model that reads open_clip's CLIP BPE.
+pub fn copy_tokenizer(cfg: &ClipConfig, from_dir: &Path, out_dir: &Path) -> Result<Vec<PathBuf>> {
+    let Some(name) = &cfg.text_cfg.hf_tokenizer_name else {
+        return Ok(Vec::new());
+    };
+    if !from_dir.join(hf_tokenizer::TOKENIZER_FILE).is_file() {
+        return Err(ExportError::Config(format!(
+            "the model reads the Hugging Face tokenizer {name:?}, and {} has no {} to ship with \
+             the export",
+            from_dir.display(),
+            hf_tokenizer::TOKENIZER_FILE
+        )));
+    }
+    std::fs::create_dir_all(out_dir).map_err(io_err("creating", out_dir))?;
+    let mut written = Vec::new();
+    for file in hf_tokenizer::TOKENIZER_FILES {
+        let from = from_dir.join(file);
+        if !from.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&from).map_err(io_err("reading", &from))?;
+        let to = out_dir.join(file);
+        write_atomic(&to, &bytes)?;
+        written.push(to);
+    }
+    Ok(written)
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ExportError {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use hq_export::checkpoint::{locate, resolve_config, Checkpoint};
 use hq_export::clip::{export_onnx, ExportOptions, Precision};
-use hq_export::formats::{export_hf, export_open_clip};
+use hq_export::formats::{copy_tokenizer, export_hf, export_open_clip};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -77,6 +77,14 @@ fn main() -> Result<()> {
         ckpt.tensors.len(),
         ckpt.sha256
     );
+    // Before the export proper, whose manifest comes last and marks the folder complete.
+    let weights_dir = location
+        .weights
+        .parent()
+        .unwrap_or(std::path::Path::new("."));
+    for f in copy_tokenizer(&cfg, weights_dir, &args.out)? {
+        eprintln!("tokenizer file {}", f.display());
+    }
     match args.format {
         Format::Onnx => {
             let opts = ExportOptions {

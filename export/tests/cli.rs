@@ -307,3 +307,52 @@ fn an_open_clip_folder_with_a_torch_bin_exports_the_same_weights() {
         "the .bin exported other weights than the safetensors"
     );
 }
+
+/// A model that reads a Hugging Face tokenizer (CLIPA's `hf_tokenizer_name`) ships it: the
+/// tokenizer files beside the weights are copied into every export, byte for byte, and an export
+/// without them is refused with a message naming the missing file.
+#[test]
+fn a_model_with_a_hugging_face_tokenizer_ships_it_with_the_export() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = small_config();
+    cfg.text_cfg.hf_tokenizer_name = Some("bert-base-uncased".into());
+    cfg.text_cfg.tokenizer_kwargs = Some(serde_json::json!({"strip_sep_token": true}));
+    let ckpt_dir = tmp.path().join("ckpt");
+    write_checkpoint(&ckpt_dir, &cfg, None);
+    let out = tmp.path().join("refused");
+    let o = hq_export(&[
+        "--checkpoint".as_ref(),
+        ckpt_dir.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no tokenizer.json"), "{}", stderr(&o));
+
+    let files = [
+        ("tokenizer.json", "{\"version\": \"1.0\"}\n"),
+        ("tokenizer_config.json", "{\"pad_token\": \"[PAD]\"}\n"),
+    ];
+    for (name, text) in files {
+        std::fs::write(ckpt_dir.join(name), text).expect("write");
+    }
+    for format in ["onnx", "open-clip"] {
+        let out = tmp.path().join(format);
+        let o = hq_export(&[
+            "--checkpoint".as_ref(),
+            ckpt_dir.as_os_str(),
+            "--format".as_ref(),
+            format.as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        assert!(o.status.success(), "{format}: {}", stderr(&o));
+        for (name, text) in files {
+            assert_eq!(
+                std::fs::read_to_string(out.join(name)).expect("copied"),
+                text,
+                "{format}: {name}"
+            );
+        }
+    }
+}

@@ -164,6 +164,29 @@ pub struct OnnxClipEncoder {
     provider: ExecutionProvider,
     dir: PathBuf,
     max_batch: usize,
+    /// The model's Hugging Face tokenizer (CLIPA), copied into the export by `hq-export`.
+    tokenizer: Option<std::sync::Arc<hq_data::text::TextTokenizer>>,
+}
+
+/// The Hugging Face tokenizer in `model_dir` when the exported model config names one (`None`:
+/// the model reads open_clip's CLIP BPE).
+fn model_tokenizer(
+    model_config: Option<&str>,
+    model_dir: &Path,
+) -> hq_data::Result<Option<std::sync::Arc<hq_data::text::TextTokenizer>>> {
+    let Some(json) = model_config else {
+        return Ok(None);
+    };
+    let config: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        hq_data::DataError::Tokenizer(format!("the model config in the metadata: {e}"))
+    })?;
+    let text_cfg = config.get("text_cfg").unwrap_or(&serde_json::Value::Null);
+    let spec = hq_data::text::TokenizerSpec::from_text_cfg(text_cfg)?;
+    if spec.hf_tokenizer_name.is_none() {
+        return Ok(None);
+    }
+    let tokenizer = hq_data::text::TextTokenizer::for_model(&spec, Some(model_dir))?;
+    Ok(Some(std::sync::Arc::new(tokenizer)))
 }
 
 impl std::fmt::Debug for OnnxClipEncoder {
@@ -851,6 +874,8 @@ impl OnnxClipEncoder {
         let transform = ImageTransform::new(TransformKind::Eval, h as u32, w as u32)
             .map_err(|e| create_err(&image_path, provider, format!("image size {h}x{w}: {e}")))?;
         let io_binding = options.io_binding.unwrap_or(provider.is_gpu());
+        let tokenizer = model_tokenizer(info.model_config.as_deref(), model_dir)
+            .map_err(|e| create_err(model_dir, provider, e.to_string()))?;
         Ok(Self {
             image: Tower::new(
                 image_session,
@@ -875,6 +900,7 @@ impl OnnxClipEncoder {
             provider: provider.clone(),
             dir: model_dir.to_path_buf(),
             max_batch: options.max_batch,
+            tokenizer,
         })
     }
 
@@ -982,6 +1008,10 @@ impl Encoder for OnnxClipEncoder {
         self.info.embed_dim
     }
 
+    fn text_tokenizer(&self) -> Option<std::sync::Arc<hq_data::text::TextTokenizer>> {
+        self.tokenizer.clone()
+    }
+
     fn encode_images(
         &mut self,
         pixels: &[f32],
@@ -1026,4 +1056,25 @@ pub mod keys {
     pub const MODEL_CONFIG: &str = "hq_clip.model_config";
     /// The checkpoint's logit scale.
     pub const LOGIT_SCALE: &str = "hq_clip.logit_scale";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_tokenizer;
+
+    /// The export's model config decides: no `hf_tokenizer_name`, CLIP BPE (`None`); one named,
+    /// the export folder must hold its `tokenizer.json`, and the error says so when it does not.
+    #[test]
+    fn the_exported_config_decides_the_tokenizer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clip = r#"{"embed_dim": 8, "text_cfg": {"context_length": 16}}"#;
+        assert!(model_tokenizer(Some(clip), dir.path())
+            .expect("clip")
+            .is_none());
+        assert!(model_tokenizer(None, dir.path()).expect("none").is_none());
+        let clipa = r#"{"text_cfg": {"context_length": 32, "hf_tokenizer_name": "bert-base-uncased",
+                        "tokenizer_kwargs": {"strip_sep_token": true}}}"#;
+        let e = model_tokenizer(Some(clipa), dir.path()).expect_err("no tokenizer.json");
+        assert!(e.to_string().contains("no tokenizer.json"), "{e}");
+    }
 }

@@ -160,6 +160,12 @@ fn max_of(diffs: &BTreeMap<String, f64>) -> f64 {
 /// Runs both directions for a config file; returns (open_clip -> ours, ours -> open_clip) max
 /// abs differences.
 fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    parity_in(config_path, batch, seed, dir.path())
+}
+
+/// [`parity`] with open_clip's files (its checkpoint, HF folder `hf/`, inputs) left in `dir`.
+fn parity_in(config_path: &Path, batch: usize, seed: u64, dir: &Path) -> (f64, f64) {
     let started = Instant::now();
     let name = config_path
         .file_stem()
@@ -169,27 +175,26 @@ fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
         Ok(c) => c,
         Err(e) => panic!("{name}: {e}"),
     };
-    let dir = tempfile::tempdir().expect("tempdir");
     let batch_s = batch.to_string();
     let seed_s = seed.to_string();
     let msg = run_python(&[
         "reference".as_ref(),
         config_path.as_os_str(),
-        dir.path().as_os_str(),
+        dir.as_os_str(),
         "--seed".as_ref(),
         seed_s.as_ref(),
         "--batch".as_ref(),
         batch_s.as_ref(),
     ]);
     eprint!("{msg}");
-    let inputs = read(&dir.path().join("inputs.safetensors"));
-    let reference = read(&dir.path().join("reference.safetensors"));
+    let inputs = read(&dir.join("inputs.safetensors"));
+    let reference = read(&dir.join("reference.safetensors"));
 
     // open_clip checkpoint -> our model.
     tch::manual_seed(seed as i64 + 100);
     let vs = VarStore::new(Device::Cpu);
     let model = Clip::new(vs.root(), &cfg).expect("model");
-    if let Err(e) = model.load_safetensors(dir.path().join("openclip.safetensors")) {
+    if let Err(e) = model.load_safetensors(dir.join("openclip.safetensors")) {
         panic!("{name}: loading open_clip's checkpoint: {e}");
     }
     let ours = our_outputs(&model, &inputs);
@@ -198,10 +203,10 @@ fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
     // from an open_clip_train checkpoint (.pt, DDP prefixes): bit-identical tensors, and a model
     // loaded from the folder reproduces open_clip's outputs.
     // (Written for small models only, see the script.)
-    if dir.path().join("epoch_1.pt").is_file() {
-        let st = read(&dir.path().join("openclip.safetensors"));
+    if dir.join("epoch_1.pt").is_file() {
+        let st = read(&dir.join("openclip.safetensors"));
         for file in ["hf/open_clip_pytorch_model.bin", "epoch_1.pt"] {
-            let got = hq_train::checkpoint::read_weights(&dir.path().join(file))
+            let got = hq_train::checkpoint::read_weights(&dir.join(file))
                 .unwrap_or_else(|e| panic!("{name}: {file}: {e}"));
             assert_eq!(got.len(), st.len(), "{name}: {file}");
             for (k, t) in &st {
@@ -211,9 +216,8 @@ fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
                 );
             }
         }
-        let (_hf_vs, from_hf) =
-            hq_train::checkpoint::load_clip(&dir.path().join("hf"), None, Device::Cpu)
-                .unwrap_or_else(|e| panic!("{name}: the HF folder: {e}"));
+        let (_hf_vs, from_hf) = hq_train::checkpoint::load_clip(&dir.join("hf"), None, Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: the HF folder: {e}"));
         assert_eq!(from_hf.config(), &cfg, "{name}: the HF folder's config");
         let d_hf = compare(
             &format!("{name} open_clip HF folder -> ours"),
@@ -232,20 +236,16 @@ fn parity(config_path: &Path, batch: usize, seed: u64) -> (f64, f64) {
     tch::manual_seed(seed as i64);
     let vs = VarStore::new(Device::Cpu);
     let model = Clip::new(vs.root(), &cfg).expect("model");
-    check_init_statistics(
-        &name,
-        &model,
-        &read(&dir.path().join("openclip.safetensors")),
-    );
-    let ckpt = dir.path().join("ours.safetensors");
+    check_init_statistics(&name, &model, &read(&dir.join("openclip.safetensors")));
+    let ckpt = dir.join("ours.safetensors");
     model.save_safetensors(&ckpt).expect("save");
     let ours = our_outputs(&model, &inputs);
-    let out = dir.path().join("check.safetensors");
+    let out = dir.join("check.safetensors");
     let msg = run_python(&[
         "check".as_ref(),
         config_path.as_os_str(),
         ckpt.as_os_str(),
-        dir.path().join("inputs.safetensors").as_os_str(),
+        dir.join("inputs.safetensors").as_os_str(),
         out.as_os_str(),
     ]);
     eprint!("{msg}");
@@ -467,7 +467,13 @@ fn open_clip_model_configs_parse_or_name_the_unsupported_field() {
         assert!(parsed.iter().any(|p| p == must), "{must} does not parse");
     }
     // Our presets equal open_clip's configs of the same name.
-    for name in ["ViT-B-32", "ViT-B-16", "ViT-L-14"] {
+    for name in [
+        "ViT-B-32",
+        "ViT-B-16",
+        "ViT-L-14",
+        "ViT-L-14-quickgelu",
+        "ViT-L-14-CLIPA",
+    ] {
         let theirs = ClipConfig::from_json_file(dir.join(format!("{name}.json"))).expect("parses");
         assert_eq!(ClipConfig::preset(name).expect("preset"), theirs, "{name}");
     }
@@ -490,5 +496,129 @@ fn run_python_inline(code: &str) -> String {
             "cannot run {} (set HQ_PYTHON or run `source tools/env.sh`): {e}",
             py.display()
         ),
+    }
+}
+
+/// `cfg` shrunk to test size, keeping what makes its family (patch size, activation, pooling,
+/// pre-LN, causal mask, tokenizer settings).
+fn scaled_down(mut cfg: ClipConfig, image_size: i64) -> ClipConfig {
+    cfg.embed_dim = 32;
+    let v = &mut cfg.vision_cfg;
+    v.image_size = hq_train::model::Size2::Square(image_size);
+    v.width = 64;
+    v.layers = 2;
+    v.head_width = 32;
+    let t = &mut cfg.text_cfg;
+    t.width = 64;
+    t.heads = 2;
+    t.layers = 2;
+    cfg
+}
+
+/// The families of the three HQ-CLIP releases (ViT-B-16; OpenAI's ViT-L-14 with QuickGELU;
+/// ViT-L-14-CLIPA with its WordPiece tokenizer), each scaled down: an open_clip model of the
+/// family, random-initialised in the venv and saved as safetensors, as its HF folder (torch.save
+/// `.bin`) and as an open_clip_train `.pt`, gives the same embeddings in our model (and ours in
+/// open_clip) to 1e-4; then a fine-tuning run starts from the HF folder. For CLIPA the folder
+/// carries a WordPiece `tokenizer.json` (built by transformers): the run tokenizes with it (CLIP
+/// BPE ids would not even fit the 300-id vocabulary) and its checkpoint carries it on.
+#[test]
+fn release_families_match_open_clip_and_fine_tune_from_their_folders() {
+    use hq_data::synth::{self, SynthConfig, WriteOptions};
+    let work = tempfile::tempdir().expect("tempdir");
+    let work = work.path();
+    let wordpiece = work.join("wordpiece");
+    let out = Command::new(python())
+        .arg(workspace_root().join("tests/python/hf_tokenizer_reference.py"))
+        .arg("make")
+        .arg(&wordpiece)
+        .output()
+        .expect("run the tokenizer script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let corpus = work.join("corpus");
+    let synth_cfg = SynthConfig {
+        seed: 3,
+        samples: 48,
+        shard_size: 48,
+        image_size: 32,
+        eval_samples: 0,
+        ..SynthConfig::default()
+    };
+    let write = WriteOptions {
+        force: false,
+        threads: Some(1),
+        progress: false,
+    };
+    synth::write_corpus(&synth_cfg, &corpus, &write).expect("corpus");
+
+    let mut clipa = scaled_down(ClipConfig::vit_l_14_clipa(), 28);
+    clipa.text_cfg.vocab_size = 300;
+    let families = [
+        ("ViT-B-16", scaled_down(ClipConfig::vit_b_16(), 32)),
+        (
+            "ViT-L-14-quickgelu",
+            scaled_down(ClipConfig::vit_l_14_quickgelu(), 28),
+        ),
+        ("ViT-L-14-CLIPA", clipa),
+    ];
+    for (i, (family, cfg)) in families.into_iter().enumerate() {
+        let dir = work.join(family);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // open_clip registers a config under its file stem: one name per family.
+        let config = dir.join(format!("{family}-scaled.json"));
+        cfg.write_json_file(&config).expect("config");
+        let (d1, d2) = parity_in(&config, 3, 50 + i as u64, &dir);
+        eprintln!("{family} (scaled down): parity {d1:.2e} / {d2:.2e}");
+
+        let hf = dir.join("hf");
+        let uses_wordpiece = cfg.text_cfg.hf_tokenizer_name.is_some();
+        if uses_wordpiece {
+            for f in hq_data::text::hf_tokenizer::TOKENIZER_FILES {
+                if wordpiece.join(f).is_file() {
+                    std::fs::copy(wordpiece.join(f), hf.join(f)).expect("copy tokenizer");
+                }
+            }
+        }
+        let run_dir = dir.join("fine-tune");
+        let mut c = hq_train::config::TrainConfig::default();
+        c.model.pretrained = Some(hf.clone());
+        c.data.train = vec![corpus.join("train").display().to_string()];
+        c.data.shuffle_buffer = 16;
+        c.data.threads = 1;
+        c.optim.lr = 1e-4;
+        c.optim.warmup_steps = 0;
+        c.run.steps = 3;
+        c.run.batch_size = 8;
+        c.run.device = "cpu".into();
+        c.run.out_dir = Some(run_dir.clone());
+        c.run.log_every = 1;
+        let summary = hq_train::run(&hq_train::RunRequest {
+            config: c,
+            resume: None,
+            stop_after: None,
+            verbose: false,
+        })
+        .unwrap_or_else(|e| panic!("{family}: fine-tuning from {}: {e}", hf.display()));
+        assert_eq!(summary.steps.len(), 3, "{family}");
+        assert!(
+            summary.steps.iter().all(|s| s.loss.is_finite()),
+            "{family}: {:?}",
+            summary.steps
+        );
+        let ckpt = summary.last_checkpoint.expect("a final checkpoint");
+        assert_eq!(
+            ckpt.join("tokenizer.json").is_file(),
+            uses_wordpiece,
+            "{family}: the checkpoint carries the tokenizer exactly when the model reads one"
+        );
+        // The checkpoint alone evaluates with the right tokenizer.
+        let enc = hq_train::TchEncoder::from_checkpoint(&ckpt, None, Device::Cpu)
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        use hq_eval::Encoder;
+        assert_eq!(enc.text_tokenizer().is_some(), uses_wordpiece, "{family}");
     }
 }

@@ -27,6 +27,9 @@ use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use tch::Device;
 
+use hq_data::text::hf_tokenizer;
+use hq_data::text::{TextTokenizer, TokenizerSpec};
+
 use crate::model::checkpoint::save_named;
 use crate::model::{Clip, ClipConfig, NamedTensors};
 use crate::TrainError;
@@ -334,6 +337,9 @@ pub struct WeightsSource {
     pub config: Option<ClipConfig>,
     /// `open_clip_config.json`'s `preprocess_cfg` (normalisation, eval resize), if any.
     pub preprocess: Option<hq_data::transform::Preprocess>,
+    /// The folder holding the Hugging Face tokenizer (`tokenizer.json`) that travels with the
+    /// weights, if any: the open_clip folder, our checkpoint, or the weights file's folder.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Resolves `path`: a checkpoint or run directory of ours (verified), an open_clip HF folder
@@ -362,6 +368,7 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
                 weights,
                 config,
                 preprocess,
+                tokenizer: tokenizer_folder(path),
             });
         }
         let dir = resolve(path)?;
@@ -370,6 +377,7 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
             weights: dir.join(MODEL_FILE),
             config: Some(read_model_config(&dir)?),
             preprocess: None,
+            tokenizer: tokenizer_folder(&dir),
         });
     }
     if !path.is_file() {
@@ -389,7 +397,48 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
         weights: path.to_path_buf(),
         config,
         preprocess,
+        tokenizer: tokenizer_folder(parent),
     })
+}
+
+/// `dir` when it holds a Hugging Face `tokenizer.json`.
+fn tokenizer_folder(dir: &Path) -> Option<PathBuf> {
+    dir.join(hf_tokenizer::TOKENIZER_FILE)
+        .is_file()
+        .then(|| dir.to_path_buf())
+}
+
+/// The tokenizer a model reads ([`TextTokenizer::for_model`]): open_clip's CLIP BPE, or the
+/// Hugging Face tokenizer in `folder` when `text_cfg.hf_tokenizer_name` names one (CLIPA).
+pub fn text_tokenizer(
+    cfg: &ClipConfig,
+    folder: Option<&Path>,
+) -> Result<TextTokenizer, TrainError> {
+    let t = &cfg.text_cfg;
+    let spec = TokenizerSpec {
+        context_length: usize::try_from(t.context_length).map_err(|_| TrainError::ModelConfig {
+            field: "text_cfg.context_length".into(),
+            reason: format!("{} is out of range", t.context_length),
+        })?,
+        hf_tokenizer_name: t.hf_tokenizer_name.as_deref(),
+        tokenizer_mode: t.tokenizer_mode.as_deref(),
+        tokenizer_kwargs: t.tokenizer_kwargs.as_ref(),
+    };
+    Ok(TextTokenizer::for_model(&spec, folder)?)
+}
+
+/// Copies the tokenizer files of `folder` (those present) into a checkpoint being written, so
+/// that the checkpoint alone can be resumed, evaluated and exported.
+pub fn write_tokenizer_files(w: &mut CheckpointWriter, folder: &Path) -> Result<(), TrainError> {
+    for name in hf_tokenizer::TOKENIZER_FILES {
+        let path = folder.join(name);
+        match fs::read(&path) {
+            Ok(bytes) => w.write_bytes(name, &bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&path, format!("cannot read: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 /// All tensors of a weights file (CPU), by content: a zip archive is a `torch.save` checkpoint

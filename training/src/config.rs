@@ -50,6 +50,9 @@ pub struct ModelSection {
     /// of ours, a safetensors or torch.save file). Its config is the model's when neither
     /// `preset` nor `config` is set; otherwise the weights must fit the config given.
     pub pretrained: Option<PathBuf>,
+    /// A Hugging Face tokenizer folder (`tokenizer.json`) for a model whose config names one
+    /// (`text_cfg.hf_tokenizer_name`, CLIPA); default: the one beside the pretrained weights.
+    pub tokenizer: Option<PathBuf>,
     /// Square image size overriding the preset's (must be a multiple of the patch size).
     pub image_size: Option<i64>,
     /// Width of the STC head's hidden layer (default: the embedding width).
@@ -558,6 +561,50 @@ impl TrainConfig {
             c.source_weighting = self.data.source_weighting;
         }
         Ok(c)
+    }
+
+    /// The text tokenizer for `model`: a resumed run's checkpoint carries its own; otherwise
+    /// `model.tokenizer`, else the folder of the pretrained weights
+    /// ([`crate::checkpoint::text_tokenizer`]).
+    pub fn text_tokenizer(
+        &self,
+        model: &ClipConfig,
+        checkpoint: Option<&Path>,
+    ) -> Result<hq_data::text::TextTokenizer, TrainError> {
+        if self.model.tokenizer.is_some() && model.text_cfg.hf_tokenizer_name.is_none() {
+            return Err(bad(
+                "model.tokenizer",
+                "the model config uses open_clip's CLIP tokenizer (no text_cfg.hf_tokenizer_name); \
+                 leave model.tokenizer out",
+            ));
+        }
+        let from_checkpoint = checkpoint
+            .filter(|d| {
+                d.join(hq_data::text::hf_tokenizer::TOKENIZER_FILE)
+                    .is_file()
+            })
+            .map(Path::to_path_buf);
+        let folder = match (
+            from_checkpoint,
+            &self.model.tokenizer,
+            &self.model.pretrained,
+        ) {
+            (Some(dir), _, _) => Some(dir),
+            (None, Some(dir), _) => Some(dir.clone()),
+            (None, None, Some(p)) => crate::checkpoint::weights_source(p)?.tokenizer,
+            (None, None, None) => None,
+        };
+        if let (Some(name), None) = (&model.text_cfg.hf_tokenizer_name, &folder) {
+            return Err(bad(
+                "model.tokenizer",
+                format!(
+                    "the model reads the Hugging Face tokenizer {name:?} and no tokenizer.json \
+                     came with the weights: pass its folder (hq-train --tokenizer DIR; nothing is \
+                     downloaded)"
+                ),
+            ));
+        }
+        crate::checkpoint::text_tokenizer(model, folder.as_deref())
     }
 
     /// The pixel normalisation: `data.image_mean` / `data.image_std` when set, else a pretrained

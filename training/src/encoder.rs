@@ -6,7 +6,9 @@
 //! [`TchEncoder::with_max_batch`] rows to bound memory.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use hq_data::text::TextTokenizer;
 use hq_data::transform::{ImageTransform, Preprocess};
 use hq_eval::{EncodeError, Encoder};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -36,6 +38,8 @@ pub struct TchEncoder<'m> {
     max_batch: usize,
     /// The checkpoint's own normalisation and eval resize (open_clip's `preprocess_cfg`).
     preprocess: Preprocess,
+    /// The model's own tokenizer (a Hugging Face one, CLIPA); `None`: open_clip's CLIP BPE.
+    tokenizer: Option<Arc<TextTokenizer>>,
 }
 
 impl std::fmt::Debug for TchEncoder<'_> {
@@ -84,10 +88,16 @@ impl TchEncoder<'static> {
     ) -> Result<Self, TrainError> {
         let path = path.as_ref();
         let (vs, model) = load_clip(path, config, device)?;
-        let preprocess = crate::checkpoint::weights_source(path)?
-            .preprocess
-            .unwrap_or_default();
+        let source = crate::checkpoint::weights_source(path)?;
+        let preprocess = source.preprocess.unwrap_or_default();
         square_size(model.config())?;
+        let tokenizer = match model.config().text_cfg.hf_tokenizer_name {
+            Some(_) => Some(Arc::new(crate::checkpoint::text_tokenizer(
+                model.config(),
+                source.tokenizer.as_deref(),
+            )?)),
+            None => None,
+        };
         let name = format!(
             "tch {} {}",
             device_name(device),
@@ -104,6 +114,7 @@ impl TchEncoder<'static> {
             name,
             max_batch: DEFAULT_MAX_BATCH,
             preprocess,
+            tokenizer,
         })
     }
 }
@@ -119,12 +130,22 @@ impl<'m> TchEncoder<'m> {
             name: format!("tch {} (in training)", device_name(device)),
             max_batch: DEFAULT_MAX_BATCH,
             preprocess: Preprocess::default(),
+            tokenizer: None,
         })
     }
 
     /// Evaluates with `preprocess` (a pretrained checkpoint's normalisation and resize).
     pub fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
         self.preprocess = preprocess;
+        self
+    }
+
+    /// Tokenizes texts with `tokenizer` (the model's Hugging Face tokenizer) instead of CLIP's.
+    pub fn with_tokenizer(mut self, tokenizer: Arc<TextTokenizer>) -> Self {
+        self.tokenizer = match &*tokenizer {
+            TextTokenizer::Clip(_) => None,
+            TextTokenizer::Hf(_) => Some(tokenizer),
+        };
         self
     }
 
@@ -227,6 +248,10 @@ impl Encoder for TchEncoder<'_> {
 
     fn embed_dim(&self) -> usize {
         self.model().config().embed_dim as usize
+    }
+
+    fn text_tokenizer(&self) -> Option<Arc<TextTokenizer>> {
+        self.tokenizer.clone()
     }
 
     fn encode_images(&mut self, pixels: &[f32], n: usize) -> Result<Vec<f32>, EncodeError> {

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hq_data::text::tags::TagVocab;
+use hq_data::text::TextTokenizer;
 use hq_dist::ProcessGroup;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -233,6 +234,7 @@ pub fn run_on(
     // ---- model, STC head, optimizer
     tch::manual_seed(cfg.run.seed as i64);
     let model_cfg = cfg.model_config()?;
+    let tokenizer = Arc::new(cfg.text_tokenizer(&model_cfg, resume_dir.as_deref())?);
     let vs = VarStore::new(device);
     let model = Clip::new(vs.root(), &model_cfg)?;
     if let (None, Some(path)) = (&saved, &cfg.model.pretrained) {
@@ -371,7 +373,8 @@ pub fn run_on(
     loader_cfg.rank = rank;
     loader_cfg.world_size = world;
     loader_cfg.seed = rank_seed(loader_cfg.seed, rank);
-    let mut loader = DataLoader::new(loader_cfg, vocab.clone(), loader_state)?;
+    let mut loader =
+        DataLoader::with_tokenizer(loader_cfg, tokenizer.clone(), vocab.clone(), loader_state)?;
     let mut metrics = match lead {
         true => Some(MetricsLog::open(
             out.join("metrics.jsonl"),
@@ -552,6 +555,7 @@ pub fn run_on(
                     &model,
                     stc.as_ref(),
                     vocab.as_deref(),
+                    &tokenizer,
                     &optimizer,
                     &state,
                 )?;
@@ -566,7 +570,7 @@ pub fn run_on(
             eval_due || (at_end && step == total),
             lead,
         ) {
-            let summary = evaluate(&model, device, dir, &cfg, step, &out, &bar)?;
+            let summary = evaluate(&model, &tokenizer, device, dir, &cfg, step, &out, &bar)?;
             log(
                 &mut metrics,
                 &json!({"kind": "eval", "step": step,
@@ -720,6 +724,7 @@ fn save_checkpoint(
     model: &Clip,
     stc: Option<&StcHead>,
     vocab: Option<&TagVocab>,
+    tokenizer: &TextTokenizer,
     optimizer: &AdamW,
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
@@ -735,6 +740,10 @@ fn save_checkpoint(
     if let Some(v) = vocab {
         let p = w.external_file(ckpt::TAG_VOCAB_FILE)?;
         v.save(&p)?;
+    }
+    if let TextTokenizer::Hf(t) = tokenizer {
+        // The checkpoint alone must be enough to resume, evaluate and export the model.
+        ckpt::write_tokenizer_files(&mut w, t.folder())?;
     }
     w.write_tensors(ckpt::OPTIMIZER_FILE, &optimizer.state_tensors())?;
     w.write_json(ckpt::TRAIN_STATE_FILE, state)?;
@@ -767,8 +776,10 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), TrainError> {
 }
 
 /// Evaluates on the built-in held-out sets; writes `eval/step-N.json`; returns the summary.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     model: &Clip,
+    tokenizer: &Arc<TextTokenizer>,
     device: Device,
     eval_dir: &Path,
     cfg: &TrainConfig,
@@ -776,7 +787,7 @@ fn evaluate(
     out: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<(String, serde_json::Value)>, TrainError> {
-    let mut encoder = TchEncoder::from_model(model, device)?;
+    let mut encoder = TchEncoder::from_model(model, device)?.with_tokenizer(tokenizer.clone());
     let options = hq_eval::RunOptions {
         limit: (cfg.run.eval_samples > 0).then_some(cfg.run.eval_samples as u64),
         progress: false,

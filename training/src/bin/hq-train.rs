@@ -66,6 +66,10 @@ struct Cli {
     /// otherwise (then the weights must fit that config). [model.pretrained]
     #[arg(long, value_name = "PATH")]
     pretrained: Option<PathBuf>,
+    /// A Hugging Face tokenizer folder (tokenizer.json) for a model whose config names one
+    /// (CLIPA); default: the one beside the --pretrained weights. [model.tokenizer]
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
     /// Freeze the image tower (LiT), as open_clip's --lock-image. [model.lock_image]
     #[arg(long)]
     lock_image: bool,
@@ -273,6 +277,9 @@ fn main() -> Result<()> {
     }
     if let Some(p) = &cli.pretrained {
         flag("model.pretrained", Some(toml_str(&p.display().to_string())));
+    }
+    if let Some(p) = &cli.tokenizer {
+        flag("model.tokenizer", Some(toml_str(&p.display().to_string())));
     }
     flag("model.image_size", cli.image_size.map(|v| v.to_string()));
     flag(

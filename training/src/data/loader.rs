@@ -34,6 +34,7 @@ use hq_data::shards::{
 };
 use hq_data::text::tags::TagVocab;
 use hq_data::text::tokenizer::ClipTokenizer;
+use hq_data::text::TextTokenizer;
 use hq_data::SampleError;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -576,7 +577,7 @@ struct DecodeCtx {
     seed: u64,
     transform: ImageTransform,
     policy: TextPolicy,
-    tokenizer: Arc<ClipTokenizer>,
+    tokenizer: Arc<TextTokenizer>,
     vocab: Option<Arc<TagVocab>>,
     max_pixels: u64,
 }
@@ -661,13 +662,13 @@ impl DataLoader {
     ) -> Result<Self, TrainError> {
         let tokenizer =
             ClipTokenizer::from_bundled()?.with_context_length(config.context_length)?;
-        Self::with_tokenizer(config, Arc::new(tokenizer), vocab, resume)
+        Self::with_tokenizer(config, Arc::new(tokenizer.into()), vocab, resume)
     }
 
     /// [`DataLoader::new`] with a given tokenizer (its context length must be the config's).
     pub fn with_tokenizer(
         config: LoaderConfig,
-        tokenizer: Arc<ClipTokenizer>,
+        tokenizer: Arc<TextTokenizer>,
         vocab: Option<Arc<TagVocab>>,
         resume: Option<LoaderState>,
     ) -> Result<Self, TrainError> {

@@ -21,7 +21,17 @@ pub fn default_logit_scale() -> f64 {
 }
 
 /// Names of the built-in presets, in the order of [`ClipConfig::preset`].
-pub const PRESET_NAMES: &[&str] = &["hq-tiny", "hq-small", "ViT-B-32", "ViT-B-16", "ViT-L-14"];
+/// `ViT-B-16`, `ViT-L-14-quickgelu` and `ViT-L-14-CLIPA` are the families of the HQ-CLIP
+/// releases (trained from scratch; OpenAI's ViT-L/14 fine-tuned; CLIPA's ViT-L/14).
+pub const PRESET_NAMES: &[&str] = &[
+    "hq-tiny",
+    "hq-small",
+    "ViT-B-32",
+    "ViT-B-16",
+    "ViT-L-14",
+    "ViT-L-14-quickgelu",
+    "ViT-L-14-CLIPA",
+];
 
 /// An image or patch size: one integer (square) or `[height, width]`, as open_clip's `to_2tuple`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +407,8 @@ impl ClipConfig {
             "ViT-B-32" => Ok(Self::vit_b_32()),
             "ViT-B-16" => Ok(Self::vit_b_16()),
             "ViT-L-14" => Ok(Self::vit_l_14()),
+            "ViT-L-14-quickgelu" => Ok(Self::vit_l_14_quickgelu()),
+            "ViT-L-14-CLIPA" => Ok(Self::vit_l_14_clipa()),
             other => Err(TrainError::ModelConfig {
                 field: "(preset)".into(),
                 reason: format!(
@@ -481,6 +493,32 @@ impl ClipConfig {
     /// open_clip's `ViT-L-14.json`.
     pub fn vit_l_14() -> Self {
         Self::standard(768, (224, 14, 1024, 24, 64), (768, 12, 12, 77))
+    }
+
+    /// open_clip's `ViT-L-14-quickgelu.json`: OpenAI's ViT-L/14 (QuickGELU in both towers).
+    pub fn vit_l_14_quickgelu() -> Self {
+        Self {
+            quick_gelu: true,
+            ..Self::vit_l_14()
+        }
+    }
+
+    /// open_clip's `ViT-L-14-CLIPA.json`: no pre-LN, average-pooled image tokens with the final
+    /// LayerNorm after pooling; a bidirectional text tower over BERT's uncased WordPiece vocabulary
+    /// (a Hugging Face tokenizer: `tokenizer.json` must come with the weights), context 32, the
+    /// last token pooled, `[SEP]` ids replaced by 0.
+    pub fn vit_l_14_clipa() -> Self {
+        let mut cfg = Self::standard(768, (224, 14, 1024, 24, 64), (768, 12, 12, 32));
+        cfg.vision_cfg.no_ln_pre = true;
+        cfg.vision_cfg.pool_type = VisionPool::Avg;
+        cfg.vision_cfg.final_ln_after_pool = true;
+        let t = &mut cfg.text_cfg;
+        t.vocab_size = 32000;
+        t.hf_tokenizer_name = Some("bert-base-uncased".into());
+        t.tokenizer_kwargs = Some(serde_json::json!({"strip_sep_token": true}));
+        t.pool_type = TextPool::Last;
+        t.no_causal_mask = true;
+        cfg
     }
 
     /// `logit_scale`'s initial value.
