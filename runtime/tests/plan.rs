@@ -138,6 +138,23 @@ fn a_plan_recaptions_like_its_model_folder_and_damage_is_refused() {
     assert!(!ra.is_empty(), "no side-car written");
     assert_eq!(ra, rb, "the plan's answers differ from the folder's");
 
+    // The extracted cache damaged after a good run (a member edited, another deleted): the next
+    // run notices, extracts the plan again and answers as before.
+    let cache = PathBuf::from(format!("{}.d", plan.display()));
+    let mut members: Vec<PathBuf> = walk(&cache)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json" || e == "onnx"))
+        .collect();
+    members.sort();
+    assert!(members.len() >= 2, "extracted members: {members:?}");
+    std::fs::write(&members[0], b"{}").expect("edit a member");
+    std::fs::remove_file(&members[1]).expect("delete a member");
+    let again = dir.path().join("from-plan-again");
+    let o = run(&plan, &input, &again, &[]);
+    assert!(o.status.success(), "plan after damage: {}", text(&o));
+    assert!(text(&o).contains("extracting it again"), "{}", text(&o));
+    assert_eq!(sidecars(&again), ra, "answers after re-extraction");
+
     // Another provider than the plan's.
     let o = run(
         &plan,
@@ -182,6 +199,20 @@ fn a_plan_recaptions_like_its_model_folder_and_damage_is_refused() {
             "a refused run wrote results in {out}"
         );
     }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// True when `dir` holds no side-car output.
