@@ -645,6 +645,17 @@ impl Preprocess {
         Ok(p)
     }
 
+    /// open_clip's `preprocess_cfg` object for these settings (what
+    /// [`from_open_clip`](Self::from_open_clip) reads back).
+    pub fn to_open_clip(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": "bicubic",
+            "resize_mode": if self.squash { "squash" } else { "shortest" },
+        })
+    }
+
     /// The eval transform at `size x size`.
     pub fn eval_transform(&self, size: u32) -> ImageTransform {
         let mut t = ImageTransform::eval(size);

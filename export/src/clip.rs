@@ -56,6 +56,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hq_data::transform::Preprocess;
 use hq_train::model::{ClipConfig, TextPool, TextProjType, VisionPool};
 
 use crate::checkpoint::{text_output_dim, Checkpoint};
@@ -115,6 +116,8 @@ pub mod meta {
     pub const IMAGE_MEAN: &str = "hq_clip.image_mean";
     /// Comma-separated per-channel standard deviation of the expected normalisation.
     pub const IMAGE_STD: &str = "hq_clip.image_std";
+    /// The eval resize: `shortest` (resize the short side, centre crop) or `squash` (CLIPA).
+    pub const RESIZE_MODE: &str = "hq_clip.resize_mode";
     /// Token positions per text.
     pub const CONTEXT_LENGTH: &str = "hq_clip.context_length";
     /// Vocabulary size (ids must be below it).
@@ -127,11 +130,6 @@ pub mod meta {
 
 /// Value of [`meta::FORMAT_VERSION`].
 pub const FORMAT_VERSION: &str = "1";
-
-/// OpenAI CLIP's per-channel mean and std, which open_clip's plain CLIP configs use (and
-/// `hq_data::transform::ImageTransform` applies).
-const CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Weight and compute precision of the exported graphs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,7 +171,7 @@ impl std::str::FromStr for Precision {
 }
 
 /// How to export.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExportOptions {
     /// Weight and compute precision.
     pub precision: Precision,
@@ -181,6 +179,9 @@ pub struct ExportOptions {
     pub normalize: bool,
     /// A model name for the metadata (e.g. the config's file stem).
     pub model_name: Option<String>,
+    /// The image preprocessing the model expects (its checkpoint's `preprocess_cfg`), for the
+    /// metadata: the encoder that loads the export normalises and resizes with it.
+    pub preprocess: Preprocess,
 }
 
 /// What [`export_onnx`] wrote.
@@ -1115,8 +1116,16 @@ fn with_metadata(
         .metadata(meta::EMBED_DIM, &out_dim.to_string())
         .metadata(meta::IMAGE_HEIGHT, &v.image_size.height().to_string())
         .metadata(meta::IMAGE_WIDTH, &v.image_size.width().to_string())
-        .metadata(meta::IMAGE_MEAN, &floats(&CLIP_MEAN))
-        .metadata(meta::IMAGE_STD, &floats(&CLIP_STD))
+        .metadata(meta::IMAGE_MEAN, &floats(&opts.preprocess.mean))
+        .metadata(meta::IMAGE_STD, &floats(&opts.preprocess.std))
+        .metadata(
+            meta::RESIZE_MODE,
+            if opts.preprocess.squash {
+                "squash"
+            } else {
+                "shortest"
+            },
+        )
         .metadata(
             meta::CONTEXT_LENGTH,
             &cfg.text_cfg.context_length.to_string(),

@@ -91,6 +91,8 @@ fn main() -> Result<()> {
                 precision,
                 normalize: args.normalize,
                 model_name: Some(name),
+                // The weights' own preprocess_cfg (open_clip folder, our checkpoint), else CLIP's.
+                preprocess: hq_train::checkpoint::preprocess_in(weights_dir)?.unwrap_or_default(),
             };
             let s = export_onnx(&cfg, &ckpt, &opts, &args.out)
                 .with_context(|| format!("exporting ONNX to {}", args.out.display()))?;

@@ -32,7 +32,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use hq_data::transform::{ImageTransform, TransformKind};
+use hq_data::transform::{ImageTransform, Preprocess, TransformKind};
 use hq_eval::{EncodeError, Encoder};
 use ort::ep::{ExecutionProviderDispatch, TensorRT, CUDA};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -382,6 +382,53 @@ fn meta(session: &ort::session::Session, path: &Path, key: &str) -> Result<Optio
         message: format!("reading metadata: {e}"),
     })?;
     Ok(md.custom(key))
+}
+
+/// The image preprocessing the export states (`hq_clip.image_mean`, `.image_std`,
+/// `.resize_mode`); CLIP's where a key is missing (exports older than the keys).
+fn read_preprocess(session: &ort::session::Session, path: &Path) -> Result<Preprocess> {
+    let bad = |key: &str, v: &str| RuntimeError::Run {
+        model: path.display().to_string(),
+        message: format!("metadata {key} = {v:?}: expected 3 comma-separated positive numbers"),
+    };
+    let three = |key: &str| -> Result<Option<[f64; 3]>> {
+        let Some(v) = meta(session, path, key)? else {
+            return Ok(None);
+        };
+        let xs: Vec<f64> = v
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad(key, &v))?;
+        match xs[..] {
+            [a, b, c] if xs.iter().all(|x| x.is_finite()) => Ok(Some([a, b, c])),
+            _ => Err(bad(key, &v)),
+        }
+    };
+    let mut p = Preprocess::default();
+    if let Some(m) = three(keys::IMAGE_MEAN)? {
+        p.mean = m;
+    }
+    if let Some(s) = three(keys::IMAGE_STD)? {
+        if s.iter().any(|&x| x <= 0.0) {
+            return Err(bad(keys::IMAGE_STD, &format!("{s:?}")));
+        }
+        p.std = s;
+    }
+    p.squash = match meta(session, path, keys::RESIZE_MODE)?.as_deref() {
+        None | Some("shortest") => false,
+        Some("squash") => true,
+        Some(other) => {
+            return Err(RuntimeError::Run {
+                model: path.display().to_string(),
+                message: format!(
+                    "metadata {} = {other:?}: expected shortest or squash",
+                    keys::RESIZE_MODE
+                ),
+            })
+        }
+    };
+    Ok(p)
 }
 
 fn meta_required(
@@ -871,8 +918,14 @@ impl OnnxClipEncoder {
             logit_scale: meta(&image_session, &image_path, keys::LOGIT_SCALE)?
                 .and_then(|s| s.parse().ok()),
         };
-        let transform = ImageTransform::new(TransformKind::Eval, h as u32, w as u32)
-            .map_err(|e| create_err(&image_path, provider, format!("image size {h}x{w}: {e}")))?;
+        let preprocess = read_preprocess(&image_session, &image_path)?;
+        let kind = match preprocess.squash {
+            true => TransformKind::EvalSquash,
+            false => TransformKind::Eval,
+        };
+        let transform = ImageTransform::new(kind, h as u32, w as u32)
+            .map_err(|e| create_err(&image_path, provider, format!("image size {h}x{w}: {e}")))?
+            .with_normalization(preprocess.mean, preprocess.std);
         let io_binding = options.io_binding.unwrap_or(provider.is_gpu());
         let tokenizer = model_tokenizer(info.model_config.as_deref(), model_dir)
             .map_err(|e| create_err(model_dir, provider, e.to_string()))?;
@@ -1040,6 +1093,12 @@ pub mod keys {
     pub const IMAGE_HEIGHT: &str = "hq_clip.image_height";
     /// Image width.
     pub const IMAGE_WIDTH: &str = "hq_clip.image_width";
+    /// Per-channel mean of the normalisation, comma-separated.
+    pub const IMAGE_MEAN: &str = "hq_clip.image_mean";
+    /// Per-channel standard deviation of the normalisation, comma-separated.
+    pub const IMAGE_STD: &str = "hq_clip.image_std";
+    /// `shortest` (resize and centre crop) or `squash` (CLIPA).
+    pub const RESIZE_MODE: &str = "hq_clip.resize_mode";
     /// Token positions per text.
     pub const CONTEXT_LENGTH: &str = "hq_clip.context_length";
     /// Vocabulary size.

@@ -428,6 +428,7 @@ fn hq_tiny_init_and_perturbed_weights_match_tch() -> BoxResult<()> {
                 precision: Precision::Fp32,
                 normalize,
                 model_name: Some("hq-tiny".into()),
+                preprocess: hq_data::transform::Preprocess::default(),
             };
             export_dir(&ckpt, &cfg, &opts, &out)?;
             let mut enc = encoder(&out, 4, None);
@@ -486,6 +487,7 @@ fn fp16_export_is_close_to_fp32() -> BoxResult<()> {
         precision: Precision::Fp16,
         normalize: true,
         model_name: None,
+        preprocess: hq_data::transform::Preprocess::default(),
     };
     export_dir(&ckpt, &cfg, &opts, &out)?;
     check_export(&out, &ckpt, &cfg, Precision::Fp16);
@@ -1021,6 +1023,7 @@ fn builtin_metrics_are_equal_through_tch_and_onnx() -> BoxResult<()> {
         precision: Precision::Fp32,
         normalize: false,
         model_name: Some("hq-tiny".into()),
+        preprocess: hq_data::transform::Preprocess::default(),
     };
     export_dir(&ckpt, &cfg, &opts, &onnx_dir)?;
 

@@ -576,12 +576,24 @@ fn release_families_match_open_clip_and_fine_tune_from_their_folders() {
 
         let hf = dir.join("hf");
         let uses_wordpiece = cfg.text_cfg.hf_tokenizer_name.is_some();
+        let mut preprocess = hq_data::transform::Preprocess::default();
         if uses_wordpiece {
             for f in hq_data::text::hf_tokenizer::TOKENIZER_FILES {
                 if wordpiece.join(f).is_file() {
                     std::fs::copy(wordpiece.join(f), hf.join(f)).expect("copy tokenizer");
                 }
             }
+            // CLIPA's own preprocessing: mean and std 0.5, squash resize.
+            preprocess = hq_data::transform::Preprocess {
+                mean: [0.5; 3],
+                std: [0.5; 3],
+                squash: true,
+            };
+            let file = hf.join("open_clip_config.json");
+            let mut folder_cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+            folder_cfg["preprocess_cfg"] = preprocess.to_open_clip();
+            std::fs::write(&file, folder_cfg.to_string()).expect("write");
         }
         let run_dir = dir.join("fine-tune");
         let mut c = hq_train::config::TrainConfig::default();
@@ -615,10 +627,50 @@ fn release_families_match_open_clip_and_fine_tune_from_their_folders() {
             uses_wordpiece,
             "{family}: the checkpoint carries the tokenizer exactly when the model reads one"
         );
-        // The checkpoint alone evaluates with the right tokenizer.
+        // The checkpoint alone evaluates with the right tokenizer and preprocessing, and so does
+        // its ONNX export.
+        use hq_eval::Encoder;
+        let size = cfg.vision_cfg.image_size.height() as u32;
+        let want = transformed(&preprocess.eval_transform(size));
         let enc = hq_train::TchEncoder::from_checkpoint(&ckpt, None, Device::Cpu)
             .unwrap_or_else(|e| panic!("{family}: {e}"));
-        use hq_eval::Encoder;
         assert_eq!(enc.text_tokenizer().is_some(), uses_wordpiece, "{family}");
+        assert!(
+            transformed(&enc.image_transform()) == want,
+            "{family}: tch preprocessing"
+        );
+        let onnx = dir.join("onnx");
+        let source = hq_train::checkpoint::weights_source(&ckpt).expect("source");
+        hq_export::formats::copy_tokenizer(&cfg, &ckpt, &onnx).expect("tokenizer");
+        let opts = hq_export::clip::ExportOptions {
+            preprocess: source
+                .preprocess
+                .expect("the checkpoint states its preprocessing"),
+            ..Default::default()
+        };
+        let weights = hq_export::checkpoint::Checkpoint::read(&source.weights).expect("read");
+        hq_export::clip::export_onnx(&cfg, &weights, &opts, &onnx).expect("export");
+        let enc = hq_runtime::clip_encoder::OnnxClipEncoder::load(
+            &onnx,
+            &hq_runtime::ExecutionProvider::Cpu,
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{family}: {e}"));
+        assert_eq!(enc.text_tokenizer().is_some(), uses_wordpiece, "{family}");
+        assert!(
+            transformed(&enc.image_transform()) == want,
+            "{family}: ONNX preprocessing"
+        );
     }
+}
+
+/// `t` applied to a fixed non-square image: two transforms that agree here resize, crop and
+/// normalise alike.
+fn transformed(t: &hq_data::transform::ImageTransform) -> Vec<f32> {
+    use rand::SeedableRng;
+    let img = image::RgbImage::from_fn(45, 27, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 9) as u8, ((x * y) % 251) as u8])
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    t.apply(&image::DynamicImage::ImageRgb8(img), &mut rng)
 }

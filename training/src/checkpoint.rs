@@ -322,6 +322,9 @@ pub fn read_model_config(dir: &Path) -> Result<ClipConfig, TrainError> {
     ClipConfig::from_json_file(dir.join(MODEL_CONFIG_FILE))
 }
 
+/// A checkpoint's image preprocessing (open_clip's `preprocess_cfg` object).
+pub const PREPROCESS_FILE: &str = "preprocess_cfg.json";
+
 /// open_clip's Hugging Face folder: its config file and its weights, safetensors first.
 pub const OPEN_CLIP_CONFIG_FILE: &str = "open_clip_config.json";
 const OPEN_CLIP_WEIGHTS: [&str; 2] = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"];
@@ -363,11 +366,10 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
                 })?;
             let file = path.join(OPEN_CLIP_CONFIG_FILE);
             let config = Some(read_file_config(&file)?);
-            let preprocess = read_preprocess(&file)?;
             return Ok(WeightsSource {
                 weights,
                 config,
-                preprocess,
+                preprocess: preprocess_in(path)?,
                 tokenizer: tokenizer_folder(path),
             });
         }
@@ -376,7 +378,7 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
         return Ok(WeightsSource {
             weights: dir.join(MODEL_FILE),
             config: Some(read_model_config(&dir)?),
-            preprocess: None,
+            preprocess: preprocess_in(&dir)?,
             tokenizer: tokenizer_folder(&dir),
         });
     }
@@ -389,16 +391,37 @@ pub fn weights_source(path: &Path) -> Result<WeightsSource, TrainError> {
         .map(|n| parent.join(n))
         .find(|p| p.is_file());
     let config = config_file.as_deref().map(read_file_config).transpose()?;
-    let preprocess = match config_file {
-        Some(f) => read_preprocess(&f)?,
-        None => None,
-    };
     Ok(WeightsSource {
         weights: path.to_path_buf(),
         config,
-        preprocess,
+        preprocess: preprocess_in(parent)?,
         tokenizer: tokenizer_folder(parent),
     })
+}
+
+/// The image preprocessing stated in `dir`, the folder of some weights: our checkpoints'
+/// `preprocess_cfg.json`, else an open_clip folder's `open_clip_config.json` `preprocess_cfg`.
+pub fn preprocess_in(dir: &Path) -> Result<Option<hq_data::transform::Preprocess>, TrainError> {
+    let ours = dir.join(PREPROCESS_FILE);
+    if ours.is_file() {
+        let value = read_json(&ours)?;
+        return hq_data::transform::Preprocess::from_open_clip(&value)
+            .map(Some)
+            .map_err(|e| err(&ours, e));
+    }
+    let theirs = dir.join(OPEN_CLIP_CONFIG_FILE);
+    if !theirs.is_file() {
+        return Ok(None);
+    }
+    read_json(&theirs)?
+        .get("preprocess_cfg")
+        .map(|p| hq_data::transform::Preprocess::from_open_clip(p).map_err(|e| err(&theirs, e)))
+        .transpose()
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, TrainError> {
+    let text = fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| err(path, format!("invalid JSON: {e}")))
 }
 
 /// `dir` when it holds a Hugging Face `tokenizer.json`.
@@ -491,26 +514,13 @@ pub fn load_clip(
     Ok((vs, model))
 }
 
-/// The `preprocess_cfg` of an HF-hub `open_clip_config.json` (none in other config files).
-fn read_preprocess(path: &Path) -> Result<Option<hq_data::transform::Preprocess>, TrainError> {
-    let text = fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(path, format!("invalid JSON: {e}")))?;
-    value
-        .get("preprocess_cfg")
-        .map(|p| hq_data::transform::Preprocess::from_open_clip(p).map_err(|e| err(path, e)))
-        .transpose()
-}
-
 /// A model config from a JSON file: open_clip's model config, or an HF-hub
 /// `open_clip_config.json` (`{"model_cfg": {...}, ...}`).
 pub fn read_file_config(path: &Path) -> Result<ClipConfig, TrainError> {
-    let text = fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(path, format!("invalid JSON: {e}")))?;
+    let value = read_json(path)?;
     match value.get("model_cfg") {
         Some(inner) => ClipConfig::from_json_str(&inner.to_string()),
-        None => ClipConfig::from_json_str(&text),
+        None => ClipConfig::from_json_str(&value.to_string()),
     }
 }
 

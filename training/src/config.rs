@@ -623,6 +623,22 @@ impl TrainConfig {
         )
     }
 
+    /// The run's image preprocessing as open_clip states it (`preprocess_cfg`): the normalisation
+    /// training uses ([`normalization`](Self::normalization)) and the pretrained weights' eval
+    /// resize. Checkpoints carry it, so evaluation and export see what training saw.
+    pub fn preprocess(&self) -> Result<hq_data::transform::Preprocess, TrainError> {
+        let from_weights = match &self.model.pretrained {
+            Some(p) => crate::checkpoint::weights_source(p)?.preprocess,
+            None => None,
+        };
+        let mut p = from_weights.unwrap_or_default();
+        if let Some((mean, std)) = self.normalization()? {
+            p.mean = mean;
+            p.std = std;
+        }
+        Ok(p)
+    }
+
     /// Checks the whole config; the error names the setting and says what to change.
     pub fn validate(&self) -> Result<(), TrainError> {
         let model = self.model_config()?;

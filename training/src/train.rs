@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use hq_data::text::tags::TagVocab;
 use hq_data::text::TextTokenizer;
+use hq_data::transform::Preprocess;
 use hq_dist::ProcessGroup;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -235,6 +236,7 @@ pub fn run_on(
     tch::manual_seed(cfg.run.seed as i64);
     let model_cfg = cfg.model_config()?;
     let tokenizer = Arc::new(cfg.text_tokenizer(&model_cfg, resume_dir.as_deref())?);
+    let preprocess = cfg.preprocess()?;
     let vs = VarStore::new(device);
     let model = Clip::new(vs.root(), &model_cfg)?;
     if let (None, Some(path)) = (&saved, &cfg.model.pretrained) {
@@ -550,15 +552,13 @@ pub fn run_on(
                     world_size: world,
                     rank_loaders,
                 };
-                let path = save_checkpoint(
-                    &ckpt_dir,
-                    &model,
-                    stc.as_ref(),
-                    vocab.as_deref(),
-                    &tokenizer,
-                    &optimizer,
-                    &state,
-                )?;
+                let inputs = ModelInputs {
+                    vocab: vocab.as_deref(),
+                    tokenizer: &tokenizer,
+                    preprocess: &preprocess,
+                };
+                let path =
+                    save_checkpoint(&ckpt_dir, &model, stc.as_ref(), &inputs, &optimizer, &state)?;
                 prune_checkpoints(&ckpt_dir, cfg.run.keep_checkpoints)?;
                 say(verbose, &bar, &format!("checkpoint {}", path.display()));
                 last_checkpoint = Some(path);
@@ -570,7 +570,10 @@ pub fn run_on(
             eval_due || (at_end && step == total),
             lead,
         ) {
-            let summary = evaluate(&model, &tokenizer, device, dir, &cfg, step, &out, &bar)?;
+            let encoder = TchEncoder::from_model(&model, device)?
+                .with_tokenizer(tokenizer.clone())
+                .with_preprocess(preprocess);
+            let summary = evaluate(encoder, dir, &cfg, step, &out, &bar)?;
             log(
                 &mut metrics,
                 &json!({"kind": "eval", "step": step,
@@ -719,12 +722,20 @@ fn exchange_loader_states(
         .collect()
 }
 
+/// What turns raw data into the model's inputs and targets: saved with the weights, so that the
+/// checkpoint alone is enough to resume, evaluate and export the model.
+struct ModelInputs<'a> {
+    /// The STC tag vocabulary, when the run has the STC head.
+    vocab: Option<&'a TagVocab>,
+    tokenizer: &'a TextTokenizer,
+    preprocess: &'a Preprocess,
+}
+
 fn save_checkpoint(
     dir: &Path,
     model: &Clip,
     stc: Option<&StcHead>,
-    vocab: Option<&TagVocab>,
-    tokenizer: &TextTokenizer,
+    inputs: &ModelInputs<'_>,
     optimizer: &AdamW,
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
@@ -737,12 +748,12 @@ fn save_checkpoint(
     if let Some(h) = stc {
         w.write_tensors(ckpt::STC_HEAD_FILE, &h.state_dict())?;
     }
-    if let Some(v) = vocab {
+    if let Some(v) = inputs.vocab {
         let p = w.external_file(ckpt::TAG_VOCAB_FILE)?;
         v.save(&p)?;
     }
-    if let TextTokenizer::Hf(t) = tokenizer {
-        // The checkpoint alone must be enough to resume, evaluate and export the model.
+    w.write_json(ckpt::PREPROCESS_FILE, &inputs.preprocess.to_open_clip())?;
+    if let TextTokenizer::Hf(t) = inputs.tokenizer {
         ckpt::write_tokenizer_files(&mut w, t.folder())?;
     }
     w.write_tensors(ckpt::OPTIMIZER_FILE, &optimizer.state_tensors())?;
@@ -776,18 +787,14 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), TrainError> {
 }
 
 /// Evaluates on the built-in held-out sets; writes `eval/step-N.json`; returns the summary.
-#[allow(clippy::too_many_arguments)]
 fn evaluate(
-    model: &Clip,
-    tokenizer: &Arc<TextTokenizer>,
-    device: Device,
+    mut encoder: TchEncoder<'_>,
     eval_dir: &Path,
     cfg: &TrainConfig,
     step: u64,
     out: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<(String, serde_json::Value)>, TrainError> {
-    let mut encoder = TchEncoder::from_model(model, device)?.with_tokenizer(tokenizer.clone());
     let options = hq_eval::RunOptions {
         limit: (cfg.run.eval_samples > 0).then_some(cfg.run.eval_samples as u64),
         progress: false,
