@@ -7,8 +7,9 @@ Usage (after `source tools/env.sh`, with the release binaries built):
   "$HQ_PYTHON" tools/faults/campaign.py [--job synth,recap,train,eval,export,demo]
       [--faults kill,full,ro,input] [--trials N] [--other-trials M] [--seed S]
       [--work DIR] [--json FILE] [--ci]
---trials is the number of kill trials per job, --other-trials of every other fault kind (default
-3); --ci is a small mode for tools/test.sh (2 kills and 1 of each other fault per job, no demo).
+--trials is the number of kill trials per job (default 20), --other-trials of every other fault
+kind (default 3), --demo-trials of kills in the demo's loop (default 6); --ci is a small mode for
+tools/test.sh (2 kills and 1 of each other fault per job, no demo).
 The mechanics of a trial are in faultlib.py; what each job's "equal" means is in JOBS below.
 """
 
@@ -522,6 +523,7 @@ def demo_campaign(work: Path, trials: int, rng: random.Random) -> dict:
             rec["changed_files"] = sorted(set(got.splitlines()) ^ set(ref.splitlines()))
         else:
             rec["verdict"] = "survived"
+        rec["rerun_equal"] = rec["verdict"] == "survived"
         records.append(rec)
         print(f"[demo] kill #{i} {rec['param']}: {rec['verdict']}", flush=True)
     return {"reference_seconds": round(ref_seconds, 2), "records": records,
@@ -556,10 +558,18 @@ def summarise(records: list[dict]) -> dict:
     return by
 
 
+def save(result: dict, path: Path | None, started: float):
+    """Writes the results so far (after every job, so an interrupted campaign keeps its figures)."""
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main():
     global FX
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", default="synth,recap,train,eval,export")
+    ap.add_argument("--job", default="synth,recap,train,eval,export,demo")
     ap.add_argument("--faults", default="kill,full,ro,input")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--other-trials", type=int, default=3)
@@ -572,6 +582,7 @@ def main():
     a = ap.parse_args()
     if a.ci:
         a.trials, a.other_trials = 2, 1
+        a.job = ",".join(j for j in a.job.split(",") if j != "demo")
     for b in ["hq-data", "hq-train", "hq-eval", "hq-export", "hq-recap-trt"]:
         if not (BIN / b).exists():
             sys.exit(f"{BIN / b} is missing: build the release binaries (README) or set HQ_BIN")
@@ -607,6 +618,7 @@ def main():
             demo = demo_campaign(a.work, 1 if a.ci else a.demo_trials, rng)
             demo["summary"] = summarise(demo["records"])
             result["jobs"]["demo"] = demo
+            save(result, a.json, started)
             continue
         job = JOBS[name]
         c = Campaign(job, a.work, a.seed)
@@ -627,11 +639,8 @@ def main():
             "equal": "every output file byte for byte, except: " + job.why_excluded,
             "summary": summarise(c.records), "records": c.records,
         }
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    text = json.dumps(result, indent=1)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+        save(result, a.json, started)
+    save(result, a.json, started)
     bad = [(j, r) for j, v in result["jobs"].items() for r in v["records"] if r["verdict"] not in OK]
     print(f"faults: {sum(len(v['records']) for v in result['jobs'].values())} trials in "
           f"{result['wall_seconds']} s; {len(bad)} findings")
