@@ -431,6 +431,9 @@ pub fn run_on(
     let mut skipped_session = SkipCounts::default();
     let mut last_checkpoint = resume_dir.clone();
     let mut last_eval = None;
+    let eval_at = |step: u64, metrics: &mut Option<MetricsLog>| {
+        evaluate_and_log(&model, device, &cfg, step, &out, &bar, verbose, metrics)
+    };
     if let (Some(m), true) = (&metrics, saved.is_some()) {
         // A run killed after its checkpoint at `step` but before what follows it: the evaluation
         // due there is done now (else it would be lost), and at the last step the plots and
@@ -446,17 +449,7 @@ pub fn run_on(
             .iter()
             .any(|r| r.get("step").and_then(|s| s.as_u64()) == Some(step));
         if !done && eval_due(&cfg, step, total, step == stop) {
-            last_eval = evaluate_and_log(
-                &model,
-                device,
-                &cfg,
-                step,
-                &out,
-                &bar,
-                verbose,
-                &mut metrics,
-            )?
-            .or(last_eval);
+            last_eval = eval_at(step, &mut metrics)?.or(last_eval);
         }
     }
     let mut window = (Instant::now(), 0usize);
@@ -589,17 +582,7 @@ pub fn run_on(
             }
         }
         if lead && eval_due(&cfg, step, total, at_end) {
-            last_eval = evaluate_and_log(
-                &model,
-                device,
-                &cfg,
-                step,
-                &out,
-                &bar,
-                verbose,
-                &mut metrics,
-            )?
-            .or(last_eval);
+            last_eval = eval_at(step, &mut metrics)?.or(last_eval);
         }
     }
     bar.finish_and_clear();
