@@ -410,6 +410,11 @@ class Campaign:
         rec["rc"] = r.rc
         if r.rc == 0:
             stop = "not_triggered" if fault == "full" else "wrote_to_readonly"
+        elif self.job.compare.snapshot(left) == self.ref:
+            # The kill before a read-only trial came after the job had finished: the rerun
+            # refused a complete output ("already holds a corpus") before writing anything.
+            stop = "not_triggered"
+            rec["message"] = r.text.strip()[-300:]
         else:
             problem = fl.clear_error(r, words)
             stop = "clear_error" if problem is None else "unclear_error"
@@ -558,6 +563,18 @@ def summarise(records: list[dict]) -> dict:
     return by
 
 
+def table(result: dict) -> str:
+    """The results as a Markdown table, one row per job and fault kind."""
+    rows = ["| job | fault | trials | survived (rerun equal) | clear-error stops | lost samples | "
+            "duplicated samples | findings | verdicts |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for job, v in result["jobs"].items():
+        for fault, s in v["summary"].items():
+            verdicts = ", ".join(f"{k} {n}" for k, n in sorted(s["verdicts"].items()))
+            rows.append(f"| {job} | {fault} | {s['trials']} | {s['survived']} | {s['clear_error']} | "
+                        f"{s['lost_samples']} | {s['duplicated_samples']} | {s['findings']} | {verdicts} |")
+    return "\n".join(rows)
+
+
 def save(result: dict, path: Path | None, started: float):
     """Writes the results so far (after every job, so an interrupted campaign keeps its figures)."""
     result["wall_seconds"] = round(time.monotonic() - started, 1)
@@ -579,7 +596,12 @@ def main():
                     "at the end when no trial found anything)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--ci", action="store_true")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="print a results file as a Markdown "
+                    "table and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(a.table.read_text())))
+        return
     if a.ci:
         a.trials, a.other_trials = 2, 1
         a.job = ",".join(j for j in a.job.split(",") if j != "demo")
