@@ -560,17 +560,21 @@ def summarise(records: list[dict]) -> dict:
         s["findings"] += v not in OK
         s["lost_samples"] += r.get("lost_samples", 0)
         s["duplicated_samples"] += r.get("duplicated_samples", 0)
+        if r["fault"] == "kill":  # kills that came while the job ran (the rest came after its end)
+            s["landed"] = s.get("landed", 0) + bool(r.get("killed"))
     return by
 
 
 def table(result: dict) -> str:
     """The results as a Markdown table, one row per job and fault kind."""
-    rows = ["| job | fault | trials | survived (rerun equal) | clear-error stops | lost samples | "
-            "duplicated samples | findings | verdicts |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| job | fault | trials | kills that landed | survived (rerun equal) | clear-error stops | "
+            "lost samples | duplicated samples | findings | verdicts |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for job, v in result["jobs"].items():
         for fault, s in v["summary"].items():
             verdicts = ", ".join(f"{k} {n}" for k, n in sorted(s["verdicts"].items()))
-            rows.append(f"| {job} | {fault} | {s['trials']} | {s['survived']} | {s['clear_error']} | "
+            rows.append(f"| {job} | {fault} | {s['trials']} | {s.get('landed', '')} | {s['survived']} | "
+                        f"{s['clear_error']} | "
                         f"{s['lost_samples']} | {s['duplicated_samples']} | {s['findings']} | {verdicts} |")
     return "\n".join(rows)
 
