@@ -17,32 +17,12 @@ trap 'rm -rf "$work"' EXIT
 corpus="$work/corpus"
 "$HQ_BIN"/hq-data synth --out "$corpus" --samples 160 --shard-size 40 --eval-samples 16 \
   --eval-shard-size 16 --no-progress >/dev/null
-export HQ_LOOP_TEACHER_SHARDS="$corpus/train/shard-0000{2..3}.tar" HQ_LOOP_TEACHER_LIMIT=80
-export HQ_LOOP_RECAP_SHARDS="$corpus/train/shard-0000{0..1}.tar"
-export HQ_LOOP_FINETUNE_ARGS="--preset test --steps 30 --heldout 8 --gen-check 0"
-# The seconds-long test model is too weak for the export's own negative controls (its greedy tokens
-# do not change when the positions are broken); tests/tests/recap_finetune.rs checks its export.
-export HQ_LOOP_EXPORT_ARGS="--no-verify"
-export HQ_LOOP_RECAP_ARGS="--max-new-tokens 48 --attempts 2 --threads 1 --batch-size 4"
-# The test model writes no valid answer in 30 steps, so the recaptioned shards have no tags to
-# count: the STC run gets a fixed tag vocabulary.
-printf '# hq-clip tag vocabulary v1: rank<TAB>count<TAB>tag\n0\t1\tred circle\n1\t1\ttwo objects\n' >"$work/tags.tsv"
-export HQ_LOOP_ABLATION_STEPS=3
-export HQ_LOOP_ABLATION_ARGS="--set optim.warmup_steps=1 --set data.tag_vocab=$work/tags.tsv"
-export HQ_ABLATION_JOBS=1 HQ_ABLATION_THREADS=1
-
-# The outputs compared, with their SHA-256.
-digest() {
-  local l="$corpus/loop"
-  (cd "$l" && sha256sum teacher/conversations.json recaptioner/model.safetensors \
-    recaptioner-onnx/onnx/*.onnx recaptioned/*.tar quality/quality.json quality/quality.md \
-    ablation/table.md quality/alignment.json)
-}
+source tests/loop_tiny.sh "$corpus" "$work"
 
 echo "loop_resume: the uninterrupted run"
 started=$SECONDS
 bash tools/loop.sh "$corpus" >"$work/reference.log" 2>&1 || { tail -n 30 "$work/reference.log"; exit 1; }
-digest >"$work/reference.sha"
+loop_tiny_digest >"$work/reference.sha"
 echo "loop_resume: $(wc -l <"$work/reference.sha") outputs in $((SECONDS - started)) s"
 rm -rf "$corpus/loop"
 
@@ -71,7 +51,7 @@ for i in "${!stages[@]}"; do
   wait "$pid" 2>/dev/null || true
 done
 bash tools/loop.sh "$corpus" >"$work/final.log" 2>&1 || { tail -n 30 "$work/final.log"; exit 1; }
-digest >"$work/final.sha"
+loop_tiny_digest >"$work/final.sha"
 if ! diff "$work/reference.sha" "$work/final.sha"; then
   echo "loop_resume: FAILED: outputs after kills differ from the uninterrupted run's (above)" >&2
   exit 1

@@ -233,3 +233,57 @@ fn join_and_stats_with_side_car_annotations() {
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("\"description\""), "{t}");
 }
+
+/// Fault campaign finding (tools/faults, synth kill trials): a synth killed before its manifest
+/// left shards that made the same command refuse to run again ("already holds a corpus"), so the
+/// demo could not resume in its corpus stage. The state a kill leaves (shards, no manifest, the
+/// marker) is now replaced by a rerun and gives the same bytes; shards without the marker are
+/// still refused.
+#[test]
+fn a_synth_cut_short_is_redone_by_the_same_command() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("corpus");
+    let out_s = out.to_str().expect("utf8");
+    let args = [
+        "synth",
+        "--out",
+        out_s,
+        "--samples",
+        "30",
+        "--shard-size",
+        "10",
+        "--eval-samples",
+        "4",
+        "--no-progress",
+    ];
+    let first = hq_data(&args);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        !out.join(".hq-synth-incomplete").exists(),
+        "a finished corpus keeps no marker"
+    );
+    let shard = std::fs::read(out.join("train/shard-00001.tar")).expect("shard");
+    let manifest = std::fs::read(out.join("corpus.json")).expect("manifest");
+
+    // What a kill in the eval sets leaves: train shards, part of eval/, the marker, no manifest.
+    std::fs::remove_file(out.join("corpus.json")).expect("rm");
+    std::fs::remove_dir_all(out.join("eval/aro")).expect("rm");
+    std::fs::write(out.join(".hq-synth-incomplete"), "").expect("marker");
+    let again = hq_data(&args);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(
+        std::fs::read(out.join("train/shard-00001.tar")).expect("shard"),
+        shard
+    );
+    assert_eq!(
+        std::fs::read(out.join("corpus.json")).expect("manifest"),
+        manifest
+    );
+    assert!(out.join("eval/aro/synth_aro_relation").is_dir());
+
+    // Shards with no marker and no manifest are not known to be ours: refused as before.
+    std::fs::remove_file(out.join("corpus.json")).expect("rm");
+    let refused = hq_data(&args);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("--force"), "{}", text(&refused));
+}

@@ -700,3 +700,94 @@ fn a_mixture_with_side_car_annotations_resumes_bit_for_bit() {
     let missing = last["annotations"]["missing"].as_u64().expect("missing");
     assert_eq!((joined, missing), (per_source[0], 0), "{last}");
 }
+
+/// The metrics log without its wall-clock and rate fields (they differ between any two runs).
+fn metrics_without_times(run: &Path) -> Vec<Value> {
+    hq_train::metrics::read_records(&run.join("metrics.jsonl"))
+        .expect("metrics")
+        .into_iter()
+        .map(|mut r| {
+            if let Some(m) = r.as_object_mut() {
+                m.remove("time");
+                m.remove("samples_per_s");
+            }
+            r
+        })
+        .collect()
+}
+
+/// Fault campaign finding (tools/faults, hq-train kill trials): a run killed after its last
+/// checkpoint but before its end (final evaluation, plots, summary) could never be completed:
+/// `--resume` said "nothing to do", so summary.json, the plots and the final evaluation stayed
+/// missing (and tools/ablation.sh, which waits for summary.json, failed on every rerun). An
+/// evaluation due at an earlier checkpoint's step was lost the same way. A resume now does what
+/// was left, and the run's outputs equal an uninterrupted run's.
+#[test]
+fn a_run_killed_after_a_checkpoint_is_completed_by_resume() {
+    let _g = lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let corpus = corpus(&dir.path().join("corpus"), 64, 8);
+    let model = model_json(dir.path());
+    let out = dir.path().join("run");
+    let mut cfg = config(&corpus, &out, &model, 4);
+    cfg.run.eval_dir = Some(corpus.join("eval"));
+    cfg.run.eval_every = 2;
+    cfg.run.checkpoint_every = 2;
+    cfg.run.keep_checkpoints = 0;
+    let straight = run(&cfg, None, None);
+    let want = metrics_without_times(&out);
+    let eval_steps = |recs: &[Value]| -> Vec<u64> {
+        recs.iter()
+            .filter(|r| r["kind"] == "eval")
+            .filter_map(|r| r["step"].as_u64())
+            .collect()
+    };
+    assert_eq!(eval_steps(&want), vec![2, 4]);
+    // What a kill leaves right after the checkpoint at `at`: the log up to its train record,
+    // `latest` naming it, nothing of what follows.
+    let kill_after_checkpoint = |at: u64| {
+        let kept: String = hq_train::metrics::read_records(&out.join("metrics.jsonl"))
+            .expect("metrics")
+            .into_iter()
+            .filter(|r| {
+                let step = r["step"].as_u64().unwrap_or(0);
+                step < at || (step == at && r["kind"] != "eval")
+            })
+            .map(|r| format!("{r}\n"))
+            .collect();
+        std::fs::write(out.join("metrics.jsonl"), kept).expect("metrics");
+        for s in at..=4 {
+            let _ = std::fs::remove_file(out.join(format!("eval/step-{s:08}.json")));
+        }
+        for s in at + 1..=4 {
+            let _ = std::fs::remove_dir_all(out.join(format!("checkpoints/step-{s:08}")));
+        }
+        std::fs::write(out.join("checkpoints/latest"), format!("step-{at:08}\n")).expect("latest");
+        let _ = std::fs::remove_file(out.join("summary.json"));
+        let _ = std::fs::remove_dir_all(out.join("plots"));
+    };
+    for at in [4, 2] {
+        kill_after_checkpoint(at);
+        let resumed = run(&cfg, Some(&out), None);
+        assert_eq!(resumed.last_step, 4, "killed after step {at}");
+        assert_eq!(resumed.eval, straight.eval, "killed after step {at}");
+        assert_eq!(metrics_without_times(&out), want, "killed after step {at}");
+        for p in [
+            "summary.json",
+            "plots/loss.png",
+            "eval/step-00000002.json",
+            "eval/step-00000004.json",
+        ] {
+            assert!(out.join(p).is_file(), "killed after step {at}: {p} missing");
+        }
+    }
+    // A finished run is still refused, as before.
+    let e = hq_train::run(&RunRequest {
+        config: cfg.clone(),
+        resume: Some(out.clone()),
+        stop_after: None,
+        verbose: false,
+    })
+    .expect_err("nothing to do");
+    assert!(e.to_string().contains("nothing to do"), "{e}");
+}

@@ -207,6 +207,35 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Fault campaign finding (tools/faults, hq-train kill trials): the resume rewrites the log
+    /// from its parsed records, and serde_json's default float parser read some values one ulp
+    /// off (14.238378524780273, a logit scale, came back as ...272), so a resumed run's log was
+    /// not the uninterrupted run's. Every value must survive the rewrite digit for digit.
+    #[test]
+    fn a_resume_rewrites_the_log_digit_for_digit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, None).expect("open");
+        let mut x = 0x2545_f491_u32;
+        for step in 1..=400u64 {
+            // f32 values seen as f64, as the training loop logs them (a xorshift stream).
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f64::from(f32::from_bits(0x3c00_0000 | (x >> 6)));
+            log.write(
+                &json!({"kind": "train", "step": step, "logit_scale": 14.238378524780273,
+                "loss": v, "time": 1.0}),
+            )
+            .expect("write");
+        }
+        drop(log);
+        let before = std::fs::read_to_string(&path).expect("read");
+        drop(MetricsLog::open(&path, Some(400)).expect("reopen"));
+        let after = std::fs::read_to_string(&path).expect("read");
+        assert!(before == after, "the rewritten log differs");
+    }
+
     #[test]
     fn resume_cuts_the_log_and_plots_draw() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -362,7 +362,7 @@ pub fn run_on(
     let first_step = step;
     let total = cfg.run.steps;
     let stop = req.stop_after.unwrap_or(total).min(total);
-    if step >= total {
+    if step > total || (step == total && finished_run(&out, total)) {
         return Err(TrainError::Config {
             field: "run.steps".into(),
             reason: format!(
@@ -434,8 +434,32 @@ pub fn run_on(
     // ---- the loop
     let mut records = Vec::new();
     let mut skipped_session = SkipCounts::default();
-    let mut last_checkpoint = None;
+    let mut last_checkpoint = resume_dir.clone();
     let mut last_eval = None;
+    let eval_at = |step: u64, metrics: &mut Option<MetricsLog>| {
+        let encoder = TchEncoder::from_model(&model, device)?
+            .with_tokenizer(tokenizer.clone())
+            .with_preprocess(preprocess);
+        evaluate_and_log(encoder, &cfg, step, &out, &bar, verbose, metrics)
+    };
+    if let (Some(m), true) = (&metrics, saved.is_some()) {
+        // A run killed after its checkpoint at `step` but before what follows it: the evaluation
+        // due there is done now (else it would be lost), and at the last step the plots and
+        // summary below are written (else the finished run could never be completed). The
+        // summary's evaluation is the log's last one.
+        let records = crate::metrics::read_records(m.path())?;
+        let evals: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r.get("kind").and_then(|k| k.as_str()) == Some("eval"))
+            .collect();
+        last_eval = evals.last().and_then(|r| eval_results(r));
+        let done = evals
+            .iter()
+            .any(|r| r.get("step").and_then(|s| s.as_u64()) == Some(step));
+        if !done && eval_due(&cfg, step, total, step == stop) {
+            last_eval = eval_at(step, &mut metrics)?.or(last_eval);
+        }
+    }
     let mut window = (Instant::now(), 0usize);
     let session_start = Instant::now();
     let mut session_samples = 0u64;
@@ -564,39 +588,8 @@ pub fn run_on(
                 last_checkpoint = Some(path);
             }
         }
-        let eval_due = cfg.run.eval_every > 0 && step % cfg.run.eval_every == 0;
-        if let (Some(dir), true, true) = (
-            &cfg.run.eval_dir,
-            eval_due || (at_end && step == total),
-            lead,
-        ) {
-            let encoder = TchEncoder::from_model(&model, device)?
-                .with_tokenizer(tokenizer.clone())
-                .with_preprocess(preprocess);
-            let summary = evaluate(encoder, dir, &cfg, step, &out, &bar)?;
-            log(
-                &mut metrics,
-                &json!({"kind": "eval", "step": step,
-                "results": summary.iter().cloned().collect::<serde_json::Map<String, serde_json::Value>>()}),
-            )?;
-            say(
-                verbose,
-                &bar,
-                &format!(
-                    "eval at step {step}: {}",
-                    summary
-                        .iter()
-                        .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v.as_f64().unwrap_or(f64::NAN)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            );
-            last_eval = Some(
-                summary
-                    .into_iter()
-                    .map(|(k, v)| (k, v.as_f64().unwrap_or(f64::NAN)))
-                    .collect(),
-            );
+        if lead && eval_due(&cfg, step, total, at_end) {
+            last_eval = eval_at(step, &mut metrics)?.or(last_eval);
         }
     }
     bar.finish_and_clear();
@@ -784,6 +777,72 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), TrainError> {
         std::fs::remove_dir_all(p).map_err(|e| io(p, e))?;
     }
     Ok(())
+}
+
+/// Whether the evaluation is due after `step`: every `eval_every` steps and at the run's end.
+fn eval_due(cfg: &TrainConfig, step: u64, total: u64, at_end: bool) -> bool {
+    cfg.run.eval_dir.is_some()
+        && ((cfg.run.eval_every > 0 && step.is_multiple_of(cfg.run.eval_every))
+            || (at_end && step == total))
+}
+
+/// Whether the run in `out` is finished: its summary says it reached the last step (a killed run
+/// may hold the last checkpoint without its end, which a resume then completes).
+fn finished_run(out: &Path, total: u64) -> bool {
+    std::fs::read(out.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<RunSummary>(&b).ok())
+        .is_some_and(|s| s.last_step >= total)
+}
+
+/// The (name, value) pairs of an `eval` record of the metrics log.
+fn eval_results(record: &serde_json::Value) -> Option<Vec<(String, f64)>> {
+    let results = record.get("results")?.as_object()?;
+    Some(
+        results
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+            .collect(),
+    )
+}
+
+/// Evaluates at `step` (rank 0), logs the `eval` record and returns the summary.
+fn evaluate_and_log(
+    encoder: TchEncoder<'_>,
+    cfg: &TrainConfig,
+    step: u64,
+    out: &Path,
+    bar: &indicatif::ProgressBar,
+    verbose: bool,
+    metrics: &mut Option<MetricsLog>,
+) -> Result<Option<Vec<(String, f64)>>, TrainError> {
+    let Some(dir) = &cfg.run.eval_dir else {
+        return Ok(None);
+    };
+    let summary = evaluate(encoder, dir, cfg, step, out, bar)?;
+    log(
+        metrics,
+        &json!({"kind": "eval", "step": step,
+        "results": summary.iter().cloned().collect::<serde_json::Map<String, serde_json::Value>>()}),
+    )?;
+    say(
+        verbose,
+        bar,
+        &format!(
+            "eval at step {step}: {}",
+            summary
+                .iter()
+                .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v.as_f64().unwrap_or(f64::NAN)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    Ok(Some(
+        summary
+            .into_iter()
+            .map(|(k, v)| (k, v.as_f64().unwrap_or(f64::NAN)))
+            .collect(),
+    ))
 }
 
 /// Evaluates on the built-in held-out sets; writes `eval/step-N.json`; returns the summary.

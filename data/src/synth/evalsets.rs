@@ -361,7 +361,9 @@ fn write_aro_set(
             let img = image_bytes(&item.scene, cfg)?;
             let name = format!("{i:06}.{}", img.ext);
             let path = images.join(&name);
-            std::fs::write(&path, &img.bytes).map_err(|e| DataError::io(&path, e))?;
+            // Atomically: a synth killed mid-write must not leave a cut image under its name
+            // (found by tools/faults' synth kill trials).
+            write_atomic(&path, &img.bytes)?;
             let mut rec = serde_json::json!({
                 "image_id": format!("{i:06}"),
                 "image_path": name,

@@ -64,6 +64,11 @@ pub const GENERATOR_VERSION: &str = "hq-synth-2";
 /// Name of the manifest written at the corpus root.
 pub const MANIFEST_NAME: &str = "corpus.json";
 
+/// Present at the corpus root while `write_corpus` works and removed after the manifest: a folder
+/// holding it and no manifest is one of our own runs cut short (killed, disk full), which a rerun
+/// replaces without `--force`; shards without it may be someone's data and are still refused.
+pub const INCOMPLETE_MARKER: &str = ".hq-synth-incomplete";
+
 /// Independent random streams: the training corpus and each held-out set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -301,12 +306,14 @@ pub fn write_corpus(cfg: &SynthConfig, out: &Path, opts: &WriteOptions) -> Resul
 
 fn prepare_out(out: &Path, force: bool) -> Result<()> {
     let manifest = out.join(MANIFEST_NAME);
+    let marker = out.join(INCOMPLETE_MARKER);
     let train = out.join("train");
     let eval = out.join("eval");
     let has_shards = std::fs::read_dir(&train)
         .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".tar"))))
         .unwrap_or(false);
-    if (manifest.exists() || has_shards || eval.exists()) && !force {
+    let interrupted = marker.exists() && !manifest.exists();
+    if (manifest.exists() || has_shards || eval.exists()) && !force && !interrupted {
         return Err(DataError::Invalid(format!(
             "{} already holds a corpus (or shards); pass --force to replace it",
             out.display()
@@ -321,6 +328,7 @@ fn prepare_out(out: &Path, force: bool) -> Result<()> {
         std::fs::remove_file(&manifest).map_err(|e| DataError::io(&manifest, e))?;
     }
     std::fs::create_dir_all(&train).map_err(|e| DataError::io(&train, e))?;
+    crate::atomic::write_atomic(&marker, b"hq-data synth is writing this corpus\n")?;
     Ok(())
 }
 
@@ -421,6 +429,8 @@ fn write_corpus_inner(cfg: &SynthConfig, out: &Path, opts: &WriteOptions) -> Res
     let text = serde_json::to_string_pretty(&manifest)
         .map_err(|e| DataError::Invalid(format!("manifest: {e}")))?;
     crate::atomic::write_atomic(out.join(MANIFEST_NAME), format!("{text}\n").as_bytes())?;
+    let marker = out.join(INCOMPLETE_MARKER);
+    std::fs::remove_file(&marker).map_err(|e| DataError::io(&marker, e))?;
     Ok(CorpusReport {
         out: out.to_path_buf(),
         train_shards: shards,

@@ -9,10 +9,14 @@
 //!
 //! A damaged tar stream (a cut, a bad header) ends the shard with one [`RawItem::Broken`] item; a
 //! member larger than the member limit makes its sample an error. Nothing here panics on input.
+//! A stream that ends without tar's end-of-archive marker was cut between two members (the `tar`
+//! crate takes that for a normal end): it is damaged too.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
@@ -137,6 +141,23 @@ fn assemble(key: String, members: Vec<(String, Vec<u8>)>, oversized: Option<Stri
 type Grouping = (String, Vec<(String, Vec<u8>)>, Option<String>);
 
 /// Reads every item of a tar shard, calling `f` per item (stop early by returning `false`).
+/// A reader that notes when its input ran out. The `tar` crate reads nothing past the
+/// end-of-archive marker's first zero block, so running out means the marker is missing.
+struct EofSeen<R> {
+    inner: R,
+    seen: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for EofSeen<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.seen.set(true);
+        }
+        Ok(n)
+    }
+}
+
 pub fn read_tar(
     path: &Path,
     max_member_bytes: u64,
@@ -147,7 +168,11 @@ pub fn read_tar(
         path: path.to_path_buf(),
         source,
     })?;
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+    let eof = Rc::new(Cell::new(false));
+    let mut archive = tar::Archive::new(EofSeen {
+        inner: BufReader::with_capacity(1 << 20, file),
+        seen: eof.clone(),
+    });
     let entries = match archive.entries() {
         Ok(e) => e,
         Err(e) => {
@@ -217,6 +242,23 @@ pub fn read_tar(
             return Ok(());
         }
         slot.1.push((ext, bytes));
+    }
+    if eof.get() {
+        // Cut between two members: the last sample may lack members and what followed is lost.
+        let last = current.as_ref().map(|(k, _, _)| k.clone());
+        if let Some((k, m, _)) = current.take() {
+            let why = "the shard was cut after this sample's last member read".to_string();
+            if !f(RawItem::Sample(assemble(k, m, Some(why)))) {
+                return Ok(());
+            }
+        }
+        f(RawItem::Broken(format!(
+            "damaged tar stream: it ends without the end-of-archive marker (cut short{}); the \
+             samples after the cut are lost",
+            last.map(|k| format!(" after sample {k}"))
+                .unwrap_or_default()
+        )));
+        return Ok(());
     }
     if let Some((k, m, o)) = current.take() {
         f(RawItem::Sample(assemble(k, m, o)));
@@ -414,6 +456,66 @@ pub fn read_input(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard of `n` samples (key.jpg, key.txt) and the offset where each sample's first header
+    /// starts.
+    fn shard(n: usize) -> (Vec<u8>, Vec<usize>) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut starts = Vec::new();
+        for i in 0..n {
+            starts.push(b.get_ref().len());
+            for (ext, data) in [("jpg", vec![7u8; 700]), ("txt", b"a cat".to_vec())] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, format!("{i:04}.{ext}"), data.as_slice())
+                    .expect("append");
+            }
+        }
+        (b.into_inner().expect("finish"), starts)
+    }
+
+    fn items(bytes: &[u8]) -> Vec<RawItem> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("s.tar");
+        std::fs::write(&path, bytes).expect("write");
+        let mut got = Vec::new();
+        read_tar(&path, 1 << 20, |item| {
+            got.push(item);
+            true
+        })
+        .expect("read");
+        got
+    }
+
+    /// Fault campaign finding (tools/faults, recap input trials): a shard cut exactly between two
+    /// members read as a shorter, complete shard, so the samples after the cut vanished from the
+    /// output with no error record. Now the missing end-of-archive marker makes it damaged.
+    #[test]
+    fn a_shard_cut_between_members_is_damaged_not_short() {
+        let (bytes, starts) = shard(4);
+        let whole = items(&bytes);
+        assert_eq!(whole.len(), 4);
+        assert!(whole
+            .iter()
+            .all(|i| matches!(i, RawItem::Sample(s) if s.image.is_ok())));
+        // Cut where sample 2 begins, and where sample 1's second member begins.
+        for (cut, samples) in [(starts[2], 2), (starts[1] + 512 + 1024, 2)] {
+            let got = items(&bytes[..cut]);
+            assert_eq!(got.len(), samples + 1, "cut at {cut}: {got:?}");
+            assert!(
+                matches!(got.last(), Some(RawItem::Broken(m)) if m.contains("end-of-archive")),
+                "cut at {cut}: {got:?}"
+            );
+            // The sample the cut ended on is an error record, not a complete-looking sample.
+            assert!(
+                matches!(&got[samples - 1], RawItem::Sample(s) if s.image.is_err()),
+                "cut at {cut}: {:?}",
+                got[samples - 1]
+            );
+        }
+    }
 
     #[test]
     fn csv_quoting() {
