@@ -2,7 +2,8 @@
 # Regenerates the seed corpora (tests/__fuzz__/<target>/corpus) from files the project writes:
 # a tiny synthetic corpus (hq-data synth), a 2-step training run (hq-train: checkpoint, train
 # state, tag vocabulary, config), an evaluation (hq-eval run: results.json), the recaptioner's
-# configs (transformers, as its fine-tuning saves them); then `seeds` assembles them per target.
+# configs (transformers, as its fine-tuning saves them); then `write_seeds` assembles them per
+# target.
 # Usage (from the repository root, after `source tools/env.sh`): bash fuzz/seeds/make.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -41,4 +42,18 @@ ln -s "$work/synth/eval/wds_synth_color_test" "$work/root/wds_cifar10_test"
 "$bin/hq-eval" run --model "$work/run/checkpoints/step-00000002" --data-root "$work/root" \
   --tasks cifar10 vtab/dtd --out "$work/eval" --threads 1 --quiet >/dev/null 2>&1
 "${HQ_PYTHON:-python3}" fuzz/seeds/qwen2vl_configs.py "$work/qwen2vl"
-cargo run --locked -j 2 -p hq-fuzz --example seeds -- "$work" fuzz/tests/__fuzz__
+# .npy members as numpy writes them (multi-label targets, metadata): versions 1.0 and 2.0.
+mkdir -p "$work/npy"
+"${HQ_PYTHON:-python3}" - "$work/npy" <<'PY'
+import sys
+import numpy as np
+from numpy.lib import format as npf
+d = sys.argv[1]
+np.save(f"{d}/bool-multilabel.npy", np.array([True, False, False, True, True]))
+np.save(f"{d}/f8-fortran.npy", np.asfortranarray(np.arange(6, dtype="<f8").reshape(2, 3)))
+np.save(f"{d}/i8-big.npy", np.array([7, -1], dtype=">i8"))
+with open(f"{d}/u2-v2.npy", "wb") as f:
+    npf.write_array(f, np.arange(4, dtype="<u2"), version=(2, 0))
+PY
+HQ_FUZZ_SEEDS="$work:$PWD/fuzz/tests/__fuzz__" cargo test --locked -j 2 -p hq-fuzz --test targets write_seeds \
+  -- --ignored --exact

@@ -16,4 +16,6 @@
 pub mod alloc;
 pub mod files;
 pub mod props;
+#[cfg(all(feature = "train", feature = "runtime"))]
+pub mod seeds;
 pub mod targets;

@@ -122,3 +122,17 @@ bytes_target!(
     runtime::recap_input,
     200
 );
+
+/// Not a target: writes the seed corpora (`fuzz/seeds/make.sh` runs it with
+/// `HQ_FUZZ_SEEDS=WORK:OUT`). It lives in the harness because under cargo-bolero every test binary
+/// must hold a target.
+#[cfg(all(feature = "train", feature = "runtime"))]
+#[test]
+#[ignore = "writes the seed corpora; run by fuzz/seeds/make.sh"]
+fn write_seeds() {
+    let spec = std::env::var("HQ_FUZZ_SEEDS").unwrap_or_default();
+    let Some((work, out)) = spec.split_once(':') else {
+        panic!("set HQ_FUZZ_SEEDS=WORK:OUT");
+    };
+    hq_fuzz::seeds::write_seeds(std::path::Path::new(work), std::path::Path::new(out));
+}

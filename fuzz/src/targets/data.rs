@@ -29,17 +29,35 @@ fn read_options() -> ReadOptions {
 }
 
 /// Webdataset tar reading with the side-car join. Input: the tar bytes, then (after
-/// [`files::SEP`]) a JSONL side-car. Properties: every sample read is a result or an error record
-/// and the shard's counts agree; every side-car line is an entry or an error; every joined sample
+/// [`files::SEP`]) a side-car, JSONL or one JSON document. Properties: every sample read is a result or an error record
+/// and the shard's counts agree; every side-car line (record) is an entry or an error; every joined sample
 /// is annotated, unannotated or kept its own texts; the reader holds at most about one member.
 pub fn tar_shard(input: &[u8]) {
     let parts = files::split(input, 2);
     let tar = parts[0].unwrap_or_default();
     let jsonl = parts[1].unwrap_or_default();
 
-    let sidecar = Sidecar::from_jsonl(jsonl, "fuzz.jsonl", "uid", &FieldMap::default())
-        .unwrap_or_else(|e| panic!("reading a byte slice cannot fail with I/O: {e}"));
-    sidecar_accounted(jsonl, &sidecar);
+    // A side-car is JSONL, or one `.json` document (a list of records or an object keyed by id).
+    let sidecar = match serde_json::from_slice::<serde_json::Value>(jsonl) {
+        Ok(v @ (serde_json::Value::Array(_) | serde_json::Value::Object(_))) => {
+            let records = match &v {
+                serde_json::Value::Array(a) => a.len(),
+                serde_json::Value::Object(o) => o.len(),
+                _ => 0,
+            } as u64;
+            let sc = Sidecar::from_json_value(v, "fuzz.json", "uid", &FieldMap::default())
+                .unwrap_or_else(|e| panic!("a list or object is a side-car: {e}"));
+            let (len, errs) = (sc.len() as u64, sc.errors().len() as u64);
+            props::accounted("side-car records", records, len, errs);
+            sc
+        }
+        _ => {
+            let sc = Sidecar::from_jsonl(jsonl, "fuzz.jsonl", "uid", &FieldMap::default())
+                .unwrap_or_else(|e| panic!("reading a byte slice cannot fail with I/O: {e}"));
+            sidecar_accounted(jsonl, &sc);
+            sc
+        }
+    };
     let annotations = sidecar.len() as u64;
     // Both join modes: replace a sample's own texts, or keep them (input length picks).
     let opts = JoinOptions {
@@ -84,7 +102,7 @@ pub fn tar_shard(input: &[u8]) {
         "side-car join",
         report.samples,
         report.joined,
-        report.unannotated,
+        report.unannotated + report.kept_own,
     );
     assert!(report.joined + report.unused <= annotations);
 }

@@ -1,17 +1,18 @@
 //! hq-runtime's readers: the recaptioner's model directory and configs (with its prompt file),
 //! teacher JSONL, exemplar files and the recaption job's input lists.
 
-use hq_runtime::qwen2vl::ModelDir;
+use hq_runtime::qwen2vl::{ImageProcessor, ModelDir};
 use hq_runtime::recaption::input::{read_input, RawItem};
 use hq_runtime::recaption::prompt::{ExemplarSet, PromptTemplate};
 use hq_runtime::recaption::teacher::{teacher_conversations, ConversationFormat};
 
-use crate::{files, props};
+use crate::{alloc, files, props};
 
 /// The recaptioner's model directory: `config.json`, `preprocessor_config.json`,
 /// `generation_config.json` and `hq_prompt.json`, in that order in the input (the ONNX files and
 /// tokenizer are present but empty: only their presence is checked when opening). Properties: a
-/// rejected directory names the file at fault; an accepted one has a usable shape.
+/// rejected directory names the file at fault; an accepted one has a usable shape: its image
+/// processor prepares a small image without panicking and within a memory cap.
 pub fn qwen2vl_model_dir(input: &[u8]) {
     const NAMES: [&str; 4] = [
         "config.json",
@@ -31,6 +32,18 @@ pub fn qwen2vl_model_dir(input: &[u8]) {
         Ok(m) => {
             assert!(m.config.num_layers > 0 && m.config.hidden_size > 0);
             let _ = m.config.patch_dim();
+            // A config may ask for any pixel budget (upscaling a small image to `min_pixels`); the
+            // check is that the patch geometry itself cannot blow up, so only modest budgets run.
+            if m.preprocess.min_pixels <= 1 << 20 {
+                let processor = ImageProcessor::new(m.preprocess.clone(), m.config.in_channels);
+                let img = image::RgbImage::from_pixel(30, 20, image::Rgb([10, 200, 30]));
+                let cap = 256 << 20;
+                let r =
+                    alloc::within_cap("qwen2vl preprocess", cap, || processor.process_rgb(&img));
+                if let Err(e) = r {
+                    props::names_problem(&e, &[]);
+                }
+            }
         }
         Err(e) => {
             props::names_problem(&e, &[".json"]);

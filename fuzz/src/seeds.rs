@@ -1,19 +1,23 @@
-//! Assembles the seed corpora from the files `fuzz/seeds/make.sh` had the project write.
-//! Usage: `seeds WORK OUT` (OUT is `fuzz/tests/__fuzz__`); each target's seeds go to
-//! `OUT/<target>/corpus/<name>`. Multi-file targets get their files joined with
-//! `hq_fuzz::files::SEP`, in the order the target documents.
+//! Assembles the seed corpora from the files `fuzz/seeds/make.sh` had the project write: each
+//! target's seeds go to `OUT/<target>/corpus/<name>` (OUT is `fuzz/tests/__fuzz__`); multi-file
+//! targets get their files joined with [`crate::files::SEP`], in the order the target documents.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::files;
 use hq_data::recaption_format;
 use hq_data::shards::reader::{ReadOptions, TarSamples};
 use hq_data::synth::{train_sample, SynthConfig};
-use hq_fuzz::files;
 
 fn read(p: impl AsRef<Path>) -> Vec<u8> {
     let p = p.as_ref();
     fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A file of the repository (tests run in the crate's folder).
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
 }
 
 struct Out(PathBuf);
@@ -26,27 +30,9 @@ impl Out {
     }
 }
 
-/// A `.npy` file exactly as numpy 1.x writes it (format 1.0, header padded to 64 bytes).
-fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let [_, work, out] = &args[..] else {
-        panic!("usage: seeds WORK OUT");
-    };
-    let work = Path::new(work);
-    let out = Out(PathBuf::from(out));
+/// Writes every target's seeds from the files under `work` into `out`.
+pub fn write_seeds(work: &Path, out: &Path) {
+    let out = Out(out.to_path_buf());
     let synth = work.join("synth");
     let run = work.join("run");
     let ckpt = run.join("checkpoints/step-00000002");
@@ -184,25 +170,15 @@ fn main() {
             ]),
         );
     }
-    out.seed(
-        "npy",
-        "bool-multilabel",
-        &npy("|b1", "(5,)", &[1, 0, 0, 1, 1]),
-    );
-    out.seed(
-        "npy",
-        "f8-2d",
-        &npy(
-            "<f8",
-            "(2, 1)",
-            &[0, 0, 0, 0, 0, 0, 240, 63, 0, 0, 0, 0, 0, 0, 0, 64],
-        ),
-    );
-    out.seed(
-        "npy",
-        "i8-big",
-        &npy(">i8", "(1,)", &[0, 0, 0, 0, 0, 0, 0, 7]),
-    );
+    // As numpy writes them (make.sh saves them with np.save and numpy.lib.format).
+    for entry in fs::read_dir(work.join("npy")).unwrap_or_else(|e| panic!("{e}")) {
+        let p = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        let name = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.seed("npy", &name, &read(&p));
+    }
     // The reader's image is `images/a.png`: point the real annotations at it.
     let aro = |kind: &str, file: &str| -> Vec<u8> {
         let text = String::from_utf8(read(synth.join("eval/aro").join(kind).join(file)))
@@ -239,7 +215,7 @@ fn main() {
     out.seed(
         "train_config_toml",
         "ablation",
-        &read("training/configs/ablation.toml"),
+        &read(repo("training/configs/ablation.toml")),
     );
     for p in [
         "training/presets/hq-tiny.json",
@@ -250,7 +226,7 @@ fn main() {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        out.seed("open_clip_config", &name, &read(p));
+        out.seed("open_clip_config", &name, &read(repo(p)));
     }
     let model_config = read(ckpt.join("model_config.json"));
     out.seed("open_clip_config", "checkpoint-model-config", &model_config);
@@ -305,7 +281,7 @@ fn main() {
 
     // ---- the recaptioner: model directory, teacher set, exemplars and prompts, input lists
     let q = work.join("qwen2vl");
-    let prompt = read("recaptioner/prompt_short.json");
+    let prompt = read(repo("recaptioner/prompt_short.json"));
     out.seed(
         "qwen2vl_model_dir",
         "finetune-configs",
