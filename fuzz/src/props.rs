@@ -36,6 +36,40 @@ pub fn round_trip<T: PartialEq + Debug>(what: &str, written: &T, read: &T) {
     );
 }
 
+/// Reads `input`; an accepted value must print (`print`) and read back identical, a rejection
+/// must name the problem (one of `any_of`, when given). The accepted value, if any, is returned.
+pub fn read_print_read<T, E, P>(
+    what: &str,
+    input: &[u8],
+    read: impl Fn(&[u8]) -> Result<T, E>,
+    print: impl Fn(&T) -> Result<Vec<u8>, P>,
+    any_of: &[&str],
+) -> Option<T>
+where
+    T: PartialEq + Debug,
+    E: Display,
+    P: Display,
+{
+    match read(input) {
+        Ok(v) => {
+            let printed = print(&v)
+                .unwrap_or_else(|e| panic!("{what}: an accepted value does not print: {e}"));
+            let back = read(&printed).unwrap_or_else(|e| {
+                panic!(
+                    "{what}: its print does not read back: {e}\n{}",
+                    String::from_utf8_lossy(&printed)
+                )
+            });
+            round_trip(what, &v, &back);
+            Some(v)
+        }
+        Err(e) => {
+            names_problem(&e, any_of);
+            None
+        }
+    }
+}
+
 /// Text of fuzz bytes as a reader of text files sees it (lossy UTF-8).
 pub fn text(input: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(input)

@@ -37,23 +37,23 @@ macro_rules! bytes_target {
     };
 }
 
-bytes_target!(tar_shard, data::tar_shard, 300);
-bytes_target!(recaption_answer, data::recaption_answer, 2000);
-bytes_target!(tag_vocab, data::tag_vocab, 300);
-bytes_target!(tokenizer_text, data::tokenizer_text, 1000);
-bytes_target!(text_clean, data::text_clean, 1000);
-bytes_target!(image_decode, data::image_decode, 300);
-bytes_target!(eval_wds_dir, eval::eval_wds_dir, 200);
-bytes_target!(npy, eval::npy, 2000);
-bytes_target!(aro_json, eval::aro_json, 100);
-bytes_target!(winogavil_jsonl, eval::winogavil_jsonl, 100);
-bytes_target!(eval_results, eval::eval_results, 300);
+bytes_target!(tar_shard, data::tar_shard, 2000);
+bytes_target!(recaption_answer, data::recaption_answer, 10000);
+bytes_target!(tag_vocab, data::tag_vocab, 1000);
+bytes_target!(tokenizer_text, data::tokenizer_text, 3000);
+bytes_target!(text_clean, data::text_clean, 3000);
+bytes_target!(image_decode, data::image_decode, 2000);
+bytes_target!(eval_wds_dir, eval::eval_wds_dir, 1000);
+bytes_target!(npy, eval::npy, 10000);
+bytes_target!(aro_json, eval::aro_json, 300);
+bytes_target!(winogavil_jsonl, eval::winogavil_jsonl, 300);
+bytes_target!(eval_results, eval::eval_results, 1000);
 
 #[test]
 fn shard_round_trip() {
     bolero::check!()
         .with_type::<Vec<data::GenSample>>()
-        .with_iterations(iterations(100))
+        .with_iterations(iterations(300))
         .for_each(|samples| data::shard_round_trip(samples));
 }
 
@@ -62,31 +62,31 @@ bytes_target!(
     #[cfg(feature = "train")]
     train_config_toml,
     train::train_config_toml,
-    1000
+    5000
 );
 bytes_target!(
     #[cfg(feature = "train")]
     open_clip_config,
     train::open_clip_config,
-    500
+    2000
 );
 bytes_target!(
     #[cfg(feature = "train")]
     weights_file,
     train::weights_file,
-    300
+    1000
 );
 bytes_target!(
     #[cfg(feature = "train")]
     checkpoint_dir,
     train::checkpoint_dir,
-    200
+    1000
 );
 bytes_target!(
     #[cfg(feature = "train")]
     loader_state,
     train::loader_state,
-    1000
+    5000
 );
 
 #[cfg(feature = "train")]
@@ -94,7 +94,7 @@ bytes_target!(
 fn checkpoint_round_trip() {
     bolero::check!()
         .with_type::<(Vec<Vec<u8>>, usize)>()
-        .with_iterations(iterations(50))
+        .with_iterations(iterations(100))
         .for_each(|(contents, flip)| train::checkpoint_round_trip(contents, *flip));
 }
 
@@ -102,25 +102,25 @@ bytes_target!(
     #[cfg(feature = "runtime")]
     qwen2vl_model_dir,
     runtime::qwen2vl_model_dir,
-    300
+    1000
 );
 bytes_target!(
     #[cfg(feature = "runtime")]
     teacher_jsonl,
     runtime::teacher_jsonl,
-    300
+    1000
 );
 bytes_target!(
     #[cfg(feature = "runtime")]
     exemplars_prompt,
     runtime::exemplars_prompt,
-    300
+    1000
 );
 bytes_target!(
     #[cfg(feature = "runtime")]
     recap_input,
     runtime::recap_input,
-    200
+    1000
 );
 
 /// Not a target: writes the seed corpora (`fuzz/seeds/make.sh` runs it with

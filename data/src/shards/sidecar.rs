@@ -836,31 +836,17 @@ not json at all
             tags_negative: vec![],
             source: None,
         };
-        let mut with_own = Sample::new(
-            "a",
-            ImageBytes {
+        let sample = |key: &str| {
+            let img = ImageBytes {
                 ext: "jpg".into(),
                 bytes: vec![1],
-            },
-            "t",
-        );
+            };
+            Sample::new(key, img, "t")
+        };
+        let mut with_own = sample("a");
         with_own.refined = Some(own.clone());
-        let mut plain = Sample::new(
-            "b",
-            ImageBytes {
-                ext: "jpg".into(),
-                bytes: vec![1],
-            },
-            "t",
-        );
-        let mut stranger = Sample::new(
-            "zz",
-            ImageBytes {
-                ext: "jpg".into(),
-                bytes: vec![1],
-            },
-            "t",
-        );
+        let mut plain = sample("b");
+        let mut stranger = sample("zz");
         assert!(!join.attach(&mut with_own));
         assert_eq!(
             with_own.refined,

@@ -194,19 +194,15 @@ pub fn recaption_answer(input: &[u8]) {
 /// one names the file and the line or header.
 pub fn tag_vocab(input: &[u8]) {
     let dir = files::tempdir();
-    let path = files::write_one(dir.path(), "tags.tsv", input);
-    match TagVocab::load(&path) {
-        Ok(v) => {
-            let again = dir.path().join("again.tsv");
-            v.save(&again).unwrap_or_else(|e| panic!("{e}"));
-            let back = TagVocab::load(&again).unwrap_or_else(|e| panic!("{e}"));
-            props::round_trip("tag vocabulary", &v, &back);
-            for (i, (t, _)) in v.entries().iter().enumerate() {
-                assert_eq!(v.get(t), Some(i as u32), "tag {t:?} is at its rank");
-            }
-        }
-        Err(e) => {
-            props::names_problem(&e, &["tags.tsv"]);
+    let read = |bytes: &[u8]| TagVocab::load(files::write_one(dir.path(), "tags.tsv", bytes));
+    let print = |v: &TagVocab| {
+        let path = dir.path().join("printed.tsv");
+        v.save(&path)?;
+        std::fs::read(&path).map_err(|e| hq_data::DataError::io(&path, e))
+    };
+    if let Some(v) = props::read_print_read("tag vocabulary", input, read, print, &["tags.tsv"]) {
+        for (i, (t, _)) in v.entries().iter().enumerate() {
+            assert_eq!(v.get(t), Some(i as u32), "tag {t:?} is at its rank");
         }
     }
 }

@@ -183,16 +183,12 @@ pub fn winogavil_jsonl(input: &[u8]) {
 /// and loads back identical; a rejected one names itself.
 pub fn eval_results(input: &[u8]) {
     let dir = files::tempdir();
-    let path = files::write_one(dir.path(), "results.json", input);
-    match RunResults::load(&path) {
-        Ok(r) => {
-            let again = dir.path().join("again.json");
-            r.save(&again).unwrap_or_else(|e| panic!("{e}"));
-            let back = RunResults::load(&again).unwrap_or_else(|e| panic!("{e}"));
-            props::round_trip("results", &r, &back);
-        }
-        Err(e) => {
-            props::names_problem(&e, &["results.json"]);
-        }
-    }
+    let read =
+        |bytes: &[u8]| RunResults::load(&files::write_one(dir.path(), "results.json", bytes));
+    let print = |r: &RunResults| {
+        let path = dir.path().join("printed.json");
+        r.save(&path)?;
+        std::fs::read(&path).map_err(|e| hq_eval::EvalError::io(&path, e))
+    };
+    props::read_print_read("results", input, read, print, &["results.json"]);
 }

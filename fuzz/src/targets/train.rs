@@ -12,35 +12,18 @@ use crate::{alloc, files, props};
 /// TOML training configs. Properties: an accepted config prints and parses back identical; a
 /// rejected one names the key or says it is not TOML.
 pub fn train_config_toml(input: &[u8]) {
-    let text = props::text(input);
-    match TrainConfig::from_toml_str(&text) {
-        Ok(cfg) => {
-            let printed = cfg
-                .to_toml_string()
-                .unwrap_or_else(|e| panic!("an accepted config does not print: {e}"));
-            let back = TrainConfig::from_toml_str(&printed)
-                .unwrap_or_else(|e| panic!("a printed config does not parse: {e}\n{printed}"));
-            props::round_trip("train config", &cfg, &back);
-        }
-        Err(e) => {
-            props::names_problem(&e, &[]);
-        }
-    }
+    let read = |bytes: &[u8]| TrainConfig::from_toml_str(&props::text(bytes));
+    let print = |c: &TrainConfig| c.to_toml_string().map(String::into_bytes);
+    props::read_print_read("train config", input, read, print, &[]);
 }
 
 /// open_clip model configs, plain (`model_config.json`) or HF-hub (`open_clip_config.json` with
 /// `model_cfg` and `preprocess_cfg`). Properties: an accepted config prints and parses back
 /// identical; a rejected one names the field or the file.
 pub fn open_clip_config(input: &[u8]) {
-    let text = props::text(input);
-    if let Ok(cfg) = ClipConfig::from_json_str(&text) {
-        let printed = cfg
-            .to_json_string()
-            .unwrap_or_else(|e| panic!("an accepted config does not print: {e}"));
-        let back = ClipConfig::from_json_str(&printed)
-            .unwrap_or_else(|e| panic!("a printed config does not parse: {e}\n{printed}"));
-        props::round_trip("model config", &cfg, &back);
-    }
+    let read = |bytes: &[u8]| ClipConfig::from_json_str(&props::text(bytes));
+    let print = |c: &ClipConfig| c.to_json_string().map(String::into_bytes);
+    props::read_print_read("model config", input, read, print, &[]);
     let dir = files::tempdir();
     let path = files::write_one(dir.path(), "open_clip_config.json", input);
     if let Err(e) = checkpoint::read_file_config(&path) {
@@ -175,14 +158,7 @@ pub fn checkpoint_round_trip(contents: &[Vec<u8>], flip: usize) {
 /// The data loader's state file (`train_state.json`'s loader part). Properties: an accepted state
 /// prints and parses back identical; a rejection says what is wrong.
 pub fn loader_state(input: &[u8]) {
-    match LoaderState::from_json(&props::text(input)) {
-        Ok(s) => {
-            let back = LoaderState::from_json(&s.to_json())
-                .unwrap_or_else(|e| panic!("a printed state does not parse: {e}"));
-            props::round_trip("loader state", &s, &back);
-        }
-        Err(e) => {
-            props::names_problem(&e, &[]);
-        }
-    }
+    let read = |bytes: &[u8]| LoaderState::from_json(&props::text(bytes));
+    let print = |s: &LoaderState| Ok::<_, hq_train::TrainError>(s.to_json().into_bytes());
+    props::read_print_read("loader state", input, read, print, &[]);
 }
