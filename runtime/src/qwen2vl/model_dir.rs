@@ -239,7 +239,7 @@ impl ModelDir {
             in_channels: vusize("in_channels", 3)?,
         };
         // A zero (or absurd) size would only fail later, deep in the engine or the image
-        // processor (a zero patch divides by zero): say here which field is wrong.
+        // processor (where the patch size is a divisor): say here which field is wrong.
         for (key, v, max) in [
             ("num_hidden_layers", config.num_layers, 1 << 12),
             ("num_key_value_heads", config.num_key_value_heads, 1 << 12),
