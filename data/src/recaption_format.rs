@@ -119,7 +119,12 @@ fn split_label(line: &str) -> Option<(Field, &str)> {
 fn parse_tags(value: &str) -> Vec<String> {
     value
         .split([',', ';'])
-        .map(|t| t.trim().trim_end_matches('.').trim())
+        // Trailing dots and whitespace in any mix (".\t." is no tag), so that parsing the
+        // rendered tags gives the same tags again.
+        .map(|t| {
+            t.trim_end_matches(|c: char| c == '.' || c.is_whitespace())
+                .trim()
+        })
         .filter(|t| !t.is_empty())
         .map(str::to_string)
         .collect()
@@ -268,5 +273,24 @@ mod tests {
             parse("no fields at all", None),
             Err(FormatError::Missing("Long description"))
         );
+    }
+
+    /// Regression (hq-fuzz `recaption_answer`, campaign crash-8c06da95): a tag of dots and
+    /// whitespace (".\t.") cleaned to "." and was accepted; rendered and parsed again it cleaned
+    /// to nothing, so the answer's canonical form was rejected ("Negative tags" is empty).
+    #[test]
+    fn tags_of_dots_and_whitespace_are_no_tags() {
+        let answer = "\0\nDESCRIPTION:\0\nNEGATIVE\tDESCRIPTION:\x01\nTAGS:\0\nNEGATIVE\tTAGS:.\t.";
+        assert_eq!(
+            parse(answer, None),
+            Err(FormatError::Empty("Negative tags"))
+        );
+        let t = parse(
+            "Long description: a.\nNegative description: b.\nTags: x .\t. , y. .\nNegative tags: z",
+            None,
+        )
+        .expect("parse");
+        assert_eq!(t.tags_positive, vec!["x", "y"]);
+        assert_eq!(parse(&render(&t), None).expect("reparse"), t);
     }
 }

@@ -46,13 +46,20 @@ pub fn read_npy(bytes: &[u8]) -> Result<(Vec<f64>, Vec<usize>), String> {
                 .map_err(|_| format!("bad .npy shape {shape_text:?}"))
         })
         .collect::<Result<_, _>>()?;
-    let count: usize = shape.iter().product();
+    // Checked: the shape is outside input, and a product that overflows would wrap (release) or
+    // panic (debug) before the length check below could reject it.
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!(".npy shape {shape_text:?} has more values than fit in memory"))?;
     let data = &bytes[end..];
     let (order, kind, size) = parse_descr(descr)?;
-    if data.len() < count * size {
+    let need = count
+        .checked_mul(size)
+        .ok_or_else(|| format!(".npy shape {shape_text:?} has more bytes than fit in memory"))?;
+    if data.len() < need {
         return Err(format!(
-            ".npy data is cut: {count} values of {size} bytes need {} bytes, found {}",
-            count * size,
+            ".npy data is cut: {count} values of {size} bytes need {need} bytes, found {}",
             data.len()
         ));
     }
@@ -187,5 +194,18 @@ mod tests {
         assert_eq!(v, vec![1.5]);
         assert!(read_npy(b"garbage").is_err());
         assert!(read_npy(&npy("<i8", "(3,)", &[0; 8])).is_err());
+    }
+
+    /// Regression (hq-fuzz `npy`): a shape whose element count overflows `usize` panicked with
+    /// "attempt to multiply with overflow" instead of being rejected.
+    #[test]
+    fn overflowing_shape_is_an_error() {
+        for (descr, shape) in [
+            ("<f8", "(4611686018427387904, 4)"),
+            ("<f8", "(2305843009213693952,)"),
+        ] {
+            let e = read_npy(&npy(descr, shape, &[0; 16])).expect_err("overflow");
+            assert!(e.contains("fit in memory"), "{e}");
+        }
     }
 }

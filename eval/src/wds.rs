@@ -204,6 +204,9 @@ fn stripped_lines(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Most shards `nshards.txt` may name (DataComp's eval sets have at most a few hundred).
+pub const MAX_SHARDS: usize = 100_000;
+
 impl WdsDataset {
     /// Read the metadata of the set in `dir` for `split` (DataComp uses `test`).
     pub fn open(dir: &Path, split: &str) -> Result<Self, EvalError> {
@@ -225,6 +228,13 @@ impl WdsDataset {
         })?;
         if nshards == 0 {
             return Err(EvalError::dataset(&nshards_path, "says 0 shards"));
+        }
+        // The count becomes a list of shard paths: an absurd one must not exhaust memory.
+        if nshards > MAX_SHARDS {
+            return Err(EvalError::dataset(
+                &nshards_path,
+                format!("says {nshards} shards, more than the {MAX_SHARDS} an eval set may have"),
+            ));
         }
         let dataset_type = match read_text(&dir.join("dataset_type.txt"))? {
             Some(t) => match t.trim().to_lowercase().as_str() {
@@ -437,5 +447,27 @@ mod tests {
         assert_eq!(fill_template("{{c}} {c}", "x").as_deref(), Ok("{c} x"));
         assert!(fill_template("{d}", "x").is_err());
         assert!(fill_template("{c", "x").is_err());
+    }
+
+    /// Regression (hq-fuzz `eval_wds_dir`, campaign oom-228b23f9): `nshards.txt` saying
+    /// 2400000000000000000 made `open` build that many shard paths, until the process ran out of
+    /// memory.
+    #[test]
+    fn absurd_shard_count_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("test")).expect("mkdir");
+        std::fs::write(dir.path().join("test/nshards.txt"), "\n2400000000000000000").expect("w");
+        let e = WdsDataset::open(dir.path(), "test")
+            .expect_err("absurd")
+            .to_string();
+        assert!(e.contains("nshards.txt") && e.contains("more than"), "{e}");
+        std::fs::write(dir.path().join("test/nshards.txt"), "3\n").expect("w");
+        assert_eq!(
+            WdsDataset::open(dir.path(), "test")
+                .expect("3")
+                .shards
+                .len(),
+            3
+        );
     }
 }

@@ -639,6 +639,9 @@ pub struct JoinReport {
     pub joined: u64,
     /// Joined samples whose own refined texts were replaced.
     pub overwritten: u64,
+    /// Samples with an annotation that kept their own refined texts instead (`overwrite` off);
+    /// with `joined` and `unannotated` they account for every sample seen.
+    pub kept_own: u64,
     /// Samples with no annotation in the side-car, and the first few of their ids.
     pub unannotated: u64,
     pub unannotated_examples: Vec<String>,
@@ -653,11 +656,12 @@ impl fmt::Display for JoinReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "side-car join: {} samples, {} annotated ({} replaced own texts), {} without annotation, \
-             {} annotations unused, {} bad side-car records",
+            "side-car join: {} samples, {} annotated ({} replaced own texts), {} kept their own texts, \
+             {} without annotation, {} annotations unused, {} bad side-car records",
             self.samples,
             self.joined,
             self.overwritten,
+            self.kept_own,
             self.unannotated,
             self.unused,
             self.sidecar_errors
@@ -725,6 +729,7 @@ impl SidecarJoin {
                 entry.used = true;
                 if sample.refined.is_some() {
                     if !self.opts.overwrite {
+                        self.report.kept_own += 1;
                         return false;
                     }
                     self.report.overwritten += 1;
@@ -775,6 +780,7 @@ impl SidecarJoin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::ImageBytes;
 
     const LINES: &str = r#"{"uid": "a", "long_positive": "A dog.", "long_negative": "A cat.", "tags_positive": ["dog"], "tags_negative": ["cat"]}
 {"uid": "b", "hq_clip": {"long_positive": "B", "long_negative": "b", "tags_positive": "x, y", "tags_negative": [], "source": "oracle"}}
@@ -807,5 +813,54 @@ not json at all
         assert!(reasons[2].contains("long_negative"), "{}", reasons[2]);
         assert_eq!(sc.errors()[2].key, "d");
         assert!(reasons[3].contains("not a JSON object"), "{}", reasons[3]);
+    }
+
+    /// Regression (hq-fuzz `tar_shard`): with `overwrite` off, a sample that had an annotation but
+    /// kept its own texts was counted nowhere, so the report's joined + unannotated fell short of
+    /// the samples seen.
+    #[test]
+    fn join_report_accounts_for_samples_that_keep_their_own_texts() {
+        let sc = Sidecar::from_reader(LINES.as_bytes(), "side.jsonl", "uid").expect("read");
+        let mut join = SidecarJoin::new(
+            sc,
+            JoinOptions {
+                id_field: None,
+                overwrite: false,
+                ..JoinOptions::default()
+            },
+        );
+        let own = RefinedTexts {
+            long_positive: "own".into(),
+            long_negative: "not own".into(),
+            tags_positive: vec![],
+            tags_negative: vec![],
+            source: None,
+        };
+        let sample = |key: &str| {
+            let img = ImageBytes {
+                ext: "jpg".into(),
+                bytes: vec![1],
+            };
+            Sample::new(key, img, "t")
+        };
+        let mut with_own = sample("a");
+        with_own.refined = Some(own.clone());
+        let mut plain = sample("b");
+        let mut stranger = sample("zz");
+        assert!(!join.attach(&mut with_own));
+        assert_eq!(
+            with_own.refined,
+            Some(own),
+            "own texts win without overwrite"
+        );
+        assert!(join.attach(&mut plain));
+        assert!(!join.attach(&mut stranger));
+        let r = join.report();
+        assert_eq!(
+            (r.samples, r.joined, r.kept_own, r.unannotated),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(r.joined + r.kept_own + r.unannotated, r.samples);
+        assert!(r.to_string().contains("1 kept their own texts"), "{r}");
     }
 }

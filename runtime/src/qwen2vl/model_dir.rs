@@ -238,6 +238,32 @@ impl ModelDir {
             temporal_patch_size: vusize("temporal_patch_size", 2)?,
             in_channels: vusize("in_channels", 3)?,
         };
+        // A zero (or absurd) size would only fail later, deep in the engine or the image
+        // processor (where the patch size is a divisor): say here which field is wrong.
+        for (key, v, max) in [
+            ("num_hidden_layers", config.num_layers, 1 << 12),
+            ("num_key_value_heads", config.num_key_value_heads, 1 << 12),
+            ("vocab_size", config.vocab_size, 1 << 24),
+            ("vision_config.patch_size", config.patch_size, 1 << 10),
+            (
+                "vision_config.spatial_merge_size",
+                config.spatial_merge_size,
+                64,
+            ),
+            (
+                "vision_config.temporal_patch_size",
+                config.temporal_patch_size,
+                64,
+            ),
+            ("vision_config.in_channels", config.in_channels, 64),
+        ] {
+            if v == 0 || v > max {
+                return Err(model_err(
+                    &cfg_path,
+                    format!("`{key}` is {v}, expected 1 to {max}"),
+                ));
+            }
+        }
 
         let pp_path = root.join("preprocessor_config.json");
         let pp = read_json(&pp_path)?;
@@ -346,5 +372,40 @@ impl ModelDir {
     /// Path of a file inside the directory.
     pub fn path(&self, relative: &str) -> PathBuf {
         self.root.join(relative)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (hq-fuzz `qwen2vl_model_dir`, campaign crash-a9a14a4b): a config.json with
+    /// `num_hidden_layers: 0` (or a zero patch size) was accepted, to fail later in the engine or
+    /// divide by zero in the image processor.
+    #[test]
+    fn zero_sizes_are_rejected_naming_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in REQUIRED_FILES {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, b"").expect("touch");
+        }
+        std::fs::write(dir.path().join("preprocessor_config.json"), b"{}").expect("pp");
+        let config = |layers: u32, patch: u32| {
+            format!(
+                r#"{{"model_type": "qwen2_vl", "hidden_size": 64, "num_attention_heads": 4,
+                "num_hidden_layers": {layers}, "num_key_value_heads": 2, "vocab_size": 100,
+                "image_token_id": 1, "vision_start_token_id": 2, "vision_end_token_id": 3,
+                "vision_config": {{"patch_size": {patch}}}}}"#
+            )
+        };
+        let cfg = dir.path().join("config.json");
+        std::fs::write(&cfg, config(2, 14)).expect("cfg");
+        ModelDir::open(dir.path()).expect("a good config opens");
+        for (layers, patch, field) in [(0, 14, "num_hidden_layers"), (2, 0, "patch_size")] {
+            std::fs::write(&cfg, config(layers, patch)).expect("cfg");
+            let e = ModelDir::open(dir.path()).expect_err("zero").to_string();
+            assert!(e.contains(field) && e.contains("config.json"), "{e}");
+        }
     }
 }
