@@ -29,3 +29,11 @@ bash target/gpucheck-dry/gpu-check.sh run --dry-run --python "$HQ_PYTHON" --out 
 # The closed loop (tools/loop.sh) at toy scale, killed in each stage and rerun: outputs identical.
 echo "== the loop survives kill -9 in every stage"
 bash tests/loop_resume.sh
+# Fault injection on every long job (tools/faults/README.md), small mode: kill -9, disk full,
+# read-only output and damaged input, each rerun and compared with an uninterrupted run. The
+# binaries are the debug ones `cargo test` built above.
+echo "== fault campaigns, small mode"
+HQ_BIN=target/debug bash tools/faults.sh --ci
+# The committed fuzz corpora (fuzz/README.md) stay small: cargo test replays them on every run.
+echo "== fuzz corpora stay small"
+test "$(du -sk fuzz/tests/__fuzz__ | cut -f1)" -lt 2048

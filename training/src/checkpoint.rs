@@ -256,6 +256,18 @@ pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest, TrainError> {
         ));
     }
     for (name, want) in &manifest.files {
+        // The writer only records plain names inside the checkpoint; a name that could reach
+        // outside it (`..`, an absolute path, a drive prefix) is a crafted manifest, refused
+        // before anything is read through it.
+        let inside = Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside || name.is_empty() {
+            return Err(err(
+                &mpath,
+                format!("lists {name:?}, which is not a file inside the checkpoint"),
+            ));
+        }
         let path = dir.join(name);
         if !path.is_file() {
             return Err(err(dir, format!("{name} is missing")));
@@ -553,6 +565,24 @@ mod tests {
         assert!(e.contains("a.txt is missing"), "{e}");
         fs::remove_file(path.join(MANIFEST_FILE)).expect("rm");
         assert!(verify(&path).is_err());
+
+        // A manifest naming files outside the checkpoint is refused, whatever they hold.
+        let step3 = dir.path().join("step-3");
+        let mut w = CheckpointWriter::create(&step3, 3).expect("create");
+        w.write_bytes("a.txt", b"x").expect("a");
+        let path3 = w.commit().expect("commit");
+        let manifest_text = fs::read_to_string(path3.join(MANIFEST_FILE)).expect("manifest");
+        for outside in ["../latest", "/etc/hostname", "sub/../../latest"] {
+            let crafted = manifest_text.replace("\"a.txt\"", &format!("{outside:?}"));
+            assert_ne!(crafted, manifest_text);
+            fs::write(path3.join(MANIFEST_FILE), &crafted).expect("write");
+            let e = verify(&path3).expect_err(outside).to_string();
+            assert!(
+                e.contains("not a file inside the checkpoint"),
+                "{outside}: {e}"
+            );
+        }
+        fs::remove_dir_all(&path3).expect("rm");
 
         // An uncommitted writer leaves nothing behind.
         {
