@@ -42,6 +42,7 @@ ln -s "$work/synth/eval/wds_synth_color_test" "$work/root/wds_cifar10_test"
 "$bin/hq-eval" run --model "$work/run/checkpoints/step-00000002" --data-root "$work/root" \
   --tasks cifar10 vtab/dtd --out "$work/eval" --threads 1 --quiet >/dev/null 2>&1
 "${HQ_PYTHON:-python3}" fuzz/seeds/qwen2vl_configs.py "$work/qwen2vl"
+"${HQ_PYTHON:-python3}" tests/python/hf_tokenizer_reference.py make "$work/wordpiece" 2>/dev/null
 # .npy members as numpy writes them (multi-label targets, metadata): versions 1.0 and 2.0.
 mkdir -p "$work/npy"
 "${HQ_PYTHON:-python3}" - "$work/npy" <<'PY'

@@ -279,6 +279,17 @@ pub fn write_seeds(work: &Path, out: &Path) {
         &read(ckpt.join("manifest.json")),
     );
 
+    // ---- a Hugging Face tokenizer folder as transformers saves it (CLIPA's WordPiece)
+    let wordpiece = work.join("wordpiece");
+    out.seed(
+        "hf_tokenizer_dir",
+        "wordpiece-transformers",
+        &files::join(&[
+            &read(wordpiece.join("tokenizer.json")),
+            &read(wordpiece.join("tokenizer_config.json")),
+        ]),
+    );
+
     // ---- the recaptioner: model directory, teacher set, exemplars and prompts, input lists
     let q = work.join("qwen2vl");
     let prompt = read(repo("recaptioner/prompt_short.json"));

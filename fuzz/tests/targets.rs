@@ -41,6 +41,7 @@ bytes_target!(tar_shard, data::tar_shard, 2000);
 bytes_target!(recaption_answer, data::recaption_answer, 10000);
 bytes_target!(tag_vocab, data::tag_vocab, 1000);
 bytes_target!(tokenizer_text, data::tokenizer_text, 3000);
+bytes_target!(hf_tokenizer_dir, data::hf_tokenizer_dir, 300);
 bytes_target!(text_clean, data::text_clean, 3000);
 bytes_target!(image_decode, data::image_decode, 2000);
 bytes_target!(eval_wds_dir, eval::eval_wds_dir, 1000);

@@ -214,6 +214,53 @@ fn tokenizer() -> &'static ClipTokenizer {
     })
 }
 
+/// Hugging Face tokenizer folders (CLIPA's WordPiece: `tokenizer.json` + `tokenizer_config.json`,
+/// one input split by [`files::SEP`]). Properties: an accepted folder gives every text a row of
+/// exactly the context length with ids in its vocabulary (or 0, the stripped sep); a rejected one
+/// gets an error that names what is wrong.
+pub fn hf_tokenizer_dir(input: &[u8]) {
+    use hq_data::text::hf_tokenizer::{HfTokenizer, HfTokenizerOptions, TextClean};
+    let parts = files::split(input, 2);
+    let dir = files::tempdir();
+    for (name, part) in ["tokenizer.json", "tokenizer_config.json"]
+        .iter()
+        .zip(&parts)
+    {
+        if let Some(bytes) = part {
+            files::write_one(dir.path(), name, bytes);
+        }
+    }
+    let options = HfTokenizerOptions {
+        context_length: 16,
+        clean: TextClean::Whitespace,
+        strip_sep_token: true,
+    };
+    let tok = match HfTokenizer::from_folder(dir.path(), options) {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(!e.to_string().trim().is_empty(), "an empty error");
+            return;
+        }
+    };
+    let vocab = tok.vocab_size() as i64;
+    for text in [
+        "",
+        "a red circle, left of the blue square",
+        "[SEP] [CLS] café 東京",
+    ] {
+        match tok.tokenize(text) {
+            Ok(row) => {
+                assert_eq!(row.len(), 16, "{text:?}");
+                assert!(
+                    row.iter().all(|&i| (0..vocab).contains(&i)),
+                    "{text:?}: {row:?}"
+                );
+            }
+            Err(e) => assert!(!e.to_string().trim().is_empty(), "an empty error"),
+        }
+    }
+}
+
 /// The CLIP tokenizer. Properties: every id is in the vocabulary; `tokenize` gives exactly the
 /// context length, starts with the start token and holds the end token; decoding never fails.
 pub fn tokenizer_text(input: &[u8]) {
