@@ -524,36 +524,15 @@ fn scaled_down(mut cfg: ClipConfig, image_size: i64) -> ClipConfig {
 /// BPE ids would not even fit the 300-id vocabulary) and its checkpoint carries it on.
 #[test]
 fn release_families_match_open_clip_and_fine_tune_from_their_folders() {
-    use hq_data::synth::{self, SynthConfig, WriteOptions};
     let work = tempfile::tempdir().expect("tempdir");
     let work = work.path();
     let wordpiece = work.join("wordpiece");
-    let out = Command::new(python())
-        .arg(workspace_root().join("tests/python/hf_tokenizer_reference.py"))
-        .arg("make")
-        .arg(&wordpiece)
-        .output()
-        .expect("run the tokenizer script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    hq_tests::run_python_script(
+        &python(),
+        "hf_tokenizer_reference.py",
+        ["make".as_ref(), wordpiece.as_os_str()],
     );
-    let corpus = work.join("corpus");
-    let synth_cfg = SynthConfig {
-        seed: 3,
-        samples: 48,
-        shard_size: 48,
-        image_size: 32,
-        eval_samples: 0,
-        ..SynthConfig::default()
-    };
-    let write = WriteOptions {
-        force: false,
-        threads: Some(1),
-        progress: false,
-    };
-    synth::write_corpus(&synth_cfg, &corpus, &write).expect("corpus");
+    let corpus = hq_train::testing::tiny_corpus(&work.join("corpus"));
 
     let mut clipa = scaled_down(ClipConfig::vit_l_14_clipa(), 28);
     clipa.text_cfg.vocab_size = 300;
@@ -598,7 +577,7 @@ fn release_families_match_open_clip_and_fine_tune_from_their_folders() {
         let run_dir = dir.join("fine-tune");
         let mut c = hq_train::config::TrainConfig::default();
         c.model.pretrained = Some(hf.clone());
-        c.data.train = vec![corpus.join("train").display().to_string()];
+        c.data.train = vec![corpus.display().to_string()];
         c.data.shuffle_buffer = 16;
         c.data.threads = 1;
         c.optim.lr = 1e-4;

@@ -1311,23 +1311,9 @@ fn tokenizer_matches_open_clip() {
     );
 }
 
-/// Runs `tests/python/hf_tokenizer_reference.py` with `args`; panics with its output on failure.
+/// Runs `tests/python/hf_tokenizer_reference.py` with `args` (env.sh sets `HF_HUB_OFFLINE`).
 fn hf_script(args: &[&std::ffi::OsStr]) {
-    let script = workspace_root().join("tests/python/hf_tokenizer_reference.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!("cannot run {} (set HQ_PYTHON): {e}", script.display()),
-    }
+    hq_tests::run_python_script(&python(), "hf_tokenizer_reference.py", args);
 }
 
 /// `HfTokenizer` against open_clip's `HFTokenizer` on a WordPiece tokenizer folder built by
