@@ -142,7 +142,17 @@ impl HfTokenizer {
                 "context length must be positive".into(),
             ));
         }
-        let mut inner = Tokenizer::from_file(&file)
+        let bytes = std::fs::read(&file).map_err(|e| DataError::io(&file, e))?;
+        // tokenizers 0.22 panics (an `expect` in its decoder deserialiser) on a file that ends
+        // inside "decoder" (found by the `hf_tokenizer_dir` fuzz target); JSON that does not
+        // parse is refused here first, with serde_json's line and column.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|source| {
+            DataError::Json {
+                path: file.clone(),
+                source,
+            }
+        })?;
+        let mut inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| DataError::Tokenizer(format!("{}: {e}", file.display())))?;
         let settings = TransformersSettings::read(folder)?;
         let token_id = |what: &str, token: &str| {
@@ -331,6 +341,25 @@ mod tests {
         let kw = serde_json::json!({"language": "en"});
         let e = HfTokenizerOptions::from_text_cfg(32, None, Some(&kw)).expect_err("kwarg");
         assert!(e.to_string().contains("tokenizer_kwargs.language"), "{e}");
+    }
+
+    /// Regression (fuzzing): a tokenizer.json cut inside "decoder" made the tokenizers crate
+    /// panic; it is an error naming the file now.
+    #[test]
+    fn a_tokenizer_json_cut_short_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(TOKENIZER_FILE),
+            r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+                "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+                "decoder": {"type": "WordPi"#,
+        )
+        .expect("write");
+        let o = HfTokenizerOptions::from_text_cfg(8, None, None).expect("options");
+        let e = HfTokenizer::from_folder(dir.path(), o)
+            .err()
+            .expect("cut short");
+        assert!(e.to_string().contains("tokenizer.json"), "{e}");
     }
 
     #[test]
