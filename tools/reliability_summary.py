@@ -63,7 +63,7 @@ def main() -> int:
         json.dump(doc, f, indent=1)
         f.write("\n")
 
-    print("| crate | targets | campaign runs | inputs tried | seconds | crashes found (all fixed) |")
+    print("| crate | targets | campaign runs | inputs tried | seconds | crashes in the runs |")
     print("|---|---:|---:|---:|---:|---:|")
     for crate, r in crates.items():
         print(f"| {crate} | {len(r['targets'])} | {r['runs']} | {r['inputs']:,} | {r['seconds']:,} "
@@ -71,7 +71,11 @@ def main() -> int:
     t = fuzz["totals"]
     print(f"| **all** | **{sum(len(r['targets']) for r in crates.values())}** | "
           f"**{t['campaign_runs']}** | **{t['inputs_tried']:,}** | **{t['campaign_seconds']:,}** "
-          f"| **{t['crashes_found']}** |")
+          f"| **{sum(r['crashes'] for r in crates.values())}** |")
+    print()
+    print(f"Crashes found in all: {t['crashes_found']} ({t['found_by_campaign']} by the campaign runs, "
+          f"{t['found_by_targets_under_cargo_test']} by the targets under `cargo test`), "
+          f"{t['crashes_fixed']} fixed.")
     print()
     print("| job | kill -9 (survived/trials) | disk full | read-only output | damaged input |")
     print("|---|" + "---|" * len(FAULT_KINDS))
