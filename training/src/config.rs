@@ -610,32 +610,22 @@ impl TrainConfig {
     /// The pixel normalisation: `data.image_mean` / `data.image_std` when set, else a pretrained
     /// checkpoint's `preprocess_cfg`, else CLIP's (`None`).
     pub fn normalization(&self) -> Result<Option<crate::data::loader::Normalization>, TrainError> {
-        let from_weights = match &self.model.pretrained {
-            Some(p) => crate::checkpoint::weights_source(p)?.preprocess,
-            None => None,
-        };
-        let base = from_weights.unwrap_or_default();
-        Ok(
-            match (self.data.image_mean, self.data.image_std, from_weights) {
-                (None, None, None) => None,
-                (mean, std, _) => Some((mean.unwrap_or(base.mean), std.unwrap_or(base.std))),
-            },
-        )
+        let p = self.preprocess()?;
+        let clip = hq_data::transform::Preprocess::default();
+        Ok(((p.mean, p.std) != (clip.mean, clip.std)).then_some((p.mean, p.std)))
     }
 
-    /// The run's image preprocessing as open_clip states it (`preprocess_cfg`): the normalisation
-    /// training uses ([`normalization`](Self::normalization)) and the pretrained weights' eval
-    /// resize. Checkpoints carry it, so evaluation and export see what training saw.
+    /// The run's image preprocessing as open_clip states it (`preprocess_cfg`): the pretrained
+    /// weights' (else CLIP's), with `data.image_mean` / `data.image_std` overriding their
+    /// normalisation. Checkpoints carry it, so evaluation and export see what training saw.
     pub fn preprocess(&self) -> Result<hq_data::transform::Preprocess, TrainError> {
         let from_weights = match &self.model.pretrained {
             Some(p) => crate::checkpoint::weights_source(p)?.preprocess,
             None => None,
         };
         let mut p = from_weights.unwrap_or_default();
-        if let Some((mean, std)) = self.normalization()? {
-            p.mean = mean;
-            p.std = std;
-        }
+        p.mean = self.data.image_mean.unwrap_or(p.mean);
+        p.std = self.data.image_std.unwrap_or(p.std);
         Ok(p)
     }
 

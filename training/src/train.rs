@@ -820,29 +820,24 @@ fn evaluate_and_log(
         return Ok(None);
     };
     let summary = evaluate(encoder, dir, cfg, step, out, bar)?;
-    log(
-        metrics,
-        &json!({"kind": "eval", "step": step,
-        "results": summary.iter().cloned().collect::<serde_json::Map<String, serde_json::Value>>()}),
-    )?;
+    let record = json!({"kind": "eval", "step": step,
+        "results": summary.into_iter().collect::<serde_json::Map<String, serde_json::Value>>()});
+    let results = eval_results(&record);
     say(
         verbose,
         bar,
         &format!(
             "eval at step {step}: {}",
-            summary
+            results
                 .iter()
-                .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v.as_f64().unwrap_or(f64::NAN)))
+                .flatten()
+                .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
     );
-    Ok(Some(
-        summary
-            .into_iter()
-            .map(|(k, v)| (k, v.as_f64().unwrap_or(f64::NAN)))
-            .collect(),
-    ))
+    log(metrics, &record)?;
+    Ok(results)
 }
 
 /// Evaluates on the built-in held-out sets; writes `eval/step-N.json`; returns the summary.
