@@ -3,7 +3,8 @@
 //!
 //! A safetensors file is read with the `safetensors` crate; a `torch.save` zip (`.bin`, `.pt`, as in
 //! open_clip's Hugging Face folders) through hq-train's pickle reader, which runs no pickle code. Every tensor becomes f32 (f16, bf16 and f64 checkpoints are converted exactly or by
-//! rounding to nearest); integer or boolean tensors are refused by name. A checkpoint saved from a
+//! rounding to nearest); integer or boolean tensors are refused by name, but for BatchNorm's int64
+//! `num_batches_tracked` counters (a ResNet's state, read as f32 and unused by the graphs). A checkpoint saved from a
 //! DistributedDataParallel wrapper (every key starting with `module.`) is read with the prefix
 //! stripped, as `hq-train` and open_clip do.
 //!
@@ -70,6 +71,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     s
 }
 
+/// BatchNorm's `num_batches_tracked` (int64 in every PyTorch state dict with BatchNorm).
+fn is_batch_counter(name: &str) -> bool {
+    name.ends_with(".num_batches_tracked")
+}
+
 fn convert(name: &str, view: &safetensors::tensor::TensorView<'_>, path: &Path) -> Result<Tensor> {
     use safetensors::Dtype;
     let bytes = view.data();
@@ -103,6 +109,19 @@ fn convert(name: &str, view: &safetensors::tensor::TensorView<'_>, path: &Path) 
                     let mut a = [0u8; 8];
                     a.copy_from_slice(c);
                     f64::from_le_bytes(a) as f32
+                })
+                .collect(),
+        ),
+        // A ResNet's BatchNorm counter: state, not a weight; read so the checkpoint validates
+        // strictly, never used by the graph.
+        Dtype::I64 if is_batch_counter(name) => (
+            "I64",
+            bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    i64::from_le_bytes(a) as f32
                 })
                 .collect(),
         ),
@@ -146,6 +165,7 @@ fn read_torch(path: &Path) -> Result<BTreeMap<String, Tensor>> {
             Kind::Half => "F16",
             Kind::BFloat16 => "BF16",
             Kind::Double => "F64",
+            Kind::Int64 if is_batch_counter(&name) => "I64",
             other => {
                 return Err(ckpt_err(
                     path,
@@ -399,31 +419,35 @@ pub fn expected_tensors(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
     let v = &cfg.vision_cfg;
     let vw = u(v.width);
     let e = u(cfg.embed_dim);
-    out.push(("visual.class_embedding".into(), vec![vw]));
-    out.push((
-        "visual.positional_embedding".into(),
-        vec![u(v.num_positions()), vw],
-    ));
-    out.push(("visual.proj".into(), vec![vw, e]));
-    out.push((
-        "visual.conv1.weight".into(),
-        vec![vw, 3, u(v.patch_size.height()), u(v.patch_size.width())],
-    ));
-    if !v.no_ln_pre {
-        out.push(("visual.ln_pre.weight".into(), vec![vw]));
-        out.push(("visual.ln_pre.bias".into(), vec![vw]));
+    if let Some(blocks) = v.layers.resnet_blocks() {
+        resnet_tensors(&mut out, blocks, vw, u(v.image_size.height()), e);
+    } else {
+        out.push(("visual.class_embedding".into(), vec![vw]));
+        out.push((
+            "visual.positional_embedding".into(),
+            vec![u(v.num_positions()), vw],
+        ));
+        out.push(("visual.proj".into(), vec![vw, e]));
+        out.push((
+            "visual.conv1.weight".into(),
+            vec![vw, 3, u(v.patch_size.height()), u(v.patch_size.width())],
+        ));
+        if !v.no_ln_pre {
+            out.push(("visual.ln_pre.weight".into(), vec![vw]));
+            out.push(("visual.ln_pre.bias".into(), vec![vw]));
+        }
+        for i in 0..u(v.layers.depth()) {
+            block(
+                &mut out,
+                &format!("visual.transformer.resblocks.{i}"),
+                vw,
+                u(v.mlp_width()),
+                v.ls_init_value.is_some(),
+            );
+        }
+        out.push(("visual.ln_post.weight".into(), vec![vw]));
+        out.push(("visual.ln_post.bias".into(), vec![vw]));
     }
-    for i in 0..u(v.layers) {
-        block(
-            &mut out,
-            &format!("visual.transformer.resblocks.{i}"),
-            vw,
-            u(v.mlp_width()),
-            v.ls_init_value.is_some(),
-        );
-    }
-    out.push(("visual.ln_post.weight".into(), vec![vw]));
-    out.push(("visual.ln_post.bias".into(), vec![vw]));
 
     let t = &cfg.text_cfg;
     let tw = u(t.width);
@@ -449,6 +473,59 @@ pub fn expected_tensors(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
         }
     }
     out
+}
+
+/// open_clip's `ModifiedResNet` tensors (`visual.*`) for stage depths `blocks`, stem width `w`,
+/// a square `image` side and embedding width `e`, in state-dict order.
+fn resnet_tensors(
+    out: &mut Vec<(String, Vec<usize>)>,
+    blocks: &[i64],
+    w: usize,
+    image: usize,
+    e: usize,
+) {
+    let bn = |out: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize| {
+        for n in ["weight", "bias", "running_mean", "running_var"] {
+            out.push((format!("{p}.{n}"), vec![c]));
+        }
+        out.push((format!("{p}.num_batches_tracked"), vec![]));
+    };
+    let conv = |out: &mut Vec<(String, Vec<usize>)>, p: &str, o: usize, i: usize, k: usize| {
+        out.push((format!("{p}.weight"), vec![o, i, k, k]));
+    };
+    let half = w / 2;
+    for (i, (o, inp)) in [(half, 3), (half, half), (w, half)].into_iter().enumerate() {
+        conv(out, &format!("visual.conv{}", i + 1), o, inp, 3);
+        bn(out, &format!("visual.bn{}", i + 1), o);
+    }
+    let mut inplanes = w;
+    for (s, &n) in blocks.iter().enumerate() {
+        let planes = w << s;
+        for b in 0..n.max(0) as usize {
+            let p = format!("visual.layer{}.{b}", s + 1);
+            conv(out, &format!("{p}.conv1"), planes, inplanes, 1);
+            bn(out, &format!("{p}.bn1"), planes);
+            conv(out, &format!("{p}.conv2"), planes, planes, 3);
+            bn(out, &format!("{p}.bn2"), planes);
+            conv(out, &format!("{p}.conv3"), planes * 4, planes, 1);
+            bn(out, &format!("{p}.bn3"), planes * 4);
+            if b == 0 && (s > 0 || inplanes != planes * 4) {
+                conv(out, &format!("{p}.downsample.0"), planes * 4, inplanes, 1);
+                bn(out, &format!("{p}.downsample.1"), planes * 4);
+            }
+            inplanes = planes * 4;
+        }
+    }
+    let d = w * 32;
+    let side = image / 32;
+    out.push((
+        "visual.attnpool.positional_embedding".into(),
+        vec![side * side + 1, d],
+    ));
+    for (name, o) in [("k_proj", d), ("q_proj", d), ("v_proj", d), ("c_proj", e)] {
+        out.push((format!("visual.attnpool.{name}.weight"), vec![o, d]));
+        out.push((format!("visual.attnpool.{name}.bias"), vec![o]));
+    }
 }
 
 /// The embedding width of the text tower's output (`embed_dim`, or the text width without a

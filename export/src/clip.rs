@@ -65,6 +65,9 @@ use crate::graph::{Attr, Dim, GraphBuilder, Node};
 use crate::model::{write_atomic, ModelBuilder};
 use crate::tensor::{tensor_i32, ElemType};
 
+#[path = "clip_resnet.rs"]
+mod resnet;
+
 /// Image model file name inside an export directory.
 pub const IMAGE_MODEL_FILE: &str = "image_encoder.onnx";
 /// Text model file name inside an export directory.
@@ -243,6 +246,24 @@ fn transpose_2d(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// A packed `in_proj` (`[3W, W]` weight, q | k | v rows, and `[3W]` bias) as the `[W, 3W]` MatMul
+/// operand and bias, with the attention scale `1/sqrt(head_dim)` folded into the query part.
+fn scaled_in_proj(in_w: &[f32], in_b: &[f32], spec: &BlockSpec) -> (Vec<f32>, Vec<f32>) {
+    let (w, heads) = (spec.width, spec.heads);
+    let scale = 1.0 / ((w / heads) as f32).sqrt();
+    let mut wt = transpose_2d(in_w, 3 * w, w);
+    for row in wt.chunks_exact_mut(3 * w) {
+        for v in &mut row[..w] {
+            *v *= scale;
+        }
+    }
+    let mut bias = in_b.to_vec();
+    for v in &mut bias[..w] {
+        *v *= scale;
+    }
+    (wt, bias)
+}
+
 /// A graph under construction with access to the checkpoint.
 struct Tower<'a> {
     g: GraphBuilder,
@@ -393,21 +414,9 @@ impl<'a> Tower<'a> {
     /// The packed `in_proj` of `nn.MultiheadAttention` as a `[W, 3W]` MatMul operand and its
     /// `[3W]` bias, with the attention scale `1/sqrt(head_dim)` folded into the query part.
     fn in_proj_scaled(&self, prefix: &str, spec: &BlockSpec) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (w, heads) = (spec.width, spec.heads);
-        let scale = 1.0 / ((w / heads) as f32).sqrt();
         let in_w = self.ckpt.get(&format!("{prefix}.in_proj_weight"))?;
         let in_b = self.ckpt.get(&format!("{prefix}.in_proj_bias"))?;
-        let mut wt = transpose_2d(&in_w.data, 3 * w, w);
-        for row in wt.chunks_exact_mut(3 * w) {
-            for v in &mut row[..w] {
-                *v *= scale;
-            }
-        }
-        let mut bias = in_b.data.clone();
-        for v in &mut bias[..w] {
-            *v *= scale;
-        }
-        Ok((wt, bias))
+        Ok(scaled_in_proj(&in_w.data, &in_b.data, spec))
     }
 
     /// `rows @ w + b` on the token rows, as ONNX Runtime fuses it into one Gemm (MatMul on a 2-D
@@ -562,9 +571,24 @@ impl<'a> Tower<'a> {
         first: &str,
         spec: &BlockSpec,
     ) -> Result<String> {
+        let (wt, bias) = self.in_proj_scaled(prefix, spec)?;
+        let out_proj = format!("{prefix}.out_proj");
+        self.attention_first_token_packed(prefix, x, first, spec, (&wt, &bias), &out_proj)
+    }
+
+    /// [`Tower::attention_first_token`] from a packed, scaled projection ([`scaled_in_proj`])
+    /// with the output projection `out_proj` (an `nn.Linear` prefix).
+    fn attention_first_token_packed(
+        &mut self,
+        prefix: &str,
+        x: &str,
+        first: &str,
+        spec: &BlockSpec,
+        (wt, bias): (&[f32], &[f32]),
+        out_proj: &str,
+    ) -> Result<String> {
         let (w, heads) = (spec.width, spec.heads);
         let head_dim = w / heads;
-        let (wt, bias) = self.in_proj_scaled(prefix, spec)?;
         // [W, 3W] rows hold q | k | v columns: split them into [W, W] and [W, 2W].
         let mut wq = Vec::with_capacity(w * w);
         let mut wkv = Vec::with_capacity(2 * w * w);
@@ -598,7 +622,7 @@ impl<'a> Tower<'a> {
         let ctx = self.scaled_dot_product(prefix, &q, &kv[0], &kv[1], None)?; // [B, H, 1, D]
                                                                               // With one query the head-major [B, H, 1, D] is already [B, W] in memory.
         let ctx = self.merge_rows(prefix, &ctx, w)?;
-        self.linear(&format!("{prefix}.out_proj"), &ctx)
+        self.linear(out_proj, &ctx)
     }
 
     /// open_clip's `conv1` (a bias-free convolution whose stride is its kernel) on `x`
@@ -784,18 +808,7 @@ pub fn image_encoder(
     ckpt.validate(cfg)?;
     let v = &cfg.vision_cfg;
     let (h, w) = (v.image_size.height(), v.image_size.width());
-    let (ph, pw) = (v.patch_size.height(), v.patch_size.width());
-    let width = v.width as usize;
     let embed = cfg.embed_dim as usize;
-    let spec = BlockSpec {
-        width,
-        heads: v.heads() as usize,
-        act: activation(cfg, v.act_kwargs.as_ref().map(|a| a.approximate.as_str())),
-        eps: v.ln_eps() as f32,
-        layer_scale: v.ls_init_value.is_some(),
-        tokens: ckpt.get("visual.positional_embedding")?.shape[0],
-    };
-
     let mut t = Tower::new("hq_clip_image_encoder", ckpt, opts.precision);
     let mut x = t.g.input(
         IMAGE_INPUT,
@@ -815,7 +828,53 @@ pub fn image_encoder(
             vec![("to", Attr::Int(ElemType::F16.code()))],
         )?;
     }
-    let x = t.patch_embedding(&x, (h, w), (ph, pw), width)?; // [B, P, W]
+    let (y, doc) = if v.is_resnet() {
+        let y = resnet::image_embedding(&mut t, cfg, &x)?;
+        (
+            y,
+            "HQ-CLIP image encoder (open_clip ModifiedResNet), exported by hq-export from Rust",
+        )
+    } else {
+        let y = vit_image_embedding(&mut t, cfg, opts, &x)?;
+        (
+            y,
+            "HQ-CLIP image encoder (open_clip VisionTransformer), exported by hq-export from Rust",
+        )
+    };
+    t.finish(&y, IMAGE_OUTPUT, embed, opts.normalize)?;
+    t.g.set_doc(doc);
+    Ok(with_metadata(
+        ModelBuilder::new(t.g),
+        "image",
+        cfg,
+        ckpt,
+        opts,
+        embed,
+    ))
+}
+
+/// The ViT image tower on `x` `[B, 3, H, W]` up to the projected embedding `[B, embed_dim]`.
+fn vit_image_embedding(
+    t: &mut Tower<'_>,
+    cfg: &ClipConfig,
+    opts: &ExportOptions,
+    x: &str,
+) -> Result<String> {
+    let ckpt = t.ckpt;
+    let v = &cfg.vision_cfg;
+    let (h, w) = (v.image_size.height(), v.image_size.width());
+    let (ph, pw) = (v.patch_size.height(), v.patch_size.width());
+    let width = v.width as usize;
+    let spec = BlockSpec {
+        width,
+        heads: v.heads() as usize,
+        act: activation(cfg, v.act_kwargs.as_ref().map(|a| a.approximate.as_str())),
+        eps: v.ln_eps() as f32,
+        layer_scale: v.ls_init_value.is_some(),
+        tokens: ckpt.get("visual.positional_embedding")?.shape[0],
+    };
+
+    let x = t.patch_embedding(x, (h, w), (ph, pw), width)?; // [B, P, W]
     let pads = t.ints("const.pad_class_token", &[0, 1, 0, 0, 0, 0])?;
     let x = t.op("Pad", "visual.class_token_slot", &[&x, &pads], vec![])?; // [B, P + 1, W]
     let cls = ckpt.get("visual.class_embedding")?;
@@ -841,17 +900,18 @@ pub fn image_encoder(
     // Class-token pooling reads one token of the last block: that block computes keys and values
     // for every token but the query, the output projection and the MLP for the class token only.
     let first_only = v.pool_type == VisionPool::Tok;
-    for i in 0..v.layers {
+    let layers = v.layers.depth();
+    for i in 0..layers {
         x = t.block(
             &format!("visual.transformer.resblocks.{i}"),
             &x,
             &spec,
             None,
-            first_only && i + 1 == v.layers,
+            first_only && i + 1 == layers,
         )?;
     }
     let pooled = match v.pool_type {
-        VisionPool::Tok if v.layers > 0 => {
+        VisionPool::Tok if layers > 0 => {
             // LayerNorm is per token: normalising the class token alone gives the same numbers.
             t.layer_norm("visual.ln_post", &x, spec.eps)?
         }
@@ -883,33 +943,17 @@ pub fn image_encoder(
                 )
             };
             if v.final_ln_after_pool {
-                let m = mean(&mut t, &x)?;
+                let m = mean(t, &x)?;
                 t.layer_norm("visual.ln_post", &m, spec.eps)?
             } else {
                 let n = t.layer_norm("visual.ln_post", &x, spec.eps)?;
-                mean(&mut t, &n)?
+                mean(t, &n)?
             }
         }
     };
     let proj = t.ckpt_weight("visual.proj")?;
-    let y = t.op(
-        "MatMul",
-        final_op_name(&t, opts, IMAGE_OUTPUT, "visual.proj.matmul"),
-        &[&pooled, &proj],
-        vec![],
-    )?;
-    t.finish(&y, IMAGE_OUTPUT, embed, opts.normalize)?;
-    t.g.set_doc(
-        "HQ-CLIP image encoder (open_clip VisionTransformer), exported by hq-export from Rust",
-    );
-    Ok(with_metadata(
-        ModelBuilder::new(t.g),
-        "image",
-        cfg,
-        ckpt,
-        opts,
-        embed,
-    ))
+    let name = final_op_name(t, opts, IMAGE_OUTPUT, "visual.proj.matmul");
+    t.op("MatMul", name, &[&pooled, &proj], vec![])
 }
 
 /// The text tower as an ONNX model (metadata included).

@@ -220,7 +220,9 @@ pub fn export_open_clip(
 pub fn hf_unsupported(cfg: &ClipConfig) -> Option<String> {
     let v = &cfg.vision_cfg;
     let t = &cfg.text_cfg;
-    let reason = if v.ls_init_value.is_some() || t.ls_init_value.is_some() {
+    let reason = if v.is_resnet() {
+        "a ModifiedResNet image tower (transformers' CLIPVisionModel is a ViT)"
+    } else if v.ls_init_value.is_some() || t.ls_init_value.is_some() {
         "LayerScale (`ls_init_value`)"
     } else if v.pool_type != VisionPool::Tok {
         "average image pooling (`vision_cfg.pool_type`)"
@@ -398,7 +400,7 @@ pub fn export_hf(
         &mut out,
         "visual.transformer.resblocks",
         "vision_model.encoder.layers",
-        v.layers,
+        v.layers.depth(),
         v.width as usize,
     )?;
     copy(

@@ -14,7 +14,7 @@ use safetensors::Dtype;
 
 fn small_config() -> ClipConfig {
     let mut cfg = ClipConfig::hq_tiny();
-    cfg.vision_cfg.layers = 1;
+    cfg.vision_cfg.layers = 1.into();
     cfg.text_cfg.layers = 1;
     cfg.text_cfg.vocab_size = 1000;
     cfg.text_cfg.context_length = 16;

@@ -16,6 +16,16 @@ Builds open_clip's CLIP from a model-config JSON file (registered with
   check CONFIG CHECKPOINT INPUTS OUT
       load CHECKPOINT (safetensors) into the model with load_state_dict(strict=True) and write
       its outputs on INPUTS to OUT.
+  train-mode CONFIG CHECKPOINT INPUTS OUT
+      load CHECKPOINT, switch the model to training mode and encode INPUTS' images once (no
+      gradient): OUT holds `image_embeds` and the image tower's state dict after that forward
+      (`visual.*`, BatchNorm statistics updated), for the ModifiedResNet's BatchNorm parity.
+
+For a ModifiedResNet (`vision_cfg.layers` a list) `reference` also writes the pristine init as
+OUT_DIR/openclip_init.safetensors and saves in openclip.safetensors a model whose BatchNorm
+weights, biases and statistics are randomised: at init every block's last BatchNorm weight is 0
+and the statistics are 0 and 1, which would leave the blocks' convolutions and the statistics'
+use untested.
 
 Outputs: `image_embeds`, `text_embeds` (unnormalised encode_image/encode_text), `image_features`,
 `text_features` (normalised, from forward), `logit_scale` (exp'd), `logits_per_image`, and
@@ -46,7 +56,8 @@ def build(config: Path) -> torch.nn.Module:
 
 def make_inputs(model, batch: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    h, w = model.visual.image_size
+    size = model.visual.image_size
+    h, w = (size, size) if isinstance(size, int) else size
     images = torch.randn(batch, 3, h, w, generator=g)
     ctx, vocab = model.context_length, model.vocab_size
     sot, eot = vocab - 2, vocab - 1  # 49406 and 49407 for the CLIP vocab
@@ -78,6 +89,23 @@ def run(model, inputs: dict) -> dict:
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
+def is_resnet(model) -> bool:
+    return type(model.visual).__name__ == "ModifiedResNet"
+
+
+@torch.no_grad()
+def randomise_batch_norm(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.copy_(0.1 * torch.randn(n, generator=g))
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -93,6 +121,11 @@ def main() -> None:
     c.add_argument("checkpoint", type=Path)
     c.add_argument("inputs", type=Path)
     c.add_argument("out", type=Path)
+    t = sub.add_parser("train-mode")
+    t.add_argument("config", type=Path)
+    t.add_argument("checkpoint", type=Path)
+    t.add_argument("inputs", type=Path)
+    t.add_argument("out", type=Path)
     args = ap.parse_args()
 
     if args.cmd == "locks":
@@ -110,6 +143,10 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = build(args.config)
         args.out_dir.mkdir(parents=True, exist_ok=True)
+        if is_resnet(model):
+            init = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(init, str(args.out_dir / "openclip_init.safetensors"))
+            randomise_batch_norm(model, args.seed + 7)
         # state_dict() holds persistent tensors only (attn_mask is a non-persistent buffer).
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(args.out_dir / "openclip.safetensors"))
@@ -126,6 +163,18 @@ def main() -> None:
         save_file(run(model, inputs), str(args.out_dir / "reference.safetensors"))
         print(f"open_clip {open_clip.__version__}: {args.config.stem} with {len(state)} tensors, "
               f"{sum(v.numel() for v in state.values())} parameters")
+    elif args.cmd == "train-mode":
+        model = build(args.config)
+        model.load_state_dict(load_file(str(args.checkpoint)), strict=True)
+        model.train()
+        inputs = load_file(str(args.inputs))
+        with torch.no_grad():
+            out = {"image_embeds": model.encode_image(inputs["images"])}
+        for k, v in model.state_dict().items():
+            if k.startswith("visual."):
+                out[k] = v
+        save_file({k: v.detach().contiguous() for k, v in out.items()}, str(args.out))
+        print(f"open_clip encoded {len(inputs['images'])} images in training mode")
     else:
         model = build(args.config)
         state = load_file(str(args.checkpoint))

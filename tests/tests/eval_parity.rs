@@ -901,7 +901,7 @@ fn train_and_export(root: &Path) -> (PathBuf, PathBuf, hq_train::model::ClipConf
     .unwrap_or_else(|e| panic!("synth corpus: {e}"));
     let mut model = hq_train::model::ClipConfig::hq_tiny();
     model.vision_cfg.image_size = hq_train::model::Size2::Square(32);
-    model.vision_cfg.layers = 1;
+    model.vision_cfg.layers = 1.into();
     model.text_cfg.layers = 1;
     model.text_cfg.context_length = 32;
     let model_json = root.join(format!("{TRAINED_NAME}.json"));

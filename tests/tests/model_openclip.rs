@@ -236,7 +236,14 @@ fn parity_in(config_path: &Path, batch: usize, seed: u64, dir: &Path) -> (f64, f
     tch::manual_seed(seed as i64);
     let vs = VarStore::new(Device::Cpu);
     let model = Clip::new(vs.root(), &cfg).expect("model");
-    check_init_statistics(&name, &model, &read(&dir.join("openclip.safetensors")));
+    let init_file = match dir.join("openclip_init.safetensors") {
+        p if p.is_file() => p, // a ResNet: the reference's BatchNorm was randomised after init
+        _ => dir.join("openclip.safetensors"),
+    };
+    check_init_statistics(&name, &model, &read(&init_file));
+    if cfg.vision_cfg.is_resnet() {
+        randomise_batch_norm(&model);
+    }
     let ckpt = dir.join("ours.safetensors");
     model.save_safetensors(&ckpt).expect("save");
     let ours = our_outputs(&model, &inputs);
@@ -250,7 +257,10 @@ fn parity_in(config_path: &Path, batch: usize, seed: u64, dir: &Path) -> (f64, f
     ]);
     eprint!("{msg}");
     let theirs = read(&out);
-    let d2 = compare(&format!("{name} ours -> open_clip"), &ours, &theirs);
+    let mut d2 = compare(&format!("{name} ours -> open_clip"), &ours, &theirs);
+    if cfg.vision_cfg.is_resnet() {
+        d2.extend(train_mode_diffs(config_path, &model, &ckpt, dir));
+    }
     eprintln!("{name}: our checkpoint in open_clip, max abs diff per output: {d2:?}");
     eprintln!(
         "{name}: parity max abs diff {:.3e} (open_clip -> ours), {:.3e} (ours -> open_clip), {:.1} s",
@@ -267,6 +277,86 @@ fn parity_in(config_path: &Path, batch: usize, seed: u64, dir: &Path) -> (f64, f
         }
     }
     (max_of(&d1), max_of(&d2))
+}
+
+/// BatchNorm weights, biases and statistics away from their init (weight 0 or 1, bias 0,
+/// statistics 0 and 1), so that the parity covers every block and the statistics' use.
+fn randomise_batch_norm(model: &Clip) {
+    tch::no_grad(|| {
+        for (name, mut t) in model.state_dict() {
+            let n = t.size();
+            let fresh = if name.ends_with(".running_var") {
+                Tensor::rand(&n, (tch::Kind::Float, Device::Cpu)) + 0.5
+            } else if name.ends_with(".running_mean") {
+                Tensor::randn(&n, (tch::Kind::Float, Device::Cpu)) * 0.2
+            } else if name.ends_with(".num_batches_tracked") {
+                Tensor::from(17i64)
+            } else if is_bn(&name) && name.ends_with(".weight") {
+                Tensor::rand(&n, (tch::Kind::Float, Device::Cpu)) + 0.5
+            } else if is_bn(&name) && name.ends_with(".bias") {
+                Tensor::randn(&n, (tch::Kind::Float, Device::Cpu)) * 0.1
+            } else {
+                continue;
+            };
+            t.copy_(&fresh);
+        }
+    });
+}
+
+fn is_bn(name: &str) -> bool {
+    name.contains(".bn") || name.contains(".downsample.1.")
+}
+
+/// ResNet only: one image forward in training mode, in open_clip and in our model from the same
+/// checkpoint: the embeddings (normalised by batch statistics) and every BatchNorm buffer after
+/// the update must agree. Returns the max abs difference per output.
+fn train_mode_diffs(
+    config_path: &Path,
+    model: &Clip,
+    ckpt: &Path,
+    dir: &Path,
+) -> BTreeMap<String, f64> {
+    let inputs = dir.join("inputs.safetensors");
+    let out = dir.join("train_mode.safetensors");
+    let msg = run_python(&[
+        "train-mode".as_ref(),
+        config_path.as_os_str(),
+        ckpt.as_os_str(),
+        inputs.as_os_str(),
+        out.as_os_str(),
+    ]);
+    eprint!("{msg}");
+    let theirs = read(&out);
+    let images = read(&inputs).remove("images").expect("images");
+    model.set_training(true);
+    let embeds = tch::no_grad(|| model.encode_image(&images)).expect("train-mode forward");
+    model.set_training(false);
+    let mut diffs = BTreeMap::new();
+    let mut changed = 0;
+    for (name, ours) in model.state_dict() {
+        let Some(t) = theirs.get(&name) else { continue };
+        if name.ends_with(".num_batches_tracked") {
+            assert_eq!(ours.int64_value(&[]), t.int64_value(&[]), "{name}");
+            assert_eq!(
+                ours.int64_value(&[]),
+                18,
+                "{name}: one training forward counts one"
+            );
+            continue;
+        }
+        if name.contains(".running_") {
+            changed += 1;
+            let d = (&ours - t).abs().max().double_value(&[]);
+            diffs.insert(format!("train mode: {name}"), d);
+        }
+    }
+    assert!(changed > 0, "no BatchNorm statistics compared");
+    let d = (embeds - &theirs["image_embeds"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    diffs.insert("train mode: image_embeds".into(), d);
+    diffs
 }
 
 /// Our random init follows open_clip's: per tensor, the same mean and spread (constants exactly,
@@ -311,7 +401,7 @@ fn quick_gelu_variant_matches_open_clip_both_ways() {
     cfg.quick_gelu = true;
     cfg.init_logit_bias = Some(-10.0);
     cfg.init_logit_scale = Some(1.5);
-    cfg.vision_cfg.layers = 2;
+    cfg.vision_cfg.layers = 2.into();
     cfg.vision_cfg.image_size = hq_train::model::Size2::HeightWidth([48, 64]);
     cfg.vision_cfg.mlp_ratio = 2.5;
     cfg.vision_cfg.ls_init_value = Some(0.5);
@@ -332,7 +422,7 @@ fn quick_gelu_variant_matches_open_clip_both_ways() {
     // a [1]-shaped logit scale.
     let mut cfg = ClipConfig::hq_tiny();
     cfg.nonscalar_logit_scale = true;
-    cfg.vision_cfg.layers = 1;
+    cfg.vision_cfg.layers = 1.into();
     cfg.vision_cfg.no_ln_pre = true;
     cfg.vision_cfg.act_kwargs = Some(hq_train::model::ActKwargs {
         approximate: "tanh".into(),
@@ -346,6 +436,27 @@ fn quick_gelu_variant_matches_open_clip_both_ways() {
     let path = dir.path().join("hq-tiny-options-variant.json");
     cfg.write_json_file(&path).expect("write config");
     parity(&path, 3, 31);
+}
+
+/// open_clip's ModifiedResNet image tower (the RN50 family) at a CPU size: four stages of
+/// `[1, 2, 1, 1]` bottleneck blocks of width 16, 64 px, an 8-head attention pool; the config is
+/// written by our serialiser and read by open_clip. Both ways in evaluation mode, plus one
+/// training-mode forward (batch statistics, updated buffers).
+#[test]
+fn modified_resnet_matches_open_clip_both_ways() {
+    let cfg = ClipConfig::from_json_str(
+        r#"{"embed_dim": 64,
+            "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 16, "head_width": 64,
+                           "patch_size": null},
+            "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2,
+                         "layers": 1}}"#,
+    )
+    .expect("ResNet config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hq-rn-test.json");
+    cfg.write_json_file(&path).expect("write config");
+    let (a, b) = parity(&path, 4, 11);
+    assert!(a <= TOLERANCE && b <= TOLERANCE);
 }
 
 #[test]
@@ -506,7 +617,7 @@ fn scaled_down(mut cfg: ClipConfig, image_size: i64) -> ClipConfig {
     let v = &mut cfg.vision_cfg;
     v.image_size = hq_train::model::Size2::Square(image_size);
     v.width = 64;
-    v.layers = 2;
+    v.layers = 2.into();
     v.head_width = 32;
     let t = &mut cfg.text_cfg;
     t.width = 64;

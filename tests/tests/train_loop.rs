@@ -125,7 +125,7 @@ fn corpus(dir: &Path, samples: u64, eval_samples: u64) -> PathBuf {
 fn model_json(dir: &Path) -> PathBuf {
     let mut m = ClipConfig::hq_tiny();
     m.vision_cfg.image_size = hq_train::model::Size2::Square(32);
-    m.vision_cfg.layers = 2;
+    m.vision_cfg.layers = 2.into();
     m.text_cfg.layers = 2;
     m.text_cfg.context_length = 32;
     let path = dir.join("tiny-test.json");

@@ -61,6 +61,9 @@ pub struct ModelSection {
     /// `lock_image_unlocked_groups` groups (`model::lock`).
     pub lock_image: bool,
     pub lock_image_unlocked_groups: usize,
+    /// With a locked ModifiedResNet image tower, keep its BatchNorm statistics fixed too (open_clip's
+    /// `--lock-image-freeze-bn-stats`); without it they keep updating in training mode.
+    pub lock_image_freeze_bn_stats: bool,
     /// Freeze the text tower (`--lock-text`), but for its last `lock_text_unlocked_layers` groups.
     pub lock_text: bool,
     pub lock_text_unlocked_layers: usize,
@@ -712,6 +715,12 @@ impl TrainConfig {
             if self.model.lock_image_unlocked_groups > 0 && !self.model.lock_image {
                 return Err(bad(
                     "model.lock_image_unlocked_groups",
+                    "only applies to a locked image tower: set model.lock_image (--lock-image)",
+                ));
+            }
+            if self.model.lock_image_freeze_bn_stats && !self.model.lock_image {
+                return Err(bad(
+                    "model.lock_image_freeze_bn_stats",
                     "only applies to a locked image tower: set model.lock_image (--lock-image)",
                 ));
             }

@@ -273,7 +273,7 @@ mod tests {
     fn small() -> ClipConfig {
         let mut cfg = ClipConfig::hq_tiny();
         cfg.vision_cfg.image_size = crate::model::Size2::Square(32);
-        cfg.vision_cfg.layers = 1;
+        cfg.vision_cfg.layers = 1.into();
         cfg.text_cfg.layers = 1;
         cfg
     }

@@ -292,15 +292,27 @@ pub fn run_on(
         )?),
         None => None,
     };
-    let mut params = model.state_dict();
+    // Parameters only: a ResNet's BatchNorm statistics are state, not something to optimise.
+    let mut params = model.parameters();
     if let Some(h) = &stc {
         params.extend(h.state_dict());
     }
     if let (Some(pg), None) = (group, &saved) {
-        // Every rank starts from rank 0's weights (a resumed run loads them from the checkpoint).
-        crate::distributed::broadcast_from_rank0(pg, params.iter().map(|(_, t)| t))?;
+        // Every rank starts from rank 0's weights and buffers (a resumed run loads them from the
+        // checkpoint). Later each rank's BatchNorm statistics follow its own batches and rank 0's
+        // are saved: the same model as DDP's default, which copies rank 0's buffers to the other
+        // ranks before each forward (so rank 0's evolve from rank 0's batches alone).
+        let buffers = model.state_dict();
+        let all = params.iter().chain(
+            buffers
+                .iter()
+                .filter(|(n, _)| crate::model::resnet::is_buffer(n)),
+        );
+        crate::distributed::broadcast_from_rank0(pg, all.map(|(_, t)| t))?;
     }
     // Locked towers (fine-tuning): frozen parameters leave the optimizer (and the reducer).
+    lock::check(&model_cfg, &cfg.model.locks())?;
+    model.freeze_image_bn_stats(cfg.model.lock_image && cfg.model.lock_image_freeze_bn_stats);
     let (params, frozen) = lock::apply(params, &model_cfg, &cfg.model.locks());
     if lead && frozen > 0 {
         eprintln!("hq-train: {frozen} parameter tensors frozen by the tower locks");
@@ -436,11 +448,15 @@ pub fn run_on(
     let mut skipped_session = SkipCounts::default();
     let mut last_checkpoint = resume_dir.clone();
     let mut last_eval = None;
+    model.set_training(true);
     let eval_at = |step: u64, metrics: &mut Option<MetricsLog>| {
         let encoder = TchEncoder::from_model(&model, device)?
             .with_tokenizer(tokenizer.clone())
             .with_preprocess(preprocess);
-        evaluate_and_log(encoder, &cfg, step, &out, &bar, verbose, metrics)
+        model.set_training(false);
+        let summary = evaluate_and_log(encoder, &cfg, step, &out, &bar, verbose, metrics);
+        model.set_training(true);
+        summary
     };
     if let (Some(m), true) = (&metrics, saved.is_some()) {
         // A run killed after its checkpoint at `step` but before what follows it: the evaluation

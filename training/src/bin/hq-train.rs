@@ -77,6 +77,10 @@ struct Cli {
     /// last block with ln_post, each earlier block, the stem). [model.lock_image_unlocked_groups]
     #[arg(long, value_name = "N")]
     lock_image_unlocked_groups: Option<usize>,
+    /// With --lock-image on a ResNet image tower, also keep its BatchNorm statistics fixed, as
+    /// open_clip's --lock-image-freeze-bn-stats. [model.lock_image_freeze_bn_stats]
+    #[arg(long)]
+    lock_image_freeze_bn_stats: bool,
     /// Freeze the text tower, as open_clip's --lock-text. [model.lock_text]
     #[arg(long)]
     lock_text: bool,
@@ -289,6 +293,10 @@ fn main() -> Result<()> {
     flag(
         "model.lock_image_unlocked_groups",
         cli.lock_image_unlocked_groups.map(|v| v.to_string()),
+    );
+    flag(
+        "model.lock_image_freeze_bn_stats",
+        cli.lock_image_freeze_bn_stats.then(|| "true".to_string()),
     );
     flag("model.lock_text", cli.lock_text.then(|| "true".to_string()));
     flag(

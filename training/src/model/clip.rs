@@ -10,8 +10,41 @@ use tch::Tensor;
 use crate::model::checkpoint::{load_named, read_safetensors, save_named};
 use crate::model::config::ClipConfig;
 use crate::model::layers::{l2_normalize, push, NamedTensors, Result};
+use crate::model::resnet::{is_buffer, ModifiedResNet};
 use crate::model::text::TextTransformer;
 use crate::model::vision::VisionTransformer;
+
+/// The image tower `visual.*`: open_clip's `VisionTransformer`, or its `ModifiedResNet` when
+/// `vision_cfg.layers` is a list.
+#[derive(Debug)]
+pub enum ImageTower {
+    Vit(VisionTransformer),
+    ResNet(ModifiedResNet),
+}
+
+impl ImageTower {
+    fn new(p: &nn::Path, cfg: &ClipConfig) -> Result<Self> {
+        Ok(if cfg.vision_cfg.is_resnet() {
+            ImageTower::ResNet(ModifiedResNet::new(p, cfg)?)
+        } else {
+            ImageTower::Vit(VisionTransformer::new(p, cfg)?)
+        })
+    }
+
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        match self {
+            ImageTower::Vit(v) => v.forward(images),
+            ImageTower::ResNet(r) => r.forward(images),
+        }
+    }
+
+    pub fn state_dict_into(&self, prefix: &str, out: &mut NamedTensors) {
+        match self {
+            ImageTower::Vit(v) => v.state_dict_into(prefix, out),
+            ImageTower::ResNet(r) => r.state_dict_into(prefix, out),
+        }
+    }
+}
 
 /// What [`Clip::forward`] returns, as open_clip's `CLIP.forward`.
 #[derive(Debug)]
@@ -28,7 +61,7 @@ pub struct ClipOutput {
 
 #[derive(Debug)]
 pub struct Clip {
-    pub visual: VisionTransformer,
+    pub visual: ImageTower,
     pub text: TextTransformer,
     /// log of the inverse temperature; scalar (or `[1]` with `nonscalar_logit_scale`).
     pub logit_scale: Tensor,
@@ -50,7 +83,7 @@ impl Clip {
             None => None,
         };
         Ok(Self {
-            visual: VisionTransformer::new(&p.sub("visual"), cfg)?,
+            visual: ImageTower::new(&p.sub("visual"), cfg)?,
             text: TextTransformer::new(p, cfg)?,
             logit_scale,
             logit_bias,
@@ -60,6 +93,22 @@ impl Clip {
 
     pub fn config(&self) -> &ClipConfig {
         &self.config
+    }
+
+    /// Training or evaluation mode, as `nn.Module.train()` / `.eval()`. Only the ResNet's
+    /// BatchNorm depends on it (no tower has dropout); a new model is in evaluation mode.
+    pub fn set_training(&self, training: bool) {
+        if let ImageTower::ResNet(r) = &self.visual {
+            r.set_training(training);
+        }
+    }
+
+    /// open_clip's `--lock-image-freeze-bn-stats`: the image tower's BatchNorm keeps its running
+    /// statistics in training mode too (no effect on a ViT).
+    pub fn freeze_image_bn_stats(&self, freeze: bool) {
+        if let ImageTower::ResNet(r) = &self.visual {
+            r.set_freeze_bn_stats(freeze);
+        }
     }
 
     /// `images` `[N, 3, H, W]` (CLIP-normalised pixels at the configured size) -> unnormalised
@@ -140,9 +189,18 @@ impl Clip {
         out
     }
 
-    /// Number of scalar parameters.
-    pub fn num_parameters(&self) -> i64 {
+    /// The trainable tensors: the state dict without its buffers (BatchNorm statistics).
+    pub fn parameters(&self) -> NamedTensors {
         self.state_dict()
+            .into_iter()
+            .filter(|(name, _)| !is_buffer(name))
+            .collect()
+    }
+
+    /// Number of scalar parameters (buffers not counted, as `sum(p.numel() for p in
+    /// model.parameters())`).
+    pub fn num_parameters(&self) -> i64 {
+        self.parameters()
             .iter()
             .map(|(_, t)| t.numel() as i64)
             .sum()

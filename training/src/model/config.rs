@@ -31,6 +31,7 @@ pub const PRESET_NAMES: &[&str] = &[
     "ViT-L-14",
     "ViT-L-14-quickgelu",
     "ViT-L-14-CLIPA",
+    "RN50",
 ];
 
 /// An image or patch size: one integer (square) or `[height, width]`, as open_clip's `to_2tuple`.
@@ -128,8 +129,8 @@ fn default_image_size() -> Size2 {
 fn default_patch_size() -> Size2 {
     Size2::Square(16)
 }
-fn default_vision_layers() -> i64 {
-    12
+fn default_vision_layers() -> VisionLayers {
+    VisionLayers::Transformer(12)
 }
 fn default_vision_width() -> i64 {
     768
@@ -162,14 +163,54 @@ fn is_default<T: Default + PartialEq>(t: &T) -> bool {
     *t == T::default()
 }
 
-/// `vision_cfg`: open_clip's `VisionTransformer` image tower. Field names and defaults are
-/// open_clip's `CLIPVisionCfg`.
+/// `vision_cfg.layers`, which also selects the image tower, as open_clip's `_build_vision_tower`
+/// decides: an integer is the depth of a `VisionTransformer`; a list of four is the number of
+/// bottleneck blocks per stage of a `ModifiedResNet` (the RN50 family: `[3, 4, 6, 3]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VisionLayers {
+    Transformer(i64),
+    ResNet(Vec<i64>),
+}
+
+impl From<i64> for VisionLayers {
+    fn from(depth: i64) -> Self {
+        VisionLayers::Transformer(depth)
+    }
+}
+
+impl VisionLayers {
+    /// The ViT's depth; 0 for a ResNet.
+    pub fn depth(&self) -> i64 {
+        match self {
+            VisionLayers::Transformer(d) => *d,
+            VisionLayers::ResNet(_) => 0,
+        }
+    }
+
+    /// The ResNet's blocks per stage; `None` for a ViT.
+    pub fn resnet_blocks(&self) -> Option<&[i64]> {
+        match self {
+            VisionLayers::Transformer(_) => None,
+            VisionLayers::ResNet(b) => Some(b),
+        }
+    }
+}
+
+/// `patch_size: null` (open_clip's ResNet configs) reads as the default; the ResNet ignores it.
+fn patch_size_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Size2, D::Error> {
+    Ok(Option::<Size2>::deserialize(d)?.unwrap_or_else(default_patch_size))
+}
+
+/// `vision_cfg`: open_clip's image tower, a `VisionTransformer` or (with a list of `layers`) a
+/// `ModifiedResNet`. Field names and defaults are open_clip's `CLIPVisionCfg`; the ResNet reads
+/// `image_size`, `layers`, `width` and `head_width` (heads = width * 32 / head_width) only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VisionConfig {
     #[serde(default = "default_image_size")]
     pub image_size: Size2,
     #[serde(default = "default_vision_layers")]
-    pub layers: i64,
+    pub layers: VisionLayers,
     #[serde(default = "default_vision_width")]
     pub width: i64,
     /// Heads = width / head_width.
@@ -178,7 +219,10 @@ pub struct VisionConfig {
     /// MLP hidden width = int(width * mlp_ratio).
     #[serde(default = "default_mlp_ratio")]
     pub mlp_ratio: f64,
-    #[serde(default = "default_patch_size")]
+    #[serde(
+        default = "default_patch_size",
+        deserialize_with = "patch_size_or_default"
+    )]
     pub patch_size: Size2,
     /// LayerScale (`ls_1.gamma`, `ls_2.gamma`) with this initial value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,11 +241,20 @@ pub struct VisionConfig {
 }
 
 impl VisionConfig {
+    /// Whether the tower is open_clip's `ModifiedResNet` (a list of `layers`).
+    pub fn is_resnet(&self) -> bool {
+        self.layers.resnet_blocks().is_some()
+    }
+
+    /// Attention heads: of the ViT's blocks, or of the ResNet's attention pool (whose width is
+    /// `width * 32`).
     pub fn heads(&self) -> i64 {
-        if self.head_width > 0 {
-            self.width / self.head_width
-        } else {
+        if self.head_width <= 0 {
             0
+        } else if self.is_resnet() {
+            self.width * 32 / self.head_width
+        } else {
+            self.width / self.head_width
         }
     }
 
@@ -409,6 +462,7 @@ impl ClipConfig {
             "ViT-L-14" => Ok(Self::vit_l_14()),
             "ViT-L-14-quickgelu" => Ok(Self::vit_l_14_quickgelu()),
             "ViT-L-14-CLIPA" => Ok(Self::vit_l_14_clipa()),
+            "RN50" => Ok(Self::rn50()),
             other => Err(TrainError::ModelConfig {
                 field: "(preset)".into(),
                 reason: format!(
@@ -430,7 +484,7 @@ impl ClipConfig {
             embed_dim,
             vision_cfg: VisionConfig {
                 image_size: Size2::Square(image_size),
-                layers,
+                layers: layers.into(),
                 width,
                 head_width,
                 mlp_ratio: 4.0,
@@ -495,6 +549,14 @@ impl ClipConfig {
         Self::standard(768, (224, 14, 1024, 24, 64), (768, 12, 12, 77))
     }
 
+    /// open_clip's `RN50.json`: OpenAI's ResNet-50 image tower (`ModifiedResNet`, blocks
+    /// `[3, 4, 6, 3]`, width 64, a 32-head attention pool) with the ViT-B text tower.
+    pub fn rn50() -> Self {
+        let mut cfg = Self::standard(1024, (224, 16, 64, 0, 64), (512, 8, 12, 77));
+        cfg.vision_cfg.layers = VisionLayers::ResNet(vec![3, 4, 6, 3]);
+        cfg
+    }
+
     /// open_clip's `ViT-L-14-quickgelu.json`: OpenAI's ViT-L/14 (QuickGELU in both towers).
     pub fn vit_l_14_quickgelu() -> Self {
         Self {
@@ -537,9 +599,15 @@ impl ClipConfig {
         };
         let v = &self.vision_cfg;
         let t = &self.text_cfg;
+        if v.is_resnet() {
+            self.validate_resnet()?;
+        }
         let positive: [(&str, i64); 11] = [
             ("embed_dim", self.embed_dim),
-            ("vision_cfg.layers", v.layers),
+            (
+                "vision_cfg.layers",
+                if v.is_resnet() { 1 } else { v.layers.depth() },
+            ),
             ("vision_cfg.width", v.width),
             ("vision_cfg.head_width", v.head_width),
             (
@@ -561,7 +629,7 @@ impl ClipConfig {
                 return bad(field, format!("must be positive, got {value}"));
             }
         }
-        if v.width % v.head_width != 0 {
+        if !v.is_resnet() && v.width % v.head_width != 0 {
             return bad(
                 "vision_cfg.head_width",
                 format!(
@@ -577,7 +645,7 @@ impl ClipConfig {
             );
         }
         let (gh, gw) = v.grid();
-        if gh == 0 || gw == 0 {
+        if !v.is_resnet() && (gh == 0 || gw == 0) {
             return bad(
                 "vision_cfg.patch_size",
                 format!(
@@ -651,6 +719,74 @@ impl ClipConfig {
         }
         Ok(())
     }
+
+    /// The ResNet's own checks: four positive stage depths, a square image that the tower's
+    /// 32x downsampling tiles exactly (open_clip sizes the attention pool's positional embedding
+    /// for `image_size // 32` per side and fails at run time otherwise), heads dividing the pool's
+    /// width, and none of the ViT-only settings (open_clip ignores them for a ResNet; we refuse
+    /// them, so a config never means something it does not do).
+    fn validate_resnet(&self) -> Result<(), TrainError> {
+        let v = &self.vision_cfg;
+        let bad = |field: &str, reason: String| {
+            Err(TrainError::ModelConfig {
+                field: field.to_string(),
+                reason,
+            })
+        };
+        let blocks = v.layers.resnet_blocks().unwrap_or(&[]);
+        if blocks.len() != 4 || blocks.iter().any(|&b| b <= 0) {
+            return bad(
+                "vision_cfg.layers",
+                format!("a ModifiedResNet needs four positive stage depths, got {blocks:?}"),
+            );
+        }
+        let side = v.image_size.height();
+        if v.image_size.width() != side || side <= 0 || side % 32 != 0 {
+            return bad(
+                "vision_cfg.image_size",
+                format!(
+                    "a ModifiedResNet needs a square image whose side is a multiple of 32, got {:?}",
+                    v.image_size
+                ),
+            );
+        }
+        if v.width <= 0 || v.width % 2 != 0 {
+            return bad(
+                "vision_cfg.width",
+                format!("must be positive and even (the stem's first convolutions are width / 2), got {}", v.width),
+            );
+        }
+        if v.head_width <= 0 || (v.width * 32) % v.head_width != 0 {
+            return bad(
+                "vision_cfg.head_width",
+                format!(
+                    "{} does not divide the attention pool's width {} (vision_cfg.width * 32)",
+                    v.head_width,
+                    v.width * 32
+                ),
+            );
+        }
+        let vit_only = [
+            ("vision_cfg.ls_init_value", v.ls_init_value.is_some()),
+            ("vision_cfg.no_ln_pre", v.no_ln_pre),
+            ("vision_cfg.pool_type", v.pool_type != VisionPool::Tok),
+            ("vision_cfg.final_ln_after_pool", v.final_ln_after_pool),
+            ("vision_cfg.act_kwargs", v.act_kwargs.is_some()),
+            ("vision_cfg.norm_kwargs", v.norm_kwargs.is_some()),
+            ("vision_cfg.mlp_ratio", v.mlp_ratio != default_mlp_ratio()),
+        ];
+        for (field, set) in vit_only {
+            if set {
+                return bad(
+                    field,
+                    "only applies to the VisionTransformer; a list of layers selects open_clip's \
+                     ModifiedResNet, which has no such setting"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -683,8 +819,8 @@ fn is_learnable(v: &Value) -> bool {
 fn is_default_block(v: &Value) -> bool {
     v.is_null() || v.as_str() == Some("default")
 }
-fn is_integer(v: &Value) -> bool {
-    v.is_i64()
+fn is_integer_or_integer_list(v: &Value) -> bool {
+    v.is_i64() || v.as_array().is_some_and(|a| a.iter().all(Value::is_i64))
 }
 fn is_tok_or_avg(v: &Value) -> bool {
     matches!(v.as_str(), Some("tok" | "avg"))
@@ -723,8 +859,8 @@ const VISION_KEYS: &[(&str, Rule)] = &[
     (
         "layers",
         Rule::DefaultOnly(
-            is_integer,
-            "a list of layers selects open_clip's ModifiedResNet image tower, which is not supported (only the ViT)",
+            is_integer_or_integer_list,
+            "must be an integer (a VisionTransformer's depth) or a list of integers (a ModifiedResNet's blocks per stage)",
         ),
     ),
     ("width", Rule::Read),
@@ -971,6 +1107,36 @@ mod tests {
         assert_eq!(via_serde.expect("serde"), cfg);
     }
 
+    #[test]
+    fn resnet_configs_read_and_refuse_vit_settings() {
+        let rn = ClipConfig::preset("RN50").expect("RN50");
+        assert!(rn.vision_cfg.is_resnet());
+        assert_eq!(rn.vision_cfg.heads(), 32); // open_clip: width * 32 // head_width
+        let json = |patch: &str| {
+            format!(
+                r#"{{"embed_dim": 64, "vision_cfg": {{"image_size": 64, "layers": [1, 1, 1, 1],
+                     "width": 16, "head_width": 32{patch}}},
+                     "text_cfg": {{"width": 64, "heads": 2, "layers": 1}}}}"#
+            )
+        };
+        let small = ClipConfig::from_json_str(&json(r#", "patch_size": null"#)).expect("parses");
+        assert_eq!(small.vision_cfg.heads(), 16);
+        for (extra, field) in [
+            (r#", "ls_init_value": 0.1"#, "vision_cfg.ls_init_value"),
+            (r#", "pool_type": "avg""#, "vision_cfg.pool_type"),
+            (r#", "mlp_ratio": 2.0"#, "vision_cfg.mlp_ratio"),
+            (r#", "head_width": 24"#, "vision_cfg.head_width"),
+        ] {
+            let text = json(extra).replace(r#""head_width": 32, "head_width""#, r#""head_width""#);
+            let err = err_of(&text);
+            assert!(err.contains(&format!("`{field}`")), "{field}: {err}");
+        }
+        let odd = json("").replace(r#""image_size": 64"#, r#""image_size": 80"#);
+        assert!(err_of(&odd).contains("multiple of 32"));
+        let three = json("").replace("[1, 1, 1, 1]", "[1, 1, 1]");
+        assert!(err_of(&three).contains("four positive stage depths"));
+    }
+
     fn err_of(json: &str) -> String {
         match ClipConfig::from_json_str(json) {
             Ok(cfg) => panic!("expected an error, parsed {cfg:?}"),
@@ -999,11 +1165,7 @@ mod tests {
                 "vision_cfg.timm_model_name",
             ),
             (
-                with(
-                    Some("vision_cfg"),
-                    "layers",
-                    serde_json::json!([3, 4, 6, 3]),
-                ),
+                with(Some("vision_cfg"), "layers", serde_json::json!([3, 4, 6])),
                 "vision_cfg.layers",
             ),
             (

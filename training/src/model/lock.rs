@@ -9,6 +9,10 @@
 //! - text: `[token_embedding, positional_embedding, cls_emb]`, one group per block but the last,
 //!   `[last block, ln_final]`, `[text_projection]`.
 //!
+//! A ModifiedResNet image tower locks whole (open_clip has no groups for it, [`check`]); its
+//! BatchNorm statistics keep updating unless `lock_image_freeze_bn_stats` is set, as open_clip's
+//! `--lock-image-freeze-bn-stats`.
+//!
 //! Parameters outside those groups (an attention-pooling head, say) stay frozen with their tower,
 //! as in open_clip; `logit_scale` and `logit_bias` belong to neither tower and stay trainable.
 //! Frozen parameters get `requires_grad = false` and are left out of the optimizer (no update, no
@@ -81,7 +85,11 @@ pub fn is_frozen(name: &str, cfg: &ClipConfig, locks: &TowerLocks) -> bool {
         None => true,
     };
     if let (Some(rest), Some(k)) = (name.strip_prefix("visual."), locks.image) {
-        let layers = cfg.vision_cfg.layers.max(0) as usize;
+        if cfg.vision_cfg.is_resnet() {
+            // open_clip's ModifiedResNet.lock freezes the whole tower (no groups; see `check`).
+            return true;
+        }
+        let layers = cfg.vision_cfg.layers.depth().max(0) as usize;
         return unlocked(image_group(rest, layers), layers, k);
     }
     if let (true, Some(k)) = (in_text_tower(name), locks.text) {
@@ -89,6 +97,21 @@ pub fn is_frozen(name: &str, cfg: &ClipConfig, locks: &TowerLocks) -> bool {
         return unlocked(text_group(name, layers), layers, k);
     }
     false
+}
+
+/// Refuses locks the model cannot honour: open_clip's `ModifiedResNet.lock` supports no unlocked
+/// groups (it asserts `unlocked_groups == 0`).
+pub fn check(cfg: &ClipConfig, locks: &TowerLocks) -> Result<(), crate::TrainError> {
+    match locks.image {
+        Some(k) if k > 0 && cfg.vision_cfg.is_resnet() => Err(crate::TrainError::ModelConfig {
+            field: "model.lock_image_unlocked_groups".into(),
+            reason: format!(
+                "{k} unlocked groups: a ModifiedResNet image tower locks whole or not at all, \
+                 as in open_clip"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Freezes the locked parameters (`requires_grad = false`) and returns the trainable rest, in

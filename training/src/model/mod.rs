@@ -5,6 +5,8 @@
 //!   which `open_clip.add_model_config` reads).
 //! - [`layers`]: LayerNorm, Linear, attention, MLP, residual block, transformer.
 //! - [`vision`]: the ViT image tower (`visual.*`).
+//! - [`resnet`]: the ModifiedResNet image tower (`visual.*`, the RN50 family), with BatchNorm
+//!   buffers and a training / evaluation mode.
 //! - [`text`]: the text tower (top-level `token_embedding`, `transformer`, ...).
 //! - [`clip`]: [`Clip`], both towers plus `logit_scale` / `logit_bias`.
 //! - [`stc`]: [`StcHead`], the short-tag classifier on the image embedding (kept apart from the
@@ -29,15 +31,16 @@ pub mod clip;
 pub mod config;
 pub mod layers;
 pub mod lock;
+pub mod resnet;
 pub mod stc;
 pub mod text;
 pub mod torch_pickle;
 pub mod vision;
 
-pub use clip::{excluded_from_weight_decay, Clip, ClipOutput};
+pub use clip::{excluded_from_weight_decay, Clip, ClipOutput, ImageTower};
 pub use config::{
     ActKwargs, ClipConfig, NormKwargs, Size2, TextConfig, TextPool, TextProjType, VisionConfig,
-    VisionPool, PRESET_NAMES,
+    VisionLayers, VisionPool, PRESET_NAMES,
 };
 pub use layers::{l2_normalize, NamedTensors};
 pub use stc::StcHead;
@@ -51,7 +54,7 @@ mod tests {
 
     fn tiny_variant() -> ClipConfig {
         let mut cfg = ClipConfig::hq_tiny();
-        cfg.vision_cfg.layers = 1;
+        cfg.vision_cfg.layers = 1.into();
         cfg.text_cfg.layers = 1;
         cfg.text_cfg.vocab_size = 1000;
         cfg.text_cfg.context_length = 16;
@@ -302,7 +305,10 @@ mod tests {
         }
         let (per_image, _) = gpu.logits(&gi, &gt).expect("logits");
         per_image.sum(Kind::Float).backward();
-        assert!(gpu.visual.conv1.grad().defined());
+        match &gpu.visual {
+            ImageTower::Vit(v) => assert!(v.conv1.grad().defined()),
+            ImageTower::ResNet(_) => unreachable!("a ViT config"),
+        }
         // A checkpoint saved from the GPU reads back on the CPU.
         gpu.save_safetensors(&path).expect("save from cuda");
         cpu.load_safetensors(&path).expect("load on cpu");

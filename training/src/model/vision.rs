@@ -67,7 +67,7 @@ impl VisionTransformer {
             } else {
                 Some(LayerNorm::new(&p.sub("ln_pre"), width, eps)?)
             },
-            transformer: Transformer::new(&p.sub("transformer"), v.layers, &block)?,
+            transformer: Transformer::new(&p.sub("transformer"), v.layers.depth(), &block)?,
             ln_post: LayerNorm::new(&p.sub("ln_post"), width, eps)?,
             proj: p.f_var("proj", &[width, cfg.embed_dim], normal(scale))?,
             image_hw: (v.image_size.height(), v.image_size.width()),
