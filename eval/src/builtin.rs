@@ -41,6 +41,14 @@ pub struct BuiltinClassification {
     pub classes: usize,
     pub samples: u64,
     pub bad_samples: u64,
+    /// Mean pairwise cosine of the class prompts' embeddings ([`crate::probe`]); near 1 when the
+    /// text tower does not tell the classes apart.
+    #[serde(default)]
+    pub class_prompt_cosine: Option<f64>,
+    /// Top-1 accuracy of a linear (ridge) probe on the frozen image embeddings
+    /// ([`crate::probe`]): whether the images' embeddings hold the class at all.
+    #[serde(default)]
+    pub linear_probe_acc1: Option<f64>,
 }
 
 /// The retrieval set's result.
@@ -105,6 +113,15 @@ impl BuiltinReport {
         for c in &self.classification {
             out.push((format!("{}/acc1", c.name), c.acc1));
         }
+        // Diagnostics, not part of the headline mean.
+        for c in &self.classification {
+            if let Some(p) = c.linear_probe_acc1 {
+                out.push((format!("{}/probe_acc1", c.name), p));
+            }
+            if let Some(p) = c.class_prompt_cosine {
+                out.push((format!("{}/prompt_cosine", c.name), p));
+            }
+        }
         let r = &self.retrieval;
         out.push((format!("{}/image_r1", r.name), r.image_recall_at_1));
         out.push((format!("{}/text_r1", r.name), r.text_recall_at_1));
@@ -137,7 +154,11 @@ impl BuiltinReport {
             self.eval_dir, self.model
         );
         for (name, v) in self.summary() {
-            s.push_str(&format!("  {name:<32} {:>7.2}%\n", 100.0 * v));
+            if name.ends_with("/prompt_cosine") {
+                s.push_str(&format!("  {name:<32} {v:>8.4}\n"));
+            } else {
+                s.push_str(&format!("  {name:<32} {:>7.2}%\n", 100.0 * v));
+            }
         }
         if self.bad.count > 0 {
             s.push_str(&format!("  bad samples: {}\n", self.bad.count));
@@ -175,8 +196,15 @@ pub fn evaluate_builtin(
     for name in BUILTIN_CLASSIFICATION {
         let dir = eval_dir.join(format!("wds_{name}_test"));
         let ds = WdsDataset::open(&dir, "test").map_err(|e| missing_set(name, &eval_dir, e))?;
-        let out =
-            evaluate_classification(encoder, &ds, ClassificationExtra::None, None, options, name)?;
+        let out = evaluate_classification(
+            encoder,
+            &ds,
+            ClassificationExtra::Diagnostics,
+            None,
+            options,
+            name,
+        )?;
+        let diagnostic = |key: &str| out.details.get(key).and_then(|v| v.as_f64());
         classification.push(BuiltinClassification {
             name: name.to_string(),
             acc1: metric(&out, "acc1")?,
@@ -185,6 +213,8 @@ pub fn evaluate_builtin(
             classes: ds.classnames.len(),
             samples: out.samples,
             bad_samples: out.bad.count,
+            class_prompt_cosine: diagnostic("class_prompt_cosine"),
+            linear_probe_acc1: diagnostic("linear_probe_acc1"),
         });
         bad.merge(out.bad);
     }

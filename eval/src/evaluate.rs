@@ -64,6 +64,9 @@ type Meta = Option<Vec<f64>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClassificationExtra {
     None,
+    /// The embedding diagnostics of [`crate::probe`] in `details` (`class_prompt_cosine`,
+    /// `linear_probe_acc1`); single-label sets only.
+    Diagnostics,
     Wilds(WildsTask),
     Fairness(FairnessTask),
 }
@@ -140,7 +143,10 @@ pub fn evaluate_classification(
     let dim = encoder.embed_dim();
     let classifier = zero_shot_classifier(encoder, &ds.classnames, &ds.templates, opts)?;
     let multilabel = ds.dataset_type == DatasetType::MultiLabel;
-    let want_meta = extra != ClassificationExtra::None;
+    let want_meta = !matches!(
+        extra,
+        ClassificationExtra::None | ClassificationExtra::Diagnostics
+    );
     let bar =
         crate::pipeline::progress_bar(opts.limit.or(expected), "images", message, opts.progress);
     let encoded = encode_images(
@@ -248,7 +254,13 @@ pub fn evaluate_classification(
         "mean_per_class_recall".into(),
         Some(metrics::balanced_accuracy(&targets, &pred)),
     );
-    if extra != ClassificationExtra::None {
+    if extra == ClassificationExtra::Diagnostics {
+        out.details = serde_json::json!({
+            "class_prompt_cosine": crate::probe::class_prompt_cosine(&classifier, classes, dim),
+            "linear_probe_acc1":
+                crate::probe::ridge_probe_accuracy(&encoded.embeddings, &targets, classes, dim),
+        });
+    } else if extra != ClassificationExtra::None {
         let metas: Vec<&Meta> = encoded.labels.iter().map(|(_, m)| m).collect();
         wilds_metrics(extra, &logits, classes, &targets, &pred, &metas, &mut out);
     }
@@ -288,7 +300,7 @@ fn wilds_metrics(
         ClassificationExtra::Fairness(FairnessTask::Geode) => {
             (&["region", "country"], &["acc_avg", "acc_wg"])
         }
-        ClassificationExtra::None => return,
+        ClassificationExtra::None | ClassificationExtra::Diagnostics => return,
     };
     let missing = metas.iter().filter(|m| m.is_none()).count();
     if missing > 0 {
@@ -382,7 +394,7 @@ fn wilds_metrics(
                 out.metrics.insert("acc_wg".into(), worst);
             }
         }
-        ClassificationExtra::None => {}
+        ClassificationExtra::None | ClassificationExtra::Diagnostics => {}
     }
 }
 

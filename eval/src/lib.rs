@@ -19,6 +19,7 @@ pub mod evaluate;
 pub mod metrics;
 pub mod npy;
 pub mod pipeline;
+pub mod probe;
 pub mod report;
 pub mod results;
 pub mod run;
