@@ -19,6 +19,7 @@
 #   --jobs     runs trained at the same time (default 1); with --threads 1 and --jobs 2 a
 #              two-core machine trains two variants side by side
 #   --set      an hq-train config override for every run (repeatable), e.g. optim.warmup_steps=2
+#              or data.negative_pairing=paired (segment negatives paired with their positive)
 #   --threads  threads per run: libtorch's intra-op threads and the data loader's decode threads
 #              (default 0: the libraries' defaults, one per core)
 # A finished run (its summary.json present) is not trained again, so an interrupted ablation

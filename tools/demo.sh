@@ -12,6 +12,8 @@
 #   HQ_ABLATION_JOBS=2         runs trained side by side (default 1)
 #   HQ_ABLATION_THREADS=1      threads per run (default 0: one per core); on a two-core machine
 #                              JOBS=2 THREADS=1 finishes the four variants sooner
+#   HQ_NEGATIVE_RULES=shape_binding  the corpus's hard-negative rules (hq-data synth
+#                              --negative-rules; default paper); use its own OUT_DIR
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/env.sh
@@ -19,12 +21,19 @@ quick=0
 if [[ "${1:-}" == "--quick" ]]; then quick=1; shift; fi
 out="${1:-out/default}"
 cargo build --release --locked -p hq-data --bin hq-data
-# A corpus written by another generator version (other texts for the same seed) is regenerated,
-# and the ablation and loop made from it are moved aside (it would otherwise count as finished).
+# A corpus written by another generator version (other texts for the same seed), or with other
+# hard-negative rules than asked for, is regenerated, and the ablation and loop made from it are
+# moved aside (they would otherwise count as finished). The manifest names its rules only when
+# they are not the default (paper), so "generator+rules" is the generator alone for paper.
+rules="${HQ_NEGATIVE_RULES:-paper}"
+rules="${rules//-/_}"
 want=$(sed -n 's/^pub const GENERATOR_VERSION: &str = "\(.*\)";$/\1/p' data/src/synth/mod.rs)
+[[ "$rules" == paper ]] || want="$want+$rules"
 have=""
 if [[ -f "$out/corpus.json" ]]; then
   have=$(sed -n 's/^  "generator": "\(.*\)",$/\1/p' "$out/corpus.json" | head -n 1)
+  have_rules=$(sed -n 's/^    "negative_rules": "\(.*\)",\{0,1\}$/\1/p' "$out/corpus.json" | head -n 1)
+  [[ -z "$have" || -z "$have_rules" ]] || have="$have+$have_rules"
 fi
 if [[ -n "$have" && "$have" == "$want" ]]; then
   echo "== corpus: reusing $out (delete it to regenerate)"
@@ -39,9 +48,9 @@ else
         mv "$out/$made" "$old"
       fi
     done
-    target/release/hq-data synth --out "$out" --force
+    target/release/hq-data synth --out "$out" --negative-rules "$rules" --force
   else
-    target/release/hq-data synth --out "$out"
+    target/release/hq-data synth --out "$out" --negative-rules "$rules"
   fi
 fi
 if [[ "$quick" == 1 ]]; then

@@ -107,10 +107,39 @@ fn help_explains_every_option() {
         "--p-unrelated",
         "--threads",
         "--force",
+        "--negative-rules",
     ] {
         assert!(t.contains(opt), "{opt} missing from help:\n{t}");
     }
     assert!(hq_data(&["stats", "--help"]).status.success());
+}
+
+/// A corpus written with other hard-negative rules says so in its manifest (tools/demo.sh reads
+/// it to tell such a corpus from a default one).
+#[test]
+fn negative_rules_are_recorded_in_the_manifest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("corpus");
+    let args = [
+        "synth",
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--samples",
+        "4",
+        "--eval-samples",
+        "0",
+        "--image-size",
+        "16",
+        "--negative-rules",
+        "shape-binding",
+        "--no-progress",
+    ];
+    let o = hq_data(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("corpus.json")).expect("manifest"))
+            .expect("json");
+    assert_eq!(manifest["config"]["negative_rules"], "shape_binding");
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! image_size = 32             # optional override of the preset's image size
 //! [data]
 //! train = ["out/default/train"]
+//! negative_pairing = "paired" # segment negatives: d-'s clause closest to the positive ("any")
 //! # side-car annotations joined while reading (optional):
 //! # annotations = { path = "ann/", id_field = "uid", fields = { long_positive = "caption" } }
 //! # or, instead of train, a weighted mixture: [[data.sources]] shards = [...], weight = 3
@@ -94,6 +95,11 @@ pub struct DataSection {
     pub negatives: usize,
     /// Probability that a hard negative is a d- segment rather than the joined t- tags.
     pub negative_segment_prob: f64,
+    /// Which changed segment of d- a segment negative is: `any` (uniformly, the paper's reading;
+    /// the default for now) or `paired` (when the positive is a d+ segment, the changed segment
+    /// with the fewest word edits from it, so the two differ by the edit alone). See
+    /// [`crate::data::NegativePairing`].
+    pub negative_pairing: crate::data::NegativePairing,
     /// Shuffle-buffer size (samples).
     pub shuffle_buffer: usize,
     /// Shards read at once.
@@ -128,6 +134,7 @@ impl Default for DataSection {
             refined_prob: policy.refined_prob,
             negatives: policy.negatives,
             negative_segment_prob: policy.negative_segment_prob,
+            negative_pairing: policy.negative_pairing,
             shuffle_buffer: 5000,
             readers: 2,
             threads: 0,
@@ -500,6 +507,7 @@ impl TrainConfig {
             },
             negatives: if parts.hni { self.data.negatives } else { 0 },
             negative_segment_prob: self.data.negative_segment_prob,
+            negative_pairing: self.data.negative_pairing,
         })
     }
 
@@ -952,12 +960,24 @@ mod tests {
         set_toml_key(&mut t, "run.device=cpu").expect("device");
         set_toml_key(&mut t, "loss.variant = \"mixed\"").expect("variant");
         set_toml_key(&mut t, "data.train=[\"a\", \"b\"]").expect("train");
-        let c = TrainConfig::from_toml_table(t).expect("config");
+        let c = TrainConfig::from_toml_table(t.clone()).expect("config");
         assert_eq!(c.optim.lr, 1e-3);
         assert_eq!(c.run.device, "cpu");
         assert_eq!(c.loss.variant, Some(Variant::Mixed));
         assert_eq!(c.data.train, vec!["a", "b"]);
         assert!(set_toml_key(&mut toml::Table::new(), "lr=1").is_err());
+        assert_eq!(c.data.negative_pairing, crate::data::NegativePairing::Any);
+        set_toml_key(&mut t, "data.negative_pairing=paired").expect("pairing");
+        let paired = TrainConfig::from_toml_table(t.clone()).expect("config");
+        assert_eq!(
+            paired.text_policy().expect("policy").negative_pairing,
+            crate::data::NegativePairing::Paired
+        );
+        set_toml_key(&mut t, "data.negative_pairing=closest").expect("set");
+        let e = TrainConfig::from_toml_table(t)
+            .expect_err("closest")
+            .to_string();
+        assert!(e.contains("closest") && e.contains("paired"), "{e}");
         let mut other = c.clone();
         other.run.eval_every = 50;
         assert!(c.differences_for_resume(&other).is_empty());

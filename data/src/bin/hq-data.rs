@@ -8,7 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hq_data::synth::{self, ImageFormat, RawTextMix, SynthConfig, WriteOptions};
+use hq_data::synth::{self, ImageFormat, NegativeRules, RawTextMix, SynthConfig, WriteOptions};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -123,6 +123,18 @@ enum FormatArg {
     Png,
 }
 
+/// `hq_data::synth::NegativeRules` on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NegativeRulesArg {
+    /// The paper's mix: any one minimal edit (recolour, reshape, swapped attributes, flipped
+    /// relation, count, size, texture, background, place).
+    Paper,
+    /// Only edits that keep every colour of the scene: reshape one object, swap colours or
+    /// shapes between two objects (colour-shape binding); t- likewise.
+    #[value(alias = "shape_binding")]
+    ShapeBinding,
+}
+
 #[derive(Args, Debug)]
 struct SynthArgs {
     /// Output folder (created; must not already hold a corpus unless --force).
@@ -180,6 +192,12 @@ struct SynthArgs {
     /// Training shard name prefix: train/{prefix}-00000.tar.
     #[arg(long, default_value = "shard", value_name = "NAME")]
     prefix: String,
+    /// Which edits the hard negatives (the negative description d- and the negative tags t-)
+    /// may make. shape-binding keeps the scene's colours, so colour alone cannot tell a
+    /// negative from its positive. Recorded in corpus.json and each sample's JSON when not
+    /// paper.
+    #[arg(long, value_enum, default_value_t = NegativeRulesArg::Paper, value_name = "RULES")]
+    negative_rules: NegativeRulesArg,
     /// Worker threads (default: all cores). Output does not depend on it.
     #[arg(long, value_name = "T")]
     threads: Option<usize>,
@@ -285,6 +303,10 @@ fn run_synth(a: SynthArgs) -> Result<()> {
             decorate: a.p_decorate,
         },
         shard_prefix: a.prefix,
+        negative_rules: match a.negative_rules {
+            NegativeRulesArg::Paper => NegativeRules::Paper,
+            NegativeRulesArg::ShapeBinding => NegativeRules::ShapeBinding,
+        },
     };
     cfg.validate().context("invalid synth settings")?;
     if a.threads == Some(0) {

@@ -932,7 +932,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         for _ in 0..3000 {
             let scene = Scene::random(&mut rng);
-            let (t, perts) = crate::synth::oracle_texts(&scene, &mut rng);
+            let (t, perts) =
+                crate::synth::oracle_texts(&scene, crate::synth::NegativeRules::Paper, &mut rng);
             let pos = Judgement::of(&Claims::extract(&t.long_positive), &scene);
             assert!(
                 !pos.has_false(),

@@ -31,8 +31,10 @@
 //! ```
 //! A training sample's `key.json` holds `uid`, `width`, `height`, `split`, `generator`, the `scene`
 //! (background, groups, relation, objects with positions), `raw_kind`, `raw_decorated`,
-//! `negative_changes` (the perturbations behind the hard negative) and, under `hq_clip`, the four
-//! oracle texts with `source: "oracle"`.
+//! `negative_changes` (the perturbations behind the hard negative), `negative_rules` (only when not
+//! the default `paper`: which edits the hard negatives may make, [`NegativeRules`]) and, under
+//! `hq_clip`, the four oracle texts with `source: "oracle"`. The manifest's `config` holds the
+//! settings, `negative_rules` again only when not `paper`.
 
 pub mod captions;
 pub mod evalsets;
@@ -52,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use captions::{check_text, oracle_texts, tag_holds, Perturbation};
+pub use captions::{check_text, oracle_texts, tag_holds, NegativeRules, Perturbation};
 pub use rawtext::{RawKind, RawText, RawTextMix};
 pub use render::ImageFormat;
 pub use scene::Scene;
@@ -126,6 +128,11 @@ pub struct SynthConfig {
     pub raw_text: RawTextMix,
     /// Training shards are `train/{prefix}-00000.tar`.
     pub shard_prefix: String,
+    /// Which edits the hard negatives (d-, t-) may make. Left out of the manifest when `paper`,
+    /// so a default corpus's `corpus.json` is what it was before the setting existed (and such a
+    /// manifest reads back as `paper`).
+    #[serde(default, skip_serializing_if = "NegativeRules::is_paper")]
+    pub negative_rules: NegativeRules,
 }
 
 impl Default for SynthConfig {
@@ -142,6 +149,7 @@ impl Default for SynthConfig {
             retrieval_captions: (2, 5),
             raw_text: RawTextMix::default(),
             shard_prefix: "shard".to_string(),
+            negative_rules: NegativeRules::Paper,
         }
     }
 }
@@ -221,6 +229,7 @@ pub fn train_sample(cfg: &SynthConfig, index: u64) -> Result<Generated> {
     );
     let (refined, perturbations) = oracle_texts(
         &scene,
+        cfg.negative_rules,
         &mut sample_rng(cfg.seed, Stream::Train, index, Purpose::Oracle),
     );
     let mut sample = Sample::new(train_key(index), image, raw.text.clone());
@@ -248,6 +257,11 @@ pub fn train_sample(cfg: &SynthConfig, index: u64) -> Result<Generated> {
             .collect::<Vec<_>>()
             .into(),
     );
+    // Only when not the paper's, so a default corpus's shards stay byte-identical to those
+    // written before the setting existed.
+    if !cfg.negative_rules.is_paper() {
+        m.insert("negative_rules".into(), cfg.negative_rules.name().into());
+    }
     Ok(Generated {
         sample,
         scene,

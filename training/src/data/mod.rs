@@ -41,7 +41,7 @@ pub use tags::{
     build_tag_vocab, build_tag_vocab_with, count_tags, count_tags_with, tag_csr,
     DEFAULT_TAG_VOCAB_SIZE,
 };
-pub use text_policy::{ChosenTexts, NegativeSource, TextPolicy, TextSource};
+pub use text_policy::{ChosenTexts, NegativePairing, NegativeSource, TextPolicy, TextSource};
 pub use transform::{ImageTransform, TransformKind, CLIP_MEAN, CLIP_STD};
 
 use rand::SeedableRng;
