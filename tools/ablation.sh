@@ -144,4 +144,4 @@ for p in "${pids[@]}"; do
 done
 [[ "$failed" == 0 ]] || { echo "ablation.sh: some runs failed (see above); finished runs are kept, run again to continue" >&2; exit 1; }
 
-"$bin"/hq-ablation --out "$out/table.md" --png "$out/chart.png" "${reports[@]}"
+"$bin"/hq-ablation --out "$out/table.md" --png "$out/chart.png" --json "$out/table.json" "${reports[@]}"

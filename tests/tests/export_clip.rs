@@ -1120,12 +1120,13 @@ fn builtin_metrics_are_equal_through_tch_and_onnx() -> BoxResult<()> {
     for ((name_t, value_t), (name_o, value_o)) in via_tch.iter().zip(&via_onnx) {
         eprintln!("{name_t}: tch {value_t:.6}, onnx {value_o:.6}");
         assert_eq!(name_t, name_o);
-        // The embedding diagnostics are continuous (a cosine) or fitted (a ridge probe on 24
-        // training images): equal up to the embeddings' 1e-6 differences, one test image at most.
+        // The embedding diagnostics are continuous (a cosine) or fitted (a ridge probe on about
+        // half of the 48 images): equal up to the embeddings' 1e-6 differences, one test image
+        // (of 15 or more) at most.
         let tolerance = if name_t.ends_with("/prompt_cosine") {
             1e-5
         } else if name_t.ends_with("/probe_acc1") {
-            1.0 / 24.0 + 1e-9
+            1.0 / 15.0
         } else {
             0.0
         };

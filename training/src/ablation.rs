@@ -22,6 +22,17 @@ pub const COLUMNS: [(&str, &str); 7] = [
     ("builtin/mean", "mean"),
 ];
 
+/// Diagnostics (issue 16), reported under the table when every report has them: whether the
+/// image embeddings hold the shape at all (a linear probe) and whether the text tower tells the
+/// shape prompts apart (their mean pairwise cosine; near 1 = one point). Not percentages of
+/// the same kind as the table's, so not in the headline mean.
+pub const DIAGNOSTICS: [(&str, &str); 4] = [
+    ("synth_shape/probe_acc1", "shape linear probe, %"),
+    ("synth_shape/prompt_cosine", "shape prompts' mean cosine"),
+    ("synth_color/prompt_cosine", "colour prompts' mean cosine"),
+    ("synth_count/probe_acc1", "count linear probe, %"),
+];
+
 /// One report: which variant, which seed.
 #[derive(Debug, Clone)]
 pub struct AblationRun {
@@ -67,6 +78,19 @@ fn stat(v: &[f64]) -> Stat {
 
 /// Per variant (in first-seen order), per column: the statistics over seeds.
 pub fn aggregate(runs: &[AblationRun]) -> Result<Vec<(String, Vec<Stat>)>, TrainError> {
+    aggregate_keys(runs, &COLUMNS)
+}
+
+/// [`aggregate`] over [`DIAGNOSTICS`]; `None` when some report lacks them (written before
+/// hq-eval computed them).
+pub fn aggregate_diagnostics(runs: &[AblationRun]) -> Option<Vec<(String, Vec<Stat>)>> {
+    aggregate_keys(runs, &DIAGNOSTICS).ok()
+}
+
+fn aggregate_keys(
+    runs: &[AblationRun],
+    columns: &[(&str, &str)],
+) -> Result<Vec<(String, Vec<Stat>)>, TrainError> {
     let mut order: Vec<String> = Vec::new();
     let mut by_variant: BTreeMap<String, Vec<&AblationRun>> = BTreeMap::new();
     for r in runs {
@@ -79,7 +103,7 @@ pub fn aggregate(runs: &[AblationRun]) -> Result<Vec<(String, Vec<Stat>)>, Train
         .into_iter()
         .map(|variant| {
             let rs = &by_variant[&variant];
-            let stats = COLUMNS
+            let stats = columns
                 .iter()
                 .map(|(key, _)| {
                     let vals: Vec<f64> = rs
@@ -150,7 +174,59 @@ pub fn markdown(runs: &[AblationRun]) -> Result<String, TrainError> {
             .unwrap_or(0.0);
         md.push_str(&format!(" {:+.1} |\n", 100.0 * d));
     }
+    if let Some(diag) = aggregate_diagnostics(runs) {
+        md.push_str("\nDiagnostics (mean over seeds; cosines as is, probes in %):\n\n| variant |");
+        for (_, h) in DIAGNOSTICS {
+            md.push_str(&format!(" {h} |"));
+        }
+        md.push_str("\n|---|");
+        for _ in DIAGNOSTICS {
+            md.push_str("---:|");
+        }
+        md.push('\n');
+        for (variant, stats) in &diag {
+            md.push_str(&format!("| {variant} |"));
+            for ((key, _), s) in DIAGNOSTICS.iter().zip(stats) {
+                if key.ends_with("/prompt_cosine") {
+                    md.push_str(&format!(" {:.4} |", s.mean));
+                } else {
+                    md.push_str(&format!(" {:.1} |", 100.0 * s.mean));
+                }
+            }
+            md.push('\n');
+        }
+    }
     Ok(md)
+}
+
+/// The table's figures as JSON (fractions, not %): per variant and column the statistics over
+/// seeds and every seed's value, plus the diagnostics when present.
+pub fn json(runs: &[AblationRun]) -> Result<serde_json::Value, TrainError> {
+    let section = |columns: &[(&str, &str)], agg: &[(String, Vec<Stat>)]| {
+        let mut variants = serde_json::Map::new();
+        for (variant, stats) in agg {
+            let mut cols = serde_json::Map::new();
+            for ((key, header), s) in columns.iter().zip(stats) {
+                let values: Vec<serde_json::Value> = runs
+                    .iter()
+                    .filter(|r| &r.variant == variant)
+                    .map(|r| serde_json::json!({"seed": r.seed, "value": value(&r.report, key)}))
+                    .collect();
+                cols.insert(
+                    key.to_string(),
+                    serde_json::json!({"header": header, "mean": s.mean, "std": s.std,
+                                       "min": s.min, "max": s.max, "n": s.n, "values": values}),
+                );
+            }
+            variants.insert(variant.clone(), serde_json::Value::Object(cols));
+        }
+        serde_json::Value::Object(variants)
+    };
+    let mut out = serde_json::json!({ "table": section(&COLUMNS, &aggregate(runs)?) });
+    if let Some(diag) = aggregate_diagnostics(runs) {
+        out["diagnostics"] = section(&DIAGNOSTICS, &diag);
+    }
+    Ok(out)
 }
 
 const COLORS: [RGBColor; 6] = [
@@ -242,4 +318,66 @@ pub fn read_report(path: &Path) -> Result<BuiltinReport, TrainError> {
         path: path.display().to_string(),
         reason: format!("not a built-in evaluation report: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(shape: f64, probe: Option<f64>) -> BuiltinReport {
+        let class = |name: &str, acc: f64| {
+            serde_json::json!({"name": name, "acc1": acc, "acc5": null, "mean_per_class_recall": acc,
+                               "classes": 8, "samples": 100, "bad_samples": 0,
+                               "class_prompt_cosine": probe.map(|_| 0.99),
+                               "linear_probe_acc1": probe})
+        };
+        let aro = |name: &str| {
+            serde_json::json!({"name": name, "macro_accuracy": 0.5, "accuracy": 0.5, "groups": 4,
+                               "samples": 100, "bad_samples": 0})
+        };
+        serde_json::from_value(serde_json::json!({
+            "model": "m", "eval_dir": "e",
+            "classification": [class("synth_shape", shape), class("synth_color", 0.9),
+                               class("synth_count", 0.4)],
+            "retrieval": {"name": "synth_retrieval", "image_recall_at_1": 0.1,
+                          "text_recall_at_1": 0.1, "image_recall_at_5": 0.2, "text_recall_at_5": 0.2,
+                          "image_recall_at_10": 0.3, "text_recall_at_10": 0.3,
+                          "mean_recall_at_1": 0.1, "images": 100, "texts": 200, "bad_samples": 0},
+            "aro_attribute": aro("synth_aro_attribute"), "aro_relation": aro("synth_aro_relation"),
+            "attribute_min_count": 1, "seconds": 1.0, "bad": {"count": 0, "examples": []}
+        }))
+        .expect("report")
+    }
+
+    fn run(variant: &str, seed: &str, shape: f64, probe: Option<f64>) -> AblationRun {
+        AblationRun {
+            variant: variant.into(),
+            seed: seed.into(),
+            report: report(shape, probe),
+        }
+    }
+
+    #[test]
+    fn table_json_and_diagnostics() {
+        let runs = [
+            run("mixed", "0", 0.125, Some(0.15)),
+            run("mixed", "1", 0.135, Some(0.17)),
+            run("hni", "0", 0.30, Some(0.40)),
+            run("hni", "1", 0.40, Some(0.50)),
+        ];
+        let md = markdown(&runs).expect("markdown");
+        assert!(md.contains("| hni | 35.0 ± 7.1 [30.0..40.0] |"), "{md}");
+        assert!(md.contains("shape linear probe"), "{md}");
+        assert!(md.contains("| hni | 45.0 | 0.9900 |"), "{md}");
+        let j = json(&runs).expect("json");
+        let shape = &j["table"]["hni"]["synth_shape/acc1"];
+        assert_eq!(shape["n"], 2);
+        assert_eq!(shape["values"][1]["seed"], "1");
+        assert!((shape["mean"].as_f64().unwrap_or(0.0) - 0.35).abs() < 1e-12);
+        assert!(j["diagnostics"]["mixed"]["synth_shape/probe_acc1"]["mean"].is_number());
+        // Reports from before the diagnostics: the table alone.
+        let old = [run("mixed", "0", 0.125, None)];
+        assert!(!markdown(&old).expect("markdown").contains("Diagnostics"));
+        assert!(json(&old).expect("json").get("diagnostics").is_none());
+    }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use hq_train::ablation::{chart, markdown, read_report, AblationRun};
+use hq_train::ablation::{chart, json, markdown, read_report, AblationRun};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +26,10 @@ struct Cli {
     /// Write the chart here.
     #[arg(long, value_name = "FILE")]
     png: Option<PathBuf>,
+    /// Write the figures as JSON here (per variant and metric: mean, spread and every seed's
+    /// value, as fractions; plus the embedding diagnostics).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -48,6 +52,11 @@ fn main() -> Result<()> {
     if let Some(out) = &cli.out {
         hq_data::atomic::write_atomic(out, md.as_bytes())?;
         eprintln!("hq-ablation: wrote {}", out.display());
+    }
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&json(&runs)?)? + "\n";
+        hq_data::atomic::write_atomic(path, text.as_bytes())?;
+        eprintln!("hq-ablation: wrote {}", path.display());
     }
     if let Some(png) = &cli.png {
         chart(&runs, png)?;
