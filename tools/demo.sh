@@ -14,6 +14,8 @@
 #                              JOBS=2 THREADS=1 finishes the four variants sooner
 #   HQ_NEGATIVE_RULES=shape_binding  the corpus's hard-negative rules (hq-data synth
 #                              --negative-rules; default paper); use its own OUT_DIR
+#   HQ_OBJECT_SCALE=1.6        the corpus's object size multiplier (hq-data synth --object-scale,
+#                              0.5..=1.7; default 1); use its own OUT_DIR
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/env.sh
@@ -22,18 +24,23 @@ if [[ "${1:-}" == "--quick" ]]; then quick=1; shift; fi
 out="${1:-out/default}"
 cargo build --release --locked -p hq-data --bin hq-data
 # A corpus written by another generator version (other texts for the same seed), or with other
-# hard-negative rules than asked for, is regenerated, and the ablation and loop made from it are
-# moved aside (they would otherwise count as finished). The manifest names its rules only when
-# they are not the default (paper), so "generator+rules" is the generator alone for paper.
+# hard-negative rules or another object scale than asked for, is regenerated, and the ablation and
+# loop made from it are moved aside (they would otherwise count as finished). The manifest names
+# its rules and scale only when they are not the defaults (paper, 1), so "generator+rules+scale"
+# is the generator alone for a default corpus. Scales are compared as awk's %g writes them.
 rules="${HQ_NEGATIVE_RULES:-paper}"
 rules="${rules//-/_}"
+scale=$(awk -v s="${HQ_OBJECT_SCALE:-1}" 'BEGIN { printf "%g", s }')
 want=$(sed -n 's/^pub const GENERATOR_VERSION: &str = "\(.*\)";$/\1/p' data/src/synth/mod.rs)
 [[ "$rules" == paper ]] || want="$want+$rules"
+[[ "$scale" == 1 ]] || want="$want+scale$scale"
 have=""
 if [[ -f "$out/corpus.json" ]]; then
   have=$(sed -n 's/^  "generator": "\(.*\)",$/\1/p' "$out/corpus.json" | head -n 1)
   have_rules=$(sed -n 's/^    "negative_rules": "\(.*\)",\{0,1\}$/\1/p' "$out/corpus.json" | head -n 1)
   [[ -z "$have" || -z "$have_rules" ]] || have="$have+$have_rules"
+  have_scale=$(sed -n 's/^    "object_scale": \([-+.0-9eE]*\),\{0,1\}$/\1/p' "$out/corpus.json" | head -n 1)
+  [[ -z "$have" || -z "$have_scale" ]] || have="$have+scale$(awk -v s="$have_scale" 'BEGIN { printf "%g", s }')"
 fi
 if [[ -n "$have" && "$have" == "$want" ]]; then
   echo "== corpus: reusing $out (delete it to regenerate)"
@@ -48,9 +55,9 @@ else
         mv "$out/$made" "$old"
       fi
     done
-    target/release/hq-data synth --out "$out" --negative-rules "$rules" --force
+    target/release/hq-data synth --out "$out" --negative-rules "$rules" --object-scale "$scale" --force
   else
-    target/release/hq-data synth --out "$out" --negative-rules "$rules"
+    target/release/hq-data synth --out "$out" --negative-rules "$rules" --object-scale "$scale"
   fi
 fi
 if [[ "$quick" == 1 ]]; then

@@ -108,6 +108,7 @@ fn help_explains_every_option() {
         "--threads",
         "--force",
         "--negative-rules",
+        "--object-scale",
     ] {
         assert!(t.contains(opt), "{opt} missing from help:\n{t}");
     }
@@ -140,6 +141,84 @@ fn negative_rules_are_recorded_in_the_manifest() {
         serde_json::from_slice(&std::fs::read(out.join("corpus.json")).expect("manifest"))
             .expect("json");
     assert_eq!(manifest["config"]["negative_rules"], "shape_binding");
+}
+
+/// `--object-scale`: recorded (as written, in the manifest and each sample's JSON) when not 1,
+/// left out when 1, refused outside 0.5..=1.7 before anything is written.
+#[test]
+fn object_scale_is_recorded_and_checked() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let synth = |out: &Path, scale: &str| {
+        hq_data(&[
+            "synth",
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--samples",
+            "4",
+            "--eval-samples",
+            "2",
+            "--image-size",
+            "16",
+            "--object-scale",
+            scale,
+            "--no-progress",
+        ])
+    };
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).expect("read")).expect("json")
+    };
+    let sample_json = |out: &Path| -> serde_json::Value {
+        let members =
+            hq_data::synth::evalsets::read_tar_members(&out.join("train/shard-00000.tar"))
+                .expect("shard");
+        let (_, json) = members
+            .iter()
+            .find(|(n, _)| n.ends_with(".json"))
+            .expect("a sample's JSON");
+        serde_json::from_slice(json).expect("json")
+    };
+
+    let big = dir.path().join("big");
+    let o = synth(&big, "1.6");
+    assert!(o.status.success(), "{}", text(&o));
+    let text_manifest = std::fs::read_to_string(big.join("corpus.json")).expect("manifest");
+    assert!(
+        text_manifest.contains("\n    \"object_scale\": 1.6"),
+        "tools/demo.sh reads this line:\n{text_manifest}"
+    );
+    assert_eq!(
+        read_json(&big.join("corpus.json"))["config"]["object_scale"],
+        1.6
+    );
+    let sample = sample_json(&big);
+    assert_eq!(sample["object_scale"], 1.6);
+    // Every radius is at least 1.6 times the unscaled minimum (0.95 * 0.12).
+    for o in sample["scene"]["objects"].as_array().expect("objects") {
+        assert!(
+            o["r"].as_f64().expect("r") > 1.6 * 0.95 * 0.12 - 1e-6,
+            "{o}"
+        );
+    }
+
+    let plain = dir.path().join("plain");
+    let o = synth(&plain, "1");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(read_json(&plain.join("corpus.json"))["config"]
+        .get("object_scale")
+        .is_none());
+    assert!(sample_json(&plain).get("object_scale").is_none());
+
+    for bad in ["0", "0.4", "1.8", "2", "NaN"] {
+        let out = dir.path().join(format!("bad-{bad}"));
+        let o = synth(&out, bad);
+        assert!(!o.status.success(), "--object-scale {bad} accepted");
+        let t = text(&o);
+        assert!(
+            t.contains("object scale") && t.contains("0.5..=1.7") && !t.contains("panicked"),
+            "{t}"
+        );
+        assert!(!out.join("corpus.json").exists());
+    }
 }
 
 #[test]

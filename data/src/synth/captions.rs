@@ -1408,12 +1408,20 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
+    /// At the default object scale and at a larger one (sizes are classes: truth does not depend
+    /// on the radii, but a lone object's zone does on its position).
     #[test]
     fn oracle_texts_are_true_negatives_false_and_round_trip() {
+        for (scale, scenes) in [(1.0, 4000), (1.6, 600)] {
+            oracle_texts_hold(scale, scenes);
+        }
+    }
+
+    fn oracle_texts_hold(scale: f32, scenes: usize) {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut kinds = std::collections::HashMap::new();
-        for _ in 0..4000 {
-            let scene = Scene::random(&mut rng);
+        for _ in 0..scenes {
+            let scene = Scene::random_scaled(&mut rng, scale);
             let (t, perts) = oracle_texts(&scene, NegativeRules::Paper, &mut rng);
             let (bad, n) = check_text(&scene, &t.long_positive);
             assert!(bad.is_empty(), "{}: {bad:?}", t.long_positive);
@@ -1466,7 +1474,10 @@ mod tests {
                 *kinds.entry(p).or_insert(0) += 1;
             }
         }
-        assert!(kinds.len() >= 10, "perturbation kinds used: {kinds:?}");
+        assert!(
+            kinds.len() >= 10,
+            "scale {scale}: perturbation kinds used: {kinds:?}"
+        );
     }
 
     /// The words of a description by kind, each as a sorted multiset.

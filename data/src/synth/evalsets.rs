@@ -100,6 +100,7 @@ fn single_object<R: Rng + ?Sized>(
     rng: &mut R,
     shape: Option<Shape>,
     color: Option<Color>,
+    object_scale: f32,
 ) -> Scene {
     let mut g = Group::random(rng, 1);
     if let Some(s) = shape {
@@ -109,24 +110,26 @@ fn single_object<R: Rng + ?Sized>(
         g.color = c;
     }
     let bg = Background::random(rng);
-    Scene::layout(rng, bg, vec![g], None)
+    Scene::layout_scaled(rng, bg, vec![g], None, object_scale)
 }
 
-/// The scene of classification sample `index` of `stream` and its class.
+/// The scene of classification sample `index` of `stream` and its class. Every held-out scene is
+/// laid out at the corpus's object scale, as the training scenes are.
 pub fn classification_scene(cfg: &SynthConfig, stream: Stream, index: u64) -> (Scene, usize) {
     let mut rng = sample_rng(cfg.seed, stream, index, Purpose::Scene);
+    let scale = cfg.object_scale;
     match stream {
         Stream::Shape => {
             let class = (index % Shape::ALL.len() as u64) as usize;
             (
-                single_object(&mut rng, Some(Shape::ALL[class]), None),
+                single_object(&mut rng, Some(Shape::ALL[class]), None, scale),
                 class,
             )
         }
         Stream::Color => {
             let class = (index % Color::ALL.len() as u64) as usize;
             (
-                single_object(&mut rng, None, Some(Color::ALL[class])),
+                single_object(&mut rng, None, Some(Color::ALL[class]), scale),
                 class,
             )
         }
@@ -136,12 +139,12 @@ pub fn classification_scene(cfg: &SynthConfig, stream: Stream, index: u64) -> (S
             let bg = Background::random(&mut rng);
             let scene = if n == 1 || rng.gen_bool(0.5) {
                 let g = Group::random(&mut rng, n);
-                Scene::layout(&mut rng, bg, vec![g], None)
+                Scene::layout_scaled(&mut rng, bg, vec![g], None, scale)
             } else {
                 let c0 = rng.gen_range(1..n);
                 let (a, b) = super::scene::distinct_pair(&mut rng, c0, n - c0);
                 let rel = Relation::random(&mut rng);
-                Scene::layout(&mut rng, bg, vec![a, b], Some(rel))
+                Scene::layout_scaled(&mut rng, bg, vec![a, b], Some(rel), scale)
             };
             (scene, class)
         }
@@ -150,12 +153,10 @@ pub fn classification_scene(cfg: &SynthConfig, stream: Stream, index: u64) -> (S
 
 /// The scene of retrieval sample `index` and its captions.
 pub fn retrieval_item(cfg: &SynthConfig, index: u64) -> (Scene, Vec<String>) {
-    let scene = Scene::random(&mut sample_rng(
-        cfg.seed,
-        Stream::Retrieval,
-        index,
-        Purpose::Scene,
-    ));
+    let scene = Scene::random_scaled(
+        &mut sample_rng(cfg.seed, Stream::Retrieval, index, Purpose::Scene),
+        cfg.object_scale,
+    );
     let mut rng = sample_rng(cfg.seed, Stream::Retrieval, index, Purpose::Captions);
     let (lo, hi) = cfg.retrieval_captions;
     let n = rng.gen_range(lo..=hi.max(lo));
@@ -191,7 +192,7 @@ pub fn aro_attribute_item(cfg: &SynthConfig, index: u64) -> AroItem {
     };
     let rel = Relation::random(&mut rng);
     let bg = Background::random(&mut rng);
-    let scene = Scene::layout(&mut rng, bg, vec![a, b], Some(rel));
+    let scene = Scene::layout_scaled(&mut rng, bg, vec![a, b], Some(rel), cfg.object_scale);
     let true_caption = format!(
         "the {} {} and the {} {}",
         a.color.name(),
@@ -227,7 +228,7 @@ pub fn aro_relation_item(cfg: &SynthConfig, index: u64) -> AroItem {
     };
     let rel = Relation::ALL[(index % Relation::ALL.len() as u64) as usize];
     let bg = Background::random(&mut rng);
-    let scene = Scene::layout(&mut rng, bg, vec![a, b], Some(rel));
+    let scene = Scene::layout_scaled(&mut rng, bg, vec![a, b], Some(rel), cfg.object_scale);
     AroItem {
         scene,
         true_caption: format!(
@@ -535,6 +536,34 @@ mod tests {
                 assert!(bad.is_empty() && n > 0, "{}: {bad:?}", item.true_caption);
                 let (bad, _) = check_text(&item.scene, &item.false_caption);
                 assert!(!bad.is_empty(), "{} not caught", item.false_caption);
+            }
+        }
+    }
+
+    /// Held-out scenes are laid out at the corpus's object scale, validly, and ARO's captions are
+    /// still true and false there.
+    #[test]
+    fn held_out_sets_use_the_object_scale() {
+        let cfg = SynthConfig {
+            object_scale: 1.6,
+            eval_samples: 100,
+            ..SynthConfig::default()
+        };
+        for (set, scene) in eval_scenes(&cfg) {
+            crate::synth::scene::assert_valid_layout(&scene, cfg.object_scale);
+            if let [o] = scene.objects.as_slice() {
+                assert!(o.r >= 0.95 * 0.12 * 1.6 - 1e-6, "{set}: {o:?}");
+            }
+        }
+        for i in 0..100 {
+            let (s, _) = classification_scene(&cfg, Stream::Shape, i);
+            let (d, _) = classification_scene(&SynthConfig::default(), Stream::Shape, i);
+            assert_eq!(s.groups, d.groups);
+            assert!((s.objects[0].r / d.objects[0].r - 1.6).abs() < 1e-4);
+            for item in [aro_attribute_item(&cfg, i), aro_relation_item(&cfg, i)] {
+                let (bad, n) = check_text(&item.scene, &item.true_caption);
+                assert!(bad.is_empty() && n > 0, "{}: {bad:?}", item.true_caption);
+                assert!(!check_text(&item.scene, &item.false_caption).0.is_empty());
             }
         }
     }

@@ -33,8 +33,9 @@
 //! (background, groups, relation, objects with positions), `raw_kind`, `raw_decorated`,
 //! `negative_changes` (the perturbations behind the hard negative), `negative_rules` (only when not
 //! the default `paper`: which edits the hard negatives may make, [`NegativeRules`]) and, under
-//! `hq_clip`, the four oracle texts with `source: "oracle"`. The manifest's `config` holds the
-//! settings, `negative_rules` again only when not `paper`.
+//! `hq_clip`, the four oracle texts with `source: "oracle"`, and `object_scale` (only when not 1:
+//! [`SynthConfig::object_scale`]). The manifest's `config` holds the settings, `negative_rules` and
+//! `object_scale` again only when not the default.
 
 pub mod captions;
 pub mod evalsets;
@@ -133,6 +134,44 @@ pub struct SynthConfig {
     /// manifest reads back as `paper`).
     #[serde(default, skip_serializing_if = "NegativeRules::is_paper")]
     pub negative_rules: NegativeRules,
+    /// Object size multiplier: both size classes' nominal radii (0.12 and 0.2 of the image side)
+    /// are multiplied by it, in the training samples and the held-out sets alike, so shapes are
+    /// drawn larger (1.6: 0.192 and 0.32). In scenes of two or more objects a radius is capped so
+    /// that the objects still fit apart and relations still hold strictly; the cap binds above
+    /// [`scene::UNCAPPED_SCALE`] (1.14), on large objects only ([`scene::nominal_radius`]).
+    /// In [`OBJECT_SCALE_RANGE`]. Left out of the manifest when 1, like `negative_rules`.
+    #[serde(
+        default = "default_object_scale",
+        skip_serializing_if = "is_default_object_scale",
+        serialize_with = "serialize_f32_short"
+    )]
+    pub object_scale: f32,
+}
+
+/// Accepted [`SynthConfig::object_scale`]s. Above 1.7 a small object alone in an image would be as
+/// large as a large one in a crowded scene (whose radius is capped), so the size classes would no
+/// longer be told apart by size.
+pub const OBJECT_SCALE_RANGE: std::ops::RangeInclusive<f32> = 0.5..=1.7;
+
+fn default_object_scale() -> f32 {
+    1.0
+}
+
+fn is_default_object_scale(x: &f32) -> bool {
+    *x == 1.0
+}
+
+/// An `f32` as the shortest decimal that reads back as it: `1.6`, not the `1.600000023841858`
+/// that widening to `f64` gives.
+fn short_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+fn serialize_f32_short<S: serde::Serializer>(
+    x: &f32,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(short_f64(*x))
 }
 
 impl Default for SynthConfig {
@@ -150,6 +189,7 @@ impl Default for SynthConfig {
             raw_text: RawTextMix::default(),
             shard_prefix: "shard".to_string(),
             negative_rules: NegativeRules::Paper,
+            object_scale: 1.0,
         }
     }
 }
@@ -184,6 +224,14 @@ impl SynthConfig {
                 self.shard_prefix
             ));
         }
+        if !OBJECT_SCALE_RANGE.contains(&self.object_scale) {
+            return bad(format!(
+                "object scale {} is not in {}..={} (it multiplies the objects' radii)",
+                self.object_scale,
+                OBJECT_SCALE_RANGE.start(),
+                OBJECT_SCALE_RANGE.end()
+            ));
+        }
         self.raw_text.validate().map_err(DataError::Invalid)
     }
 }
@@ -215,12 +263,10 @@ pub fn train_key(index: u64) -> String {
 
 /// Generate training sample `index`: a pure function of `(cfg, index)`.
 pub fn train_sample(cfg: &SynthConfig, index: u64) -> Result<Generated> {
-    let scene = Scene::random(&mut sample_rng(
-        cfg.seed,
-        Stream::Train,
-        index,
-        Purpose::Scene,
-    ));
+    let scene = Scene::random_scaled(
+        &mut sample_rng(cfg.seed, Stream::Train, index, Purpose::Scene),
+        cfg.object_scale,
+    );
     let image = image_bytes(&scene, cfg)?;
     let raw = rawtext::raw_text(
         &scene,
@@ -261,6 +307,10 @@ pub fn train_sample(cfg: &SynthConfig, index: u64) -> Result<Generated> {
     // written before the setting existed.
     if !cfg.negative_rules.is_paper() {
         m.insert("negative_rules".into(), cfg.negative_rules.name().into());
+    }
+    // Likewise only when not 1.
+    if !is_default_object_scale(&cfg.object_scale) {
+        m.insert("object_scale".into(), short_f64(cfg.object_scale).into());
     }
     Ok(Generated {
         sample,

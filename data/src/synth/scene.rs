@@ -6,6 +6,13 @@
 //! entirely on one side of the image's mid-line, the other group's on the other side. Coordinates are
 //! normalised to `[0, 1]`, `y` pointing down (so "above" is the smaller `y`).
 //!
+//! Object size: a size class's nominal radius ([`Size::radius`]) times the corpus's object scale
+//! ([`crate::synth::SynthConfig::object_scale`], 1 by default), times a jitter in `[0.95, 1.05)`.
+//! In a scene of two or more objects the nominal radius is capped so that the jittered radius
+//! stays below [`MAX_CROWDED_RADIUS`] (see [`nominal_radius`]): larger objects could not all fit,
+//! nor could two groups stand strictly side by side. The cap never binds at scales up to
+//! [`UNCAPPED_SCALE`] (so not at all in the default corpus).
+//!
 //! The semantic part of a scene (what a caption can say about it) is [`SceneDesc`]; captions and
 //! their hard negatives are written from a `SceneDesc`, so a negative is the description of a
 //! slightly different scene.
@@ -157,13 +164,48 @@ named_enum!(
 );
 
 impl Size {
-    /// Nominal radius (half-extent) as a fraction of the image side.
+    /// Nominal radius (half-extent) as a fraction of the image side, at object scale 1 (see
+    /// [`nominal_radius`] for the radius at another scale).
     pub fn radius(self) -> f32 {
         match self {
             Size::Small => 0.12,
             Size::Large => 0.2,
         }
     }
+}
+
+/// The most an object's radius is jittered by: radii are `nominal * [0.95, 1.05)`.
+pub const MAX_JITTER: f32 = 1.05;
+
+/// Largest radius (jitter included) of an object in a scene of two or more objects. Two objects'
+/// boxes must lie side by side with `GAP` (0.02) between them, in a half of the image (one group
+/// of a relation: `2r <= 0.49`), or in the whole image (two in a row: `4r + GAP <= 1`; three as
+/// the fallback's triangle, two in the top row: `4r + GAP <= 1`): 0.24 meets all of them.
+pub const MAX_CROWDED_RADIUS: f32 = 0.24;
+
+/// Largest radius of a lone object (it has the whole image).
+pub const MAX_LONE_RADIUS: f32 = 0.5;
+
+/// The largest object scale at which [`nominal_radius`]'s cap never binds: the largest jittered
+/// radius, `0.2 * scale * 1.05`, is then at most [`MAX_CROWDED_RADIUS`] (1.142857...).
+pub const UNCAPPED_SCALE: f32 = MAX_CROWDED_RADIUS / (0.2 * MAX_JITTER);
+
+/// Nominal radius (before jitter) of a `size` object at `object_scale` in a scene of
+/// `total_objects` objects: `size.radius() * object_scale`, capped so that the jittered radius fits
+/// ([`MAX_CROWDED_RADIUS`] with two or more objects, [`MAX_LONE_RADIUS`] alone). At scale 1 the cap
+/// never binds and the value is exactly `size.radius()`.
+///
+/// Above [`UNCAPPED_SCALE`], large objects in scenes of several objects are capped (at 1.6: 0.229
+/// instead of 0.32) while small ones are not (0.192), so a large object is still the larger one in
+/// every scene; across scenes a large object stays larger than any small one (jittered: at least
+/// `0.95 * 0.2286 = 0.217` against at most `1.05 * 0.12 * scale`) for scales below about 1.72.
+pub fn nominal_radius(size: Size, object_scale: f32, total_objects: u32) -> f32 {
+    let cap = if total_objects > 1 {
+        MAX_CROWDED_RADIUS
+    } else {
+        MAX_LONE_RADIUS
+    } / MAX_JITTER;
+    (size.radius() * object_scale).min(cap)
 }
 
 named_enum!(
@@ -441,8 +483,15 @@ impl Scene {
         }
     }
 
-    /// The general training distribution: 1 or 2 groups, 1-3 objects, any background.
+    /// The general training distribution: 1 or 2 groups, 1-3 objects, any background; object
+    /// scale 1.
     pub fn random<R: Rng + ?Sized>(rng: &mut R) -> Scene {
+        Scene::random_scaled(rng, 1.0)
+    }
+
+    /// [`Scene::random`] with objects `object_scale` times their nominal size (capped to fit, see
+    /// [`nominal_radius`]). The same draws for every scale: only the radii and positions differ.
+    pub fn random_scaled<R: Rng + ?Sized>(rng: &mut R, object_scale: f32) -> Scene {
         let background = Background::random(rng);
         if rng.gen_bool(0.45) {
             let count = match rng.gen_range(0..10) {
@@ -451,7 +500,7 @@ impl Scene {
                 _ => 3,
             };
             let g = Group::random(rng, count);
-            Scene::layout(rng, background, vec![g], None)
+            Scene::layout_scaled(rng, background, vec![g], None, object_scale)
         } else {
             let (c0, c1) = match rng.gen_range(0..20) {
                 0..=13 => (1, 1),
@@ -460,17 +509,29 @@ impl Scene {
             };
             let (a, b) = distinct_pair(rng, c0, c1);
             let rel = Relation::random(rng);
-            Scene::layout(rng, background, vec![a, b], Some(rel))
+            Scene::layout_scaled(rng, background, vec![a, b], Some(rel), object_scale)
         }
     }
 
     /// Place the objects of `groups`. With two groups, `relation` must be given and is made to hold
-    /// strictly (`groups[0] relation groups[1]`).
+    /// strictly (`groups[0] relation groups[1]`). Object scale 1.
     pub fn layout<R: Rng + ?Sized>(
         rng: &mut R,
         background: Background,
         groups: Vec<Group>,
         relation: Option<Relation>,
+    ) -> Scene {
+        Scene::layout_scaled(rng, background, groups, relation, 1.0)
+    }
+
+    /// [`Scene::layout`] with objects `object_scale` times their nominal size, capped so that they
+    /// fit ([`nominal_radius`]).
+    pub fn layout_scaled<R: Rng + ?Sized>(
+        rng: &mut R,
+        background: Background,
+        groups: Vec<Group>,
+        relation: Option<Relation>,
+        object_scale: f32,
     ) -> Scene {
         const WHOLE: Region = Region {
             x0: 0.0,
@@ -485,10 +546,12 @@ impl Scene {
             }
             _ => vec![WHOLE; groups.len()],
         };
+        let total: u32 = groups.iter().map(|g| g.count).sum();
         let mut objects = Vec::new();
         for (gi, (g, region)) in groups.iter().zip(&regions).enumerate() {
+            let nominal = nominal_radius(g.size, object_scale, total);
             let radii: Vec<f32> = (0..g.count)
-                .map(|_| g.size.radius() * rng.gen_range(0.95..1.05))
+                .map(|_| nominal * rng.gen_range(0.95..1.05))
                 .collect();
             let centres = place(rng, region, &radii);
             for (&(x, y), &r) in centres.iter().zip(&radii) {
@@ -627,7 +690,8 @@ fn sample_in<R: Rng + ?Sized>(rng: &mut R, lo: f32, hi: f32) -> f32 {
     }
 }
 
-/// Valid for radii up to 0.21 in a whole image (3 objects) or a half (2 objects).
+/// Valid (inside the region, boxes apart) for radii up to 0.245 in a half (2 objects) and 0.25 in
+/// the whole image (3 objects; [`GAP`] kept up to 0.24).
 fn fallback_slots(region: &Region, n: usize) -> Vec<(f32, f32)> {
     let (w, h) = (region.x1 - region.x0, region.y1 - region.y0);
     let at = |fx: f32, fy: f32| (region.x0 + fx * w, region.y0 + fy * h);
@@ -647,35 +711,127 @@ pub fn shuffled<T: Clone, R: Rng + ?Sized>(rng: &mut R, items: &[T]) -> Vec<T> {
     v
 }
 
+/// Panics unless `s` is a valid layout at `object_scale`: every object inside the image with the
+/// radius [`nominal_radius`] gives (jitter included), no two boxes overlapping, the relation (if
+/// any) holding strictly and its inverse not.
+#[cfg(test)]
+pub(crate) fn assert_valid_layout(s: &Scene, object_scale: f32) {
+    assert_eq!(s.objects.len() as u32, s.total_objects());
+    for o in &s.objects {
+        assert!(o.x - o.r >= -1e-6 && o.x + o.r <= 1.0 + 1e-6, "{o:?}");
+        assert!(o.y - o.r >= -1e-6 && o.y + o.r <= 1.0 + 1e-6, "{o:?}");
+        let nominal = nominal_radius(o.size, object_scale, s.total_objects());
+        assert!(
+            o.r >= 0.95 * nominal - 1e-6 && o.r <= MAX_JITTER * nominal + 1e-6,
+            "scale {object_scale}: {o:?}"
+        );
+    }
+    for (i, a) in s.objects.iter().enumerate() {
+        for b in &s.objects[i + 1..] {
+            let apart = (a.x - b.x).abs() >= a.r + b.r || (a.y - b.y).abs() >= a.r + b.r;
+            assert!(apart, "scale {object_scale}: overlap {a:?} {b:?}");
+        }
+    }
+    if let Some(r) = s.relation {
+        assert!(
+            s.relation_holds(r.subject, r.relation, r.object),
+            "scale {object_scale}: {s:?}"
+        );
+        assert!(s.relation_holds(r.object, r.relation.inverse(), r.subject));
+        assert!(!s.relation_holds(r.subject, r.relation.inverse(), r.object));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
+    /// The default scale, the accepted range's ends and the experiment's 1.6 (where large objects
+    /// in crowded scenes are capped and three of them land in the fallback's slots).
     #[test]
     fn layouts_are_valid_and_relations_hold() {
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        for _ in 0..5000 {
-            let s = Scene::random(&mut rng);
-            assert_eq!(s.objects.len() as u32, s.total_objects());
-            assert!((1..=3).contains(&s.total_objects()));
-            for o in &s.objects {
-                assert!(o.x - o.r >= -1e-6 && o.x + o.r <= 1.0 + 1e-6, "{o:?}");
-                assert!(o.y - o.r >= -1e-6 && o.y + o.r <= 1.0 + 1e-6, "{o:?}");
+        for (scale, scenes) in [(1.0, 5000), (0.5, 500), (1.6, 1000), (1.7, 500)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            for _ in 0..scenes {
+                let s = Scene::random_scaled(&mut rng, scale);
+                assert!((1..=3).contains(&s.total_objects()));
+                assert_valid_layout(&s, scale);
+                assert!(s.desc().groups_distinct());
             }
-            for (i, a) in s.objects.iter().enumerate() {
-                for b in &s.objects[i + 1..] {
-                    let apart = (a.x - b.x).abs() >= a.r + b.r || (a.y - b.y).abs() >= a.r + b.r;
-                    assert!(apart, "overlap {a:?} {b:?}");
+        }
+    }
+
+    /// The crowded cases at their largest, laid out directly: three large objects in one group,
+    /// and large objects one to one, two to one and one to two in every relation.
+    #[test]
+    fn largest_objects_fit_at_the_largest_scale() {
+        let scale = *crate::synth::OBJECT_SCALE_RANGE.end();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let large = |count| Group {
+            shape: Shape::Square,
+            color: Color::Red,
+            size: Size::Large,
+            texture: Texture::Solid,
+            count,
+        };
+        for _ in 0..50 {
+            let bg = Background::plain(BgColor::White);
+            let s = Scene::layout_scaled(&mut rng, bg.clone(), vec![large(3)], None, scale);
+            assert_valid_layout(&s, scale);
+            for rel in Relation::ALL {
+                let other = Group {
+                    color: Color::Blue,
+                    ..large(1)
+                };
+                for (c0, c1) in [(1, 1), (2, 1), (1, 2)] {
+                    let groups = vec![large(c0), Group { count: c1, ..other }];
+                    let s = Scene::layout_scaled(&mut rng, bg.clone(), groups, Some(*rel), scale);
+                    assert_valid_layout(&s, scale);
                 }
             }
-            if let Some(r) = s.relation {
-                assert!(s.relation_holds(r.subject, r.relation, r.object));
-                assert!(s.relation_holds(r.object, r.relation.inverse(), r.subject));
-                assert!(!s.relation_holds(r.subject, r.relation.inverse(), r.object));
+        }
+    }
+
+    /// The scale changes radii (and so positions) only: the same draws give the same groups,
+    /// background and relation; at 1 the radii are the classes' own, uncapped up to
+    /// UNCAPPED_SCALE, and at every accepted scale any large object is larger than any small one,
+    /// across scenes too.
+    #[test]
+    fn scale_changes_sizes_only_and_keeps_the_classes_apart() {
+        assert_eq!(nominal_radius(Size::Small, 1.0, 3), Size::Small.radius());
+        assert_eq!(nominal_radius(Size::Large, 1.0, 3), Size::Large.radius());
+        let just_uncapped = UNCAPPED_SCALE * 0.999;
+        assert_eq!(
+            nominal_radius(Size::Large, just_uncapped, 2),
+            Size::Large.radius() * just_uncapped
+        );
+        assert!(
+            nominal_radius(Size::Large, UNCAPPED_SCALE * 1.01, 2) < 0.2 * UNCAPPED_SCALE * 1.01
+        );
+        assert!((nominal_radius(Size::Small, 1.6, 3) - 0.192).abs() < 1e-6);
+        assert!((nominal_radius(Size::Large, 1.6, 1) - 0.32).abs() < 1e-6);
+        for scale in [0.5, 1.0, 1.6, *crate::synth::OBJECT_SCALE_RANGE.end()] {
+            let (mut small_max, mut large_min) = (0f32, 1f32);
+            for i in 0..500 {
+                let a = Scene::random(&mut ChaCha8Rng::seed_from_u64(i));
+                let b = Scene::random_scaled(&mut ChaCha8Rng::seed_from_u64(i), scale);
+                assert_eq!(
+                    (&a.background, &a.groups, a.relation),
+                    (&b.background, &b.groups, b.relation)
+                );
+                for o in &b.objects {
+                    match o.size {
+                        Size::Small => small_max = small_max.max(o.r),
+                        Size::Large => large_min = large_min.min(o.r),
+                    }
+                }
             }
-            assert!(s.desc().groups_distinct());
+            assert!(
+                small_max < large_min,
+                "scale {scale}: {small_max} {large_min}"
+            );
         }
     }
 
@@ -691,12 +847,14 @@ mod tests {
         let (left, _) = whole.split(Relation::LeftOf);
         for (region, n) in [(whole, 3), (top, 2), (left, 2)] {
             let slots = fallback_slots(&region, n);
-            let r = 0.21;
+            // The largest radius of a crowded scene, with the gap between objects kept.
+            let r = MAX_CROWDED_RADIUS;
             for (i, a) in slots.iter().enumerate() {
                 assert!(a.0 - r >= region.x0 && a.0 + r <= region.x1);
                 assert!(a.1 - r >= region.y0 && a.1 + r <= region.y1);
                 for b in &slots[i + 1..] {
-                    assert!((a.0 - b.0).abs() >= 2.0 * r || (a.1 - b.1).abs() >= 2.0 * r);
+                    let gap = 2.0 * r + GAP - 1e-6;
+                    assert!((a.0 - b.0).abs() >= gap || (a.1 - b.1).abs() >= gap);
                 }
             }
         }
