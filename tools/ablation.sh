@@ -22,6 +22,12 @@
 #              or data.negative_pairing=paired (segment negatives paired with their positive)
 #   --threads  threads per run: libtorch's intra-op threads and the data loader's decode threads
 #              (default 0: the libraries' defaults, one per core)
+#   --paper-effects  the longer setting of issue 16 (training/configs/paper-effects.toml): a
+#              ModifiedResNet image tower, a corpus with shape/binding-only hard negatives and
+#              1.6x larger objects (written to --corpus, default out/paper-effects-corpus, when
+#              missing), paired segment negatives, HNI weight 2, 750 steps; 4 variants x seeds
+#              0 1 2, three side by side on one thread each (about 45 minutes on 2 cores) into
+#              --out (default out/paper-effects). Other options given after it override these.
 # A finished run (its summary.json present) is not trained again, so an interrupted ablation
 # continues where it stopped; an interrupted run resumes from its last checkpoint. Each run's
 # log is RUN/train.log.
@@ -38,8 +44,12 @@ jobs=1
 threads=0
 runs=""
 sets=()
+paper_effects=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --paper-effects)
+      paper_effects=1; corpus=out/paper-effects-corpus; out=out/paper-effects; seeds="0 1 2"
+      config=training/configs/paper-effects.toml; jobs=3; threads=1; shift ;;
     --corpus) corpus="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --seeds) seeds="$2"; shift 2 ;;
@@ -50,10 +60,18 @@ while [[ $# -gt 0 ]]; do
     --config) config="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "ablation.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+if [[ "$paper_effects" == 1 && ! -f "$corpus/corpus.json" ]]; then
+  # The corpus this setting is measured on: the default generator's scenes with shape/binding-only
+  # hard negatives and larger objects.
+  source tools/env.sh
+  [[ -n "${HQ_BIN:-}" ]] || cargo build --release --locked -p hq-data --bin hq-data
+  "${HQ_BIN:-target/release}"/hq-data synth --out "$corpus" --negative-rules shape-binding \
+    --object-scale 1.6
+fi
 [[ -d "$corpus/train" && -d "$corpus/eval" ]] || {
   echo "ablation.sh: $corpus is not a corpus (no train/ and eval/); run hq-data synth --out $corpus first" >&2
   exit 2
