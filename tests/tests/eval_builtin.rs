@@ -126,6 +126,12 @@ fn builtin_suite_reports_every_set() {
             "synth_shape/acc1",
             "synth_color/acc1",
             "synth_count/acc1",
+            "synth_shape/probe_acc1",
+            "synth_shape/prompt_cosine",
+            "synth_color/probe_acc1",
+            "synth_color/prompt_cosine",
+            "synth_count/probe_acc1",
+            "synth_count/prompt_cosine",
             "synth_retrieval/image_r1",
             "synth_retrieval/text_r1",
             "synth_retrieval/mean_r1",
@@ -135,7 +141,12 @@ fn builtin_suite_reports_every_set() {
         ]
     );
     for (n, v) in report.summary() {
-        assert!((0.0..=1.0).contains(&v), "{n} = {v}");
+        let range = if n.ends_with("/prompt_cosine") {
+            -1.0..=1.0
+        } else {
+            0.0..=1.0
+        };
+        assert!(range.contains(&v), "{n} = {v}");
     }
     for c in &report.classification {
         assert_eq!((c.samples, c.bad_samples), (40, 0), "{}", c.name);
