@@ -302,13 +302,9 @@ pub fn run_on(
         // checkpoint). Later each rank's BatchNorm statistics follow its own batches and rank 0's
         // are saved: the same model as DDP's default, which copies rank 0's buffers to the other
         // ranks before each forward (so rank 0's evolve from rank 0's batches alone).
-        let buffers = model.state_dict();
-        let all = params.iter().chain(
-            buffers
-                .iter()
-                .filter(|(n, _)| crate::model::resnet::is_buffer(n)),
-        );
-        crate::distributed::broadcast_from_rank0(pg, all.map(|(_, t)| t))?;
+        let buffers = model.buffers();
+        let all = params.iter().chain(&buffers).map(|(_, t)| t);
+        crate::distributed::broadcast_from_rank0(pg, all)?;
     }
     // Locked towers (fine-tuning): frozen parameters leave the optimizer (and the reducer).
     lock::check(&model_cfg, &cfg.model.locks())?;

@@ -197,6 +197,15 @@ impl Clip {
             .collect()
     }
 
+    /// The buffers: BatchNorm statistics (a ResNet's; a ViT has none). Saved and loaded with the
+    /// weights, never optimised.
+    pub fn buffers(&self) -> NamedTensors {
+        self.state_dict()
+            .into_iter()
+            .filter(|(name, _)| is_buffer(name))
+            .collect()
+    }
+
     /// Number of scalar parameters (buffers not counted, as `sum(p.numel() for p in
     /// model.parameters())`).
     pub fn num_parameters(&self) -> i64 {

@@ -519,6 +519,7 @@ mod tests {
             .collect();
         assert_eq!(buffers.len(), 3 * (3 + 4 * 3 + 4)); // stem 3, 4 blocks x 3, 4 downsamples
         assert_eq!(all.len(), params.len() + buffers.len());
+        assert_eq!(model.buffers().len(), buffers.len());
         assert!(params
             .iter()
             .all(|(n, t)| !is_buffer(n) && t.requires_grad()));
