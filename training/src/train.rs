@@ -843,13 +843,23 @@ fn evaluate_and_log(
             results
                 .iter()
                 .flatten()
-                .map(|(k, v)| format!("{k} {:.1}%", 100.0 * v))
+                .map(|(k, v)| format_eval_value(k, *v))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
     );
     log(metrics, &record)?;
     Ok(results)
+}
+
+/// One summary value for the log line: accuracies and recalls as percentages, the embedding
+/// diagnostics that are cosines (`.../prompt_cosine`, in [-1, 1]) as plain numbers.
+fn format_eval_value(key: &str, value: f64) -> String {
+    if key.ends_with("prompt_cosine") {
+        format!("{key} {value:.3}")
+    } else {
+        format!("{key} {:.1}%", 100.0 * value)
+    }
 }
 
 /// Evaluates on the built-in held-out sets; writes `eval/step-N.json`; returns the summary.
@@ -878,4 +888,21 @@ fn evaluate(
         .into_iter()
         .map(|(k, v)| (k, json!(v)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_eval_value;
+
+    #[test]
+    fn eval_log_line_prints_cosines_as_numbers_and_accuracies_as_percentages() {
+        assert_eq!(
+            format_eval_value("builtin/shapes/prompt_cosine", 0.9984),
+            "builtin/shapes/prompt_cosine 0.998"
+        );
+        assert_eq!(
+            format_eval_value("builtin/shapes/acc1", 0.125),
+            "builtin/shapes/acc1 12.5%"
+        );
+    }
 }
