@@ -37,7 +37,7 @@ ax.axhline(0.4, color="grey", linestyle=":", linewidth=1, label="issue target 0.
 ax.set_xticks(range(len(names)), names, fontsize=8)
 ax.set_ylabel("rate over 1,000 unseen images")
 ax.set_ylim(0, 0.6)
-ax.set_title("Toy recaptioner: image resolution vs content (2-core CPU, 1,500 steps)")
+ax.set_title("Toy recaptioner: image resolution vs content (2-core CPU)")
 ax.legend(fontsize=7, loc="upper left")
 fig.tight_layout()
 tmp = dst.with_suffix(".png.tmp")

@@ -147,6 +147,13 @@ impl BuiltinReport {
         out
     }
 
+    /// Whether the [`Self::summary`] value `name` is a cosine (`.../prompt_cosine`, in [-1, 1],
+    /// shown as a plain number) rather than an accuracy or a recall (in [0, 1], shown as a
+    /// percentage). Every printer of the summary asks this.
+    pub fn summary_value_is_cosine(name: &str) -> bool {
+        name.ends_with("/prompt_cosine")
+    }
+
     /// A short human-readable table.
     pub fn to_text(&self) -> String {
         let mut s = format!(
@@ -154,7 +161,7 @@ impl BuiltinReport {
             self.eval_dir, self.model
         );
         for (name, v) in self.summary() {
-            if name.ends_with("/prompt_cosine") {
+            if Self::summary_value_is_cosine(&name) {
                 s.push_str(&format!("  {name:<32} {v:>8.4}\n"));
             } else {
                 s.push_str(&format!("  {name:<32} {:>7.2}%\n", 100.0 * v));

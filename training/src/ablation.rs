@@ -187,7 +187,7 @@ pub fn markdown(runs: &[AblationRun]) -> Result<String, TrainError> {
         for (variant, stats) in &diag {
             md.push_str(&format!("| {variant} |"));
             for ((key, _), s) in DIAGNOSTICS.iter().zip(stats) {
-                if key.ends_with("/prompt_cosine") {
+                if BuiltinReport::summary_value_is_cosine(key) {
                     md.push_str(&format!(" {:.4} |", s.mean));
                 } else {
                     md.push_str(&format!(" {:.1} |", 100.0 * s.mean));

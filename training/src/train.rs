@@ -852,10 +852,10 @@ fn evaluate_and_log(
     Ok(results)
 }
 
-/// One summary value for the log line: accuracies and recalls as percentages, the embedding
-/// diagnostics that are cosines (`.../prompt_cosine`, in [-1, 1]) as plain numbers.
+/// One summary value for the log line: accuracies and recalls as percentages, cosines as plain
+/// numbers (as `BuiltinReport::to_text` prints them).
 fn format_eval_value(key: &str, value: f64) -> String {
-    if key.ends_with("prompt_cosine") {
+    if hq_eval::BuiltinReport::summary_value_is_cosine(key) {
         format!("{key} {value:.3}")
     } else {
         format!("{key} {:.1}%", 100.0 * value)
@@ -897,12 +897,12 @@ mod tests {
     #[test]
     fn eval_log_line_prints_cosines_as_numbers_and_accuracies_as_percentages() {
         assert_eq!(
-            format_eval_value("builtin/shapes/prompt_cosine", 0.9984),
-            "builtin/shapes/prompt_cosine 0.998"
+            format_eval_value("synth_shape/prompt_cosine", 0.9984),
+            "synth_shape/prompt_cosine 0.998"
         );
         assert_eq!(
-            format_eval_value("builtin/shapes/acc1", 0.125),
-            "builtin/shapes/acc1 12.5%"
+            format_eval_value("synth_shape/acc1", 0.125),
+            "synth_shape/acc1 12.5%"
         );
     }
 }
