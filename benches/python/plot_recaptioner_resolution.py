@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Bar chart of benches/results/recaptioner_resolution.json (the latest run): the recaptioner's
-object recall per setting against copying the alt-text, and d+ colour / shape accuracy.
+object recall per setting (image size, vision tower width and depth, its learning rate) against
+copying the alt-text, and d+ colour / shape accuracy.
 
 Usage: plot_recaptioner_resolution.py [JSON] [PNG]
 """
@@ -27,17 +28,17 @@ series = {
 }
 alt = results[0]["alt_text_object_recall"]["rate"]
 
-fig, ax = plt.subplots(figsize=(9, 4.2))
+fig, ax = plt.subplots(figsize=(11, 4.4))
 width = 0.8 / len(series)
 for k, (label, values) in enumerate(series.items()):
     xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(names))]
     ax.bar(xs, values, width, label=label)
 ax.axhline(alt, color="black", linestyle="--", linewidth=1, label=f"object recall of the alt-text ({alt:.2f})")
 ax.axhline(0.4, color="grey", linestyle=":", linewidth=1, label="issue target 0.4")
-ax.set_xticks(range(len(names)), names, fontsize=8)
+ax.set_xticks(range(len(names)), [n.replace(", ", ",\n", 1) for n in names], fontsize=7)
 ax.set_ylabel("rate over 1,000 unseen images")
 ax.set_ylim(0, 0.6)
-ax.set_title("Toy recaptioner: image resolution vs content (2-core CPU)")
+ax.set_title("Toy recaptioner: image size and vision tower vs content (2-core CPU)")
 ax.legend(fontsize=7, loc="upper left")
 fig.tight_layout()
 tmp = dst.with_suffix(".png.tmp")
